@@ -1,0 +1,139 @@
+"""Kohya-format LoRA files: the key layout and metadata that A1111/Forge, ComfyUI, kohya and diffusers read.
+
+Keys: ``<prefix>_<module path with . -> _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+SD 1.x/2.x UNet paths use diffusers names; SDXL UNet paths use the original SGM names, as kohya
+writes them. Text encoders use transformers' CLIP names (``text_model.encoder.layers...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save, save_file
+from torch import nn
+
+from dist_lora.adapters.inject import LoraTensors, read_lora
+from dist_lora.models.names import UNetLayout, kohya_module_key, unet_diffusers_to_ldm
+from dist_lora.utils.files import atomic_path
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sd2_v": "stable-diffusion-v2-768-v/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def text_encoder_module_path(path: str) -> str:
+    """transformers >= 5.6 dropped the ``text_model.`` level of ``CLIPTextModel``; kohya keys keep it."""
+    return path if path.startswith(("text_model.", "text_projection")) else f"text_model.{path}"
+
+
+def unet_key_prefix_mapper(unet: nn.Module, family: str):  # type: ignore[no-untyped-def]
+    if family == "sdxl":
+        layout = UNetLayout.from_config(unet.config)  # type: ignore[attr-defined]
+        return lambda path: unet_diffusers_to_ldm(path, layout)
+    return lambda path: path
+
+
+def text_encoder_prefixes(family: str) -> list[str]:
+    return ["lora_te1", "lora_te2"] if family == "sdxl" else ["lora_te"]
+
+
+def kohya_tensors(unet: nn.Module, text_encoders: list[nn.Module], family: str) -> dict[str, torch.Tensor]:
+    """All adapter tensors of the UNet and (trained) text encoders under kohya keys, in fp32."""
+    out: dict[str, torch.Tensor] = {}
+
+    def add(prefix: str, path: str, lora: LoraTensors) -> None:
+        key = kohya_module_key(prefix, path)
+        out[f"{key}.lora_down.weight"] = lora.down.float().contiguous()
+        out[f"{key}.lora_up.weight"] = lora.up.float().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+
+    map_unet = unet_key_prefix_mapper(unet, family)
+    for path, lora in read_lora(unet).items():
+        add("lora_unet", map_unet(path), lora)
+    for prefix, encoder in zip(text_encoder_prefixes(family), text_encoders, strict=False):
+        for path, lora in read_lora(encoder).items():
+            add(prefix, text_encoder_module_path(path), lora)
+    return out
+
+
+def _data_section(serialized: bytes) -> bytes:
+    (header_len,) = struct.unpack("<Q", serialized[:8])
+    return serialized[8 + header_len:]
+
+
+def safetensors_hashes(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """``sshs_model_hash`` (sha256 of the tensor bytes after the header, as kohya and the A1111
+    additional-networks extension compute it) and ``sshs_legacy_hash`` (first 8 hex digits of the
+    sha256 of 64 KiB at offset 1 MiB of the file)."""
+    serialized = save(dict(tensors))
+    model_hash = hashlib.sha256(_data_section(serialized)).hexdigest()
+    legacy = hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+@dataclass
+class ExportInfo:
+    family: str
+    prediction_type: str
+    output_name: str
+    rank: int
+    alpha: float
+    resolution: int
+    network_args: dict[str, object]
+    tag_frequency: dict[str, dict[str, int]]
+    training: dict[str, str]  # extra ss_* training fields (already strings)
+
+
+def model_version_key(family: str, prediction_type: str) -> str:
+    return "sd2_v" if family == "sd2" and prediction_type == "v_prediction" else family
+
+
+def build_metadata(info: ExportInfo, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    version = model_version_key(info.family, info.prediction_type)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(info.rank),
+        "ss_network_alpha": str(info.alpha),
+        "ss_network_args": json.dumps(info.network_args),
+        "ss_base_model_version": BASE_MODEL_VERSION[version],
+        "ss_v2": str(info.family == "sd2"),
+        "ss_output_name": info.output_name,
+        "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False),
+        "ss_resolution": f"({info.resolution}, {info.resolution})",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[version],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": info.output_name,
+        "modelspec.resolution": f"{info.resolution}x{info.resolution}",
+        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+        **info.training,
+    }
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors)
+    return meta
+
+
+def save_kohya_lora(path: str | Path, tensors: Mapping[str, torch.Tensor], info: ExportInfo,
+                    save_precision: str = "fp16") -> Path:
+    """Cast to the save precision, compute hashes over the final bytes, write atomically."""
+    dtype = SAVE_DTYPES[save_precision]
+    cast = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    if not all(torch.isfinite(v.float()).all() for v in cast.values()):
+        bad = [k for k, v in cast.items() if not torch.isfinite(v.float()).all()][:3]
+        raise ValueError(f"refusing to write '{path}': non-finite values in {bad} (overflow in {save_precision}?)")
+    metadata = build_metadata(info, cast)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(cast, str(tmp), metadata=metadata)
+    return path

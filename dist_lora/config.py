@@ -1,0 +1,319 @@
+"""Training configuration: one dataclass section per component, loaded from TOML plus dotted overrides.
+
+Every field carries a one-line ``doc`` and its constraints in ``metadata``; validation and the
+README's config reference are both generated from these, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from dist_lora.errors import DistLoraError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(DistLoraError):
+    """A configuration problem, with a message that names the key and what is allowed."""
+
+
+def _field(default: Any, doc: str, *, minimum: float | None = None, maximum: float | None = None,
+           required: bool = False, exclusive_min: bool = False) -> Any:
+    meta = {"doc": doc, "min": minimum, "max": maximum, "required": required, "exclusive_min": exclusive_min}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _field("", "Base model: a diffusers folder, a hub id, or a single-file .safetensors "
+                             "checkpoint (A1111/Civitai style).", required=True)
+    base: Literal["auto", "sd1", "sd2", "sdxl"] = _field(
+        "auto", "Model family; 'auto' recognises it from the files (SDXL: two text encoders; SD 2.x: "
+        "OpenCLIP text encoder).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = _field(
+        "auto", "Training target; 'auto' takes it from the model's scheduler config (SD 2.x 768 uses "
+        "v_prediction).")
+    config_dir: str = _field("", "For single-file checkpoints: a diffusers folder whose component configs "
+                             "to use (otherwise fetched from the hub or its local cache).")
+
+
+@dataclass
+class DataConfig:
+    shards: str = _field("", "Folder written by `dist-lora prepare` (holds manifest.json and the .tar "
+                         "shards).", required=True)
+    num_workers: int = _field(1, "DataLoader worker processes per rank that decode shards.", minimum=0)
+    shuffle_buffer: int = _field(64, "Samples held in each worker's shuffle buffer (0 disables sample "
+                                 "shuffling; shard order is always shuffled per epoch).", minimum=0)
+
+
+@dataclass
+class NetworkConfig:
+    type: Literal["lora"] = _field("lora", "Adapter type.")
+    rank: int = _field(16, "Adapter rank (kohya: network_dim).", minimum=1)
+    alpha: float = _field(16.0, "Adapter alpha (kohya: network_alpha); the update is scaled by alpha/rank.",
+                          minimum=0.0, exclusive_min=True)
+    dropout: float = _field(0.0, "Dropout on the adapter's input.", minimum=0.0, maximum=1.0)
+    unet_target_modules: list[str] = _field(
+        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+        "UNet module name suffixes that receive an adapter (default: every linear of the transformer "
+        "blocks, as kohya's LoRA).")
+    train_text_encoder: bool = _field(False, "Also train adapters on the text encoder(s).")
+    text_encoder_target_modules: list[str] = _field(
+        ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+        "Text-encoder module name suffixes that receive an adapter (attention and MLP, as kohya).")
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["adamw"] = _field("adamw", "Optimizer.")
+    lr: float = _field(1e-4, "Learning rate of the UNet adapters (kohya: unet_lr).", minimum=0.0,
+                       exclusive_min=True)
+    text_encoder_lr: float = _field(0.0, "Learning rate of the text-encoder adapters; 0 means the same as lr.",
+                                    minimum=0.0)
+    weight_decay: float = _field(1e-2, "Decoupled weight decay.", minimum=0.0)
+    beta1: float = _field(0.9, "Adam beta1.", minimum=0.0, maximum=1.0)
+    beta2: float = _field(0.999, "Adam beta2.", minimum=0.0, maximum=1.0)
+    eps: float = _field(1e-8, "Adam epsilon.", minimum=0.0, exclusive_min=True)
+    max_grad_norm: float = _field(1.0, "Clip the gradient norm to this value; 0 disables clipping.",
+                                  minimum=0.0)
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
+                  "polynomial"] = _field("constant", "Learning-rate schedule (kohya: lr_scheduler).")
+    warmup_steps: int = _field(0, "Linear warm-up steps.", minimum=0)
+    num_cycles: int = _field(1, "Restarts for cosine_with_restarts.", minimum=1)
+    power: float = _field(1.0, "Exponent of the polynomial schedule.", minimum=0.0, exclusive_min=True)
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = _field(42, "Global seed; each rank derives its own stream from it.", minimum=0)
+    batch_size: int = _field(4, "Samples per rank per micro-step.", minimum=1)
+    gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.", minimum=1)
+    max_steps: int = _field(0, "Stop after this many optimizer steps; 0 trains for `epochs`.", minimum=0)
+    epochs: int = _field(1, "Epochs over the data when max_steps is 0.", minimum=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _field(
+        "no", "Autocast precision of the forward pass; frozen weights are stored in it too (fp16 needs CUDA).")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    attention: Literal["sdpa"] = _field("sdpa", "Attention implementation (PyTorch scaled_dot_product_attention).")
+    noise_offset: float = _field(0.0, "Add this much per-channel constant noise (brightens/darkens range).",
+                                 minimum=0.0)
+    min_snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is common); 0 disables it.",
+                                  minimum=0.0)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _field("runs/dist_lora", "Run directory: resolved config, metrics and the exported adapter.")
+    name: str = _field("dist_lora", "File name (without .safetensors) of the exported adapter "
+                       "(kohya: output_name).")
+    save_precision: Literal["fp16", "bf16", "fp32"] = _field("fp16", "dtype of the saved adapter tensors.")
+    overwrite: bool = _field(False, "Allow writing into a run directory that already holds an adapter.")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = _field(1, "Write metrics every this many optimizer steps.", minimum=1)
+    progress_bar: bool = _field(True, "Show a progress bar (loss, lr, speed) on the main process.")
+    record_sample_keys: bool = _field(False, "Write sample_keys.jsonl: which rank consumed which sample "
+                                      "at which step (for audits and tests).")
+    wandb_project: str = _field("", "Weights & Biases project to log to; empty disables wandb.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _describe_type(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are."""
+    origin = get_origin(tp)
+    ok: bool
+    if origin is Literal:
+        ok = value in get_args(tp)
+        if not ok:
+            hint = _did_you_mean(str(value), [str(a) for a in get_args(tp)])
+            raise ConfigError(f"config key '{key}': got {value!r}; expected {_describe_type(tp)}.{hint}")
+        return value
+    if origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - schema error, not user error
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); "
+                          f"expected {_describe_type(tp)}.")
+    return value
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("exclusive_min") and value == lo)):
+        relation = ">" if meta.get("exclusive_min") else ">="
+        raise ConfigError(f"config key '{key}': got {value!r}; must be {relation} {lo}.")
+    if hi is not None and value > hi:
+        raise ConfigError(f"config key '{key}': got {value!r}; must be <= {hi}.")
+
+
+def _section_fields(section_type: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(section_type)}
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    sections = _sections()
+    built: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown config section '{name}'.{_did_you_mean(name, list(sections))} "
+                              f"Sections: {', '.join(sections)}.")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{name}' must be a table of keys, got {value!r}.")
+    for name, section_type in sections.items():
+        values = raw.get(name, {})
+        fields = _section_fields(section_type)
+        hints = typing.get_type_hints(section_type)
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            dotted = f"{name}.{key}"
+            if key not in fields:
+                options = [f"{name}.{k}" for k in fields]
+                raise ConfigError(f"{source}: unknown config key '{dotted}'.{_did_you_mean(dotted, options)} "
+                                  f"Keys of [{name}]: {', '.join(fields)}.")
+            coerced = _coerce(dotted, value, hints[key])
+            if not isinstance(coerced, (list, str, bool)):
+                _check_range(dotted, coerced, fields[key].metadata)
+            kwargs[key] = coerced
+        for key, f in fields.items():
+            if f.metadata.get("required") and not kwargs.get(key):
+                raise ConfigError(f"{source}: required config key '{name}.{key}' is missing: "
+                                  f"{f.metadata['doc']}")
+        built[name] = section_type(**kwargs)
+    return Config(**built)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as a TOML value, or as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value.")
+    key, raw_value = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override '{text}': the key must be section.key, e.g. training.batch_size=2.")
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return path, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML recipe (optional), apply ``section.key=value`` overrides and validate everything."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist (expected a TOML recipe, e.g. "
+                              f"configs/tiny_sdxl.toml).")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from exc
+    for text in overrides or []:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override '{text}': '{section}' is not a section.")
+        raw[section][key] = value
+    return _build(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(raw, "config")
+
+
+def to_toml(config: Config) -> str:
+    """Serialise a config as TOML (the resolved config written into each run directory)."""
+    lines: list[str] = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def reference_markdown() -> str:
+    """The config reference table printed by `dist-lora config-reference` and kept in the README."""
+    out = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for section, section_type in _sections().items():
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = "(required)" if f.metadata.get("required") else f"`{_toml_value(default)}`"
+            type_text = _describe_type(hints[f.name])
+            out.append(f"| `{section}.{f.name}` | {type_text} | {shown} | {f.metadata['doc']} |")
+    return "\n".join(out) + "\n"
+

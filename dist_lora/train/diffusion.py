@@ -1,0 +1,70 @@
+"""The diffusion training objective as pure functions of tensors (no model, no device logic)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def alphas_cumprod_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    return alphas_cumprod.to(timesteps.device)[timesteps].float()
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward process q(x_t | x_0): sqrt(a_t) x_0 + sqrt(1 - a_t) eps."""
+    a = alphas_cumprod_at(alphas_cumprod, timesteps).view(-1, *([1] * (latents.ndim - 1)))
+    return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+
+
+def training_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the UNet is trained to predict: eps, or the velocity v = sqrt(a) eps - sqrt(1-a) x_0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod_at(alphas_cumprod, timesteps).view(-1, *([1] * (latents.ndim - 1)))
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()).to(latents.dtype)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod_at(alphas_cumprod, timesteps)
+    return a / (1 - a)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for eps or v targets."""
+    s = snr(alphas_cumprod, timesteps)
+    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset > 0:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
+                             device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32, optionally weighted per sample."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, prediction.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> list[int]:
+    """SDXL micro-conditioning vector: (orig h, orig w, crop top, crop left, target h, target w)."""
+    return [*original_size, *crop_top_left, *target_size]

@@ -1,0 +1,69 @@
+"""Metrics: a JSONL file in the run directory, the console/progress bar, and optionally wandb."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """Only the main process holds a real one; other ranks get ``enabled=False`` and write nothing."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, progress_bar: bool,
+                 wandb_project: str = "", run_config: dict[str, Any] | None = None) -> None:
+        self.enabled = enabled
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+        self._bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True) if enabled and progress_bar else None
+        self._wandb = None
+        if enabled and wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, config=run_config, dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict[str, float | int | str]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                  lr=f"{metrics.get('lr', 0.0):.2e}",
+                                  it_s=f"{metrics.get('steps_per_s', 0.0):.2f}")
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class SampleKeyLog:
+    """sample_keys.jsonl: which rank consumed which samples at which micro-step (main process writes)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self._file = open(run_dir / "sample_keys.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+
+    def write(self, epoch: int, micro_step: int, per_rank_keys: list[list[str]]) -> None:
+        if self._file is None:
+            return
+        for rank, keys in enumerate(per_rank_keys):
+            self._file.write(json.dumps({"epoch": epoch, "micro_step": micro_step, "rank": rank, "keys": keys},
+                                        ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

@@ -1,0 +1,298 @@
+"""The training loop: preflight checks, model set-up, steps, metrics and export."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from dist_lora.adapters.inject import add_lora, lora_parameters
+from dist_lora.adapters.kohya import ExportInfo, kohya_tensors, save_kohya_lora
+from dist_lora.config import Config, to_toml
+from dist_lora.data.shards import Manifest, ShardLoader
+from dist_lora.errors import DistLoraError
+from dist_lora.models.load import Components, ModelSource, inspect_model_source, load_components
+from dist_lora.models.text import encode_prompts, tokenize
+from dist_lora.train import parallel
+from dist_lora.train.diffusion import (
+    add_noise,
+    diffusion_loss,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    sdxl_time_ids,
+    training_target,
+)
+from dist_lora.train.model import AdaptedDenoiser
+from dist_lora.train.optim import build_lr_scheduler, build_optimizer, param_groups
+from dist_lora.train.tracking import MetricsLog, SampleKeyLog
+from dist_lora.utils.files import check_writable_dir, write_text_atomic
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RunSetupError(DistLoraError):
+    """The run cannot start; raised before any model is loaded."""
+
+
+@dataclass
+class Preflight:
+    source: ModelSource
+    manifest: Manifest
+    run_dir: Path
+    adapter_path: Path
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_path: Path
+    config_path: Path
+    metrics_path: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    losses: list[float] = field(default_factory=list)
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Check every input that can be checked without loading a model."""
+    source = inspect_model_source(cfg.model.pretrained, cfg.model.config_dir)
+    manifest = Manifest.read(cfg.data.shards)
+    run_dir = Path(cfg.output.dir)
+    check_writable_dir(run_dir)
+    adapter_path = run_dir / f"{cfg.output.name}.safetensors"
+    if adapter_path.exists() and not cfg.output.overwrite:
+        raise RunSetupError(f"'{adapter_path}' already exists; choose another output.dir / output.name or set "
+                            f"output.overwrite=true.")
+    if source.family is not None and cfg.model.base not in ("auto", source.family):
+        raise RunSetupError(f"model.base = '{cfg.model.base}' but '{cfg.model.pretrained}' is a {source.family} "
+                            f"model; set model.base = 'auto' or '{source.family}'.")
+    return Preflight(source, manifest, run_dir, adapter_path)
+
+
+@dataclass
+class Setup:
+    components: Components
+    model: Any  # the prepared (possibly DDP-wrapped) AdaptedDenoiser
+    optimizer: Any
+    lr_scheduler: Any
+    frozen_text_encoders: list[nn.Module]
+    weight_dtype: torch.dtype
+    trainable_params: list[nn.Parameter]
+
+
+def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    module.requires_grad_(False)
+    module.to(device=device, dtype=dtype)
+
+
+def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setup:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    components = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir, family=cfg.model.base,
+                                 prediction_type=cfg.model.prediction_type)
+    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
+    unet = components.unet
+    for module in [components.vae, unet, *components.text_encoders]:
+        _freeze(module, weight_dtype, device)
+    components.vae.to(dtype=torch.float32)  # the VAE stays fp32: fp16 SDXL VAEs overflow to NaN
+    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
+    net = cfg.network
+    add_lora(unet, net.unet_target_modules, net.rank, net.alpha, net.dropout)
+    trained_encoders: list[nn.Module] = []
+    if net.train_text_encoder:
+        for encoder in components.text_encoders:
+            add_lora(encoder, net.text_encoder_target_modules, net.rank, net.alpha, net.dropout)
+            trained_encoders.append(encoder)
+    unet_params = lora_parameters(unet)
+    text_params = [p for e in trained_encoders for p in lora_parameters(e)]
+    for p in unet_params + text_params:
+        p.data = p.data.float()  # adapters train in fp32 whatever the autocast precision
+    if cfg.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in trained_encoders:
+            encoder.gradient_checkpointing_enable()
+    model = AdaptedDenoiser(unet, trained_encoders, components.family)
+    optimizer = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer)
+    # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
+    # (whose wrapper steps it once per process).
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
+    model, optimizer = parallel.prepare(accelerator, model, optimizer)
+    frozen = [e for e in components.text_encoders if e not in trained_encoders]
+    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params)
+
+
+def plan_total_steps(cfg: Config, loader: ShardLoader) -> tuple[int, list[int]]:
+    """Optimizer steps for the run, and micro-batches used in each epoch (a multiple of accumulation)."""
+    accum = cfg.training.gradient_accumulation_steps
+    per_epoch: list[int] = []
+    total = 0
+    epoch = 0
+    while True:
+        micro = loader.plan(epoch).steps // accum * accum
+        if micro == 0:
+            raise RunSetupError(f"an epoch has fewer batches than gradient_accumulation_steps ({accum}); lower it.")
+        if cfg.training.max_steps:
+            take = min(micro, (cfg.training.max_steps - total) * accum)
+            per_epoch.append(take)
+            total += take // accum
+            if total >= cfg.training.max_steps:
+                return total, per_epoch
+        else:
+            per_epoch.append(micro)
+            total += micro // accum
+            if len(per_epoch) == cfg.training.epochs:
+                return total, per_epoch
+        epoch += 1
+
+
+class StepRunner:
+    """Computes the loss of one micro-batch."""
+
+    def __init__(self, cfg: Config, setup: Setup, accelerator: Accelerator, generator: torch.Generator) -> None:
+        self.cfg, self.setup, self.acc, self.gen = cfg, setup, accelerator, generator
+        self.c = setup.components
+        self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
+
+    @torch.no_grad()
+    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.c.vae
+        dist = vae.encode(pixels.to(self.acc.device, torch.float32)).latent_dist
+        latents = dist.sample(generator=self.gen) * vae.config.scaling_factor
+        return latents.to(self.setup.weight_dtype)
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        latents = self._latents(batch.pixels)
+        noise = sample_noise(latents, self.gen, self.cfg.training.noise_offset)
+        num_t = self.c.noise_scheduler.config.num_train_timesteps
+        timesteps = sample_timesteps(latents.shape[0], num_t, self.gen, latents.device)
+        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        input_ids = tokenize(self.c.tokenizers, batch.captions)
+        kwargs: dict[str, Any] = {}
+        if self.setup.frozen_text_encoders and not self.cfg.network.train_text_encoder:
+            with torch.no_grad(), self.acc.autocast():
+                hidden, pooled = encode_prompts(self.setup.frozen_text_encoders, input_ids, self.c.family)
+            kwargs.update(hidden_states=hidden, pooled=pooled)
+        else:
+            kwargs["input_ids"] = [ids.to(self.acc.device) for ids in input_ids]
+        if self.c.family == "sdxl":
+            rows = [sdxl_time_ids(tuple(m["original_size"]), tuple(m["crop_top_left"]), tuple(m["target_size"]))
+                    for m in batch.metas]
+            kwargs["time_ids"] = torch.tensor(rows, device=latents.device, dtype=self.setup.weight_dtype)
+        prediction = self.setup.model(noisy, timesteps, **kwargs)
+        target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)
+        weights = None
+        if self.cfg.training.min_snr_gamma > 0:
+            weights = min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
+                                      self.c.prediction_type)
+        return diffusion_loss(prediction, target, weights)
+
+
+def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator, steps: int,
+            started_at: str) -> None:
+    model = parallel.unwrap(accelerator, setup.model)
+    c = setup.components
+    tensors = kohya_tensors(model.unet, list(model.text_encoders), c.family)
+    training = {
+        "ss_sd_model_name": Path(cfg.model.pretrained).name,
+        "ss_training_started_at": started_at,
+        "ss_steps": str(steps),
+        "ss_learning_rate": str(cfg.optimizer.lr),
+        "ss_unet_lr": str(cfg.optimizer.lr),
+        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr or cfg.optimizer.lr),
+        "ss_lr_scheduler": cfg.scheduler.type,
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_mixed_precision": cfg.training.mixed_precision,
+        "ss_seed": str(cfg.training.seed),
+        "ss_batch_size_per_device": str(cfg.training.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.training.gradient_accumulation_steps),
+        "ss_num_train_images": str(pre.manifest.num_samples_with_repeats),
+        "ss_noise_offset": str(cfg.training.noise_offset),
+        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
+        "ss_network_dropout": str(cfg.network.dropout),
+        "ss_gradient_checkpointing": str(cfg.training.gradient_checkpointing),
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    info = ExportInfo(c.family, c.prediction_type, cfg.output.name, cfg.network.rank, cfg.network.alpha,
+                      pre.manifest.resolution, {"algo": "lora"}, pre.manifest.tag_frequency, training)
+    save_kohya_lora(pre.adapter_path, tensors, info, cfg.output.save_precision)
+
+
+def train(cfg: Config) -> TrainResult:
+    pre = preflight(cfg)
+    accelerator = parallel.make_accelerator(cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps)
+    w = parallel.world(accelerator)
+    set_seed(cfg.training.seed)
+    loader = ShardLoader(cfg.data.shards, rank=w.rank, world_size=w.size, batch_size=cfg.training.batch_size,
+                         seed=cfg.training.seed, num_workers=cfg.data.num_workers,
+                         shuffle_buffer=cfg.data.shuffle_buffer)
+    total_steps, micro_per_epoch = plan_total_steps(cfg, loader)
+    if w.is_main:
+        pre.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(pre.run_dir / "config.toml", to_toml(cfg))
+    parallel.barrier(accelerator)
+
+    setup = build_setup(cfg, accelerator, total_steps)
+    generator = torch.Generator(device=w.device).manual_seed(cfg.training.seed * 1_000_003 + w.rank)
+    runner = StepRunner(cfg, setup, accelerator, generator)
+    metrics = MetricsLog(pre.run_dir, enabled=w.is_main, total_steps=total_steps,
+                         progress_bar=cfg.logging.progress_bar, wandb_project=cfg.logging.wandb_project,
+                         run_config=cfg.to_dict())
+    key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
+    started_at = str(int(time.time()))
+    losses: list[float] = []
+    step, micro_step, accum_loss = 0, 0, 0.0
+    step_started = time.perf_counter()
+    setup.model.train()
+    try:
+        for epoch, micro_budget in enumerate(micro_per_epoch):
+            for i, batch in enumerate(loader.epoch(epoch)):
+                if i == micro_budget:
+                    break
+                if cfg.logging.record_sample_keys:
+                    key_log.write(epoch, micro_step, parallel.gather_to_all(batch.keys))
+                with accelerator.accumulate(setup.model):
+                    loss = runner.loss(batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optimizer.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(setup.trainable_params, cfg.optimizer.max_grad_norm)
+                    setup.optimizer.step()
+                    setup.optimizer.zero_grad(set_to_none=True)
+                micro_step += 1
+                accum_loss += loss.detach().float().item() / cfg.training.gradient_accumulation_steps
+                if not accelerator.sync_gradients:
+                    continue
+                setup.lr_scheduler.step()
+                step += 1
+                mean_loss = parallel.mean_across_ranks(accelerator, torch.tensor(accum_loss))
+                losses.append(mean_loss)
+                accum_loss = 0.0
+                now = time.perf_counter()
+                if step % cfg.logging.log_every == 0 or step == total_steps:
+                    metrics.log(step, {"epoch": epoch, "loss": mean_loss, "lr": setup.lr_scheduler.get_last_lr()[0],
+                                       "steps_per_s": 1.0 / max(now - step_started, 1e-9),
+                                       "samples_per_s": cfg.training.batch_size * w.size
+                                       * cfg.training.gradient_accumulation_steps / max(now - step_started, 1e-9)})
+                metrics.advance()
+                step_started = now
+        parallel.barrier(accelerator)
+        if w.is_main:
+            _export(cfg, pre, setup, accelerator, step, started_at)
+        parallel.barrier(accelerator)
+    finally:
+        metrics.close()
+        key_log.close()
+    summary = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(pre.adapter_path)}
+    if w.is_main:
+        write_text_atomic(pre.run_dir / "summary.json", json.dumps(summary, indent=1))
+    return TrainResult(pre.run_dir, pre.adapter_path, pre.run_dir / "config.toml", pre.run_dir / "metrics.jsonl",
+                       step, losses[0], losses[-1], losses)
