@@ -61,6 +61,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     losses: list[float] = field(default_factory=list)
+    model: nn.Module | None = None  # the trained AdaptedDenoiser (unwrapped), for in-process callers
 
 
 def preflight(cfg: Config) -> Preflight:
@@ -92,7 +93,11 @@ class Setup:
 
 def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     module.requires_grad_(False)
-    module.to(device=device, dtype=dtype)
+    current = next(module.parameters())
+    if current.dtype != dtype:
+        module.to(dtype=dtype)
+    if current.device != device:
+        module.to(device=device)
 
 
 def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setup:
@@ -102,9 +107,9 @@ def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setu
                                  prediction_type=cfg.model.prediction_type)
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
     unet = components.unet
-    for module in [components.vae, unet, *components.text_encoders]:
+    _freeze(components.vae, torch.float32, device)  # the VAE stays fp32: fp16 SDXL VAEs overflow to NaN
+    for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
-    components.vae.to(dtype=torch.float32)  # the VAE stays fp32: fp16 SDXL VAEs overflow to NaN
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
     net = cfg.network
     add_lora(unet, net.unet_target_modules, net.rank, net.alpha, net.dropout)
@@ -295,4 +300,4 @@ def train(cfg: Config) -> TrainResult:
     if w.is_main:
         write_text_atomic(pre.run_dir / "summary.json", json.dumps(summary, indent=1))
     return TrainResult(pre.run_dir, pre.adapter_path, pre.run_dir / "config.toml", pre.run_dir / "metrics.jsonl",
-                       step, losses[0], losses[-1], losses)
+                       step, losses[0], losses[-1], losses, parallel.unwrap(accelerator, setup.model))

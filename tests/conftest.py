@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny pipelines and a prepared shard set, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from dist_lora.models.tiny import write_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: write_tiny_pipeline(arch, root / arch) for arch in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 images x 2 repeats = 48 samples per epoch, in 4 shards of 6 images."""
+    from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+    from dist_lora.data.synthetic import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_shapes_dataset(root / "src", images=24, repeats=2)
+    prepare_dataset(root / "src", root / "shards", PrepareOptions(resolution=128, shard_size=6))
+    return root / "shards"
+
+
+def tiny_train_config(model: Path, shards: Path, out: Path, **sections: dict[str, object]) -> dict[str, dict]:
+    raw: dict[str, dict] = {
+        "model": {"pretrained": str(model)},
+        "data": {"shards": str(shards), "num_workers": 0},
+        "network": {"rank": 4, "alpha": 2.0},
+        "optimizer": {"lr": 1e-2},
+        "training": {"batch_size": 4, "max_steps": 4, "seed": 1},
+        "output": {"dir": str(out), "name": "adapter", "save_precision": "fp32"},
+        "logging": {"progress_bar": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
