@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="end-to-end run on a tiny SDXL pipeline (CPU, ~2 minutes)")
     demo.add_argument("--out", default="demo_output", help="working folder owned by the demo")
-    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--arch", choices=["sdxl", "sd15"], default="sdxl")
     demo.set_defaults(func=_cmd_demo)
 

@@ -25,7 +25,7 @@ def _claim_workdir(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by dist-lora demo\n", encoding="utf-8")
 
 
-def run_demo(workdir: str | Path = "demo_output", *, steps: int = 60, arch: str = "sdxl",
+def run_demo(workdir: str | Path = "demo_output", *, steps: int = 200, arch: str = "sdxl",
              extra_overrides: dict[str, dict[str, object]] | None = None) -> TrainResult:
     workdir = Path(workdir)
     _claim_workdir(workdir)

@@ -92,7 +92,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_act: str, width: int) -> CLIPT
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -102,7 +102,15 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=TINY_RESOLUTION,
+        # Like SD's 0.18215, chosen so that latents of natural-looking images have about unit variance
+        # (the posterior means of this random encoder have a standard deviation near 0.2).
+        scaling_factor=5.0,
     )
+    with torch.no_grad():
+        # A trained VAE's posterior is nearly deterministic; a random one has std ~1, which would
+        # drown the image in sampling noise. Push log-variance down to std ~ e^-6.
+        vae.quant_conv.bias[4:].fill_(-12.0)
+    return vae
 
 
 def _scheduler_kwargs() -> dict[str, object]:

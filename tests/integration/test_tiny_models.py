@@ -39,7 +39,8 @@ def test_pipeline_loads_from_folder_and_single_file(arch: str, tiny_models: dict
 
 
 def test_tiny_model_cli(tmp_path: Path) -> None:
-    assert main(["tiny-model", "--arch", "sd15", str(tmp_path / "m"), "--single-file", str(tmp_path / "m.safetensors")]) == 0
+    single = str(tmp_path / "m.safetensors")
+    assert main(["tiny-model", "--arch", "sd15", str(tmp_path / "m"), "--single-file", single]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file() and (tmp_path / "m.safetensors").is_file()
 
 

@@ -29,7 +29,9 @@ def _unet_inputs(pipe, family: str) -> dict:  # type: ignore[no-untyped-def]
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     with torch.no_grad():
         hidden, pooled = encode_prompts(encoders, tokenize(tokenizers, ["dlsks, red circle", "blue square"]), family)
-    added = {"text_embeds": pooled, "time_ids": torch.tensor([[160.0, 160, 0, 16, 128, 128]] * 2)} if pooled is not None else None
+    added = None
+    if pooled is not None:
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[160.0, 160, 0, 16, 128, 128]] * 2)}
     return {"sample": latents, "timestep": torch.tensor([50, 600]), "encoder_hidden_states": hidden,
             "added_cond_kwargs": added}
 

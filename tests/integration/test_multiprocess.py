@@ -1,0 +1,56 @@
+"""Two real processes (accelerate launch, gloo on CPU) train together on disjoint shares of the data."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dist_lora.config import config_from_dict, to_toml
+from tests.conftest import tiny_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _all_sample_keys(shards: Path) -> Counter[str]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    keys: Counter[str] = Counter()
+    for shard in manifest["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    base = member.name[: -len(".json")]
+                    keys.update(f"{base}#{r}" for r in range(meta["repeats"]))
+    return keys
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / "run",
+                            data={"num_workers": 2}, training={"batch_size": 2, "max_steps": 0, "epochs": 1},
+                            logging={"record_sample_keys": True})
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(to_toml(config_from_dict(raw)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+           "--main_process_port", "29517", "-m", "dist_lora.train", "--config", str(recipe)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "sample_keys.jsonl").read_text().splitlines()]
+    per_rank: dict[int, list[str]] = {0: [], 1: []}
+    steps: Counter[int] = Counter()
+    for record in records:
+        per_rank[record["rank"]].extend(record["keys"])
+        steps[record["rank"]] += 1
+    assert steps[0] == steps[1] == 12  # 48 samples / 2 ranks / batch 2: equal steps, nothing dropped
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert Counter(per_rank[0] + per_rank[1]) == _all_sample_keys(shapes_shards)
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 12  # written once, by the main process only
