@@ -3,18 +3,20 @@
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[2]
+DIST_LORA = str(Path(sys.executable).parent / "dist-lora")  # the console script of this environment
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run(["dist-lora", "demo", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([DIST_LORA, "demo", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = out / "run" / "demo_lora.safetensors"
@@ -29,6 +31,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["steps"] == 200
     # Running it again reuses its own folder.
-    again = subprocess.run(["dist-lora", "demo", "--out", str(out), "--steps", "5"], cwd=REPO, capture_output=True,
+    again = subprocess.run([DIST_LORA, "demo", "--out", str(out), "--steps", "5"], cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
