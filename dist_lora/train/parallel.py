@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from torch import nn
 
@@ -30,6 +31,10 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int) -> 
     if mixed_precision == "fp16" and not cuda:
         raise DistLoraError("training.mixed_precision = 'fp16' needs a CUDA GPU (fp16 autocast with loss scaling); "
                          "use 'bf16' or 'no' on CPU.")
+    if not torch.distributed.is_initialized():
+        # A previous in-process run (tests, notebooks) leaves accelerate's singleton state behind;
+        # it would refuse a different precision. Nothing is shared yet, so start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
     # Without CUDA, accelerate only picks its multi-process CPU mode (gloo) when told cpu=True.
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision,
                        gradient_accumulation_steps=gradient_accumulation_steps)

@@ -34,6 +34,9 @@ class MetricsLog:
             self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                   lr=f"{metrics.get('lr', 0.0):.2e}",
                                   it_s=f"{metrics.get('steps_per_s', 0.0):.2f}")
+        else:  # logs and batch jobs: one plain line per logged step
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  flush=True)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
 

@@ -1,0 +1,69 @@
+"""Training switches compared run against run, and SD 2.x (v-prediction) recognition."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dist_lora.config import config_from_dict
+from dist_lora.models.load import inspect_model_source
+from dist_lora.train.trainer import train
+from tests.conftest import tiny_train_config
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                          tmp_path: Path) -> None:
+    results = []
+    for gc in (False, True):
+        raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / f"gc_{gc}",
+                                training={"gradient_checkpointing": gc, "max_steps": 3})
+        results.append(train(config_from_dict(raw)))
+    assert results[0].losses == results[1].losses
+    a, b = (load_file(str(r.adapter_path)) for r in results)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                     tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "accum",
+                            training={"batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 3},
+                            logging={"record_sample_keys": True})
+    result = train(config_from_dict(raw))
+    assert result.steps == 3 and len(result.losses) == 3
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    consumed = [json.loads(x) for x in (result.run_dir / "sample_keys.jsonl").read_text().splitlines()]
+    assert len(consumed) == 6 and all(len(x["keys"]) == 2 for x in consumed)  # 3 steps x 2 micro-batches
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / "bf16",
+                            training={"mixed_precision": "bf16", "max_steps": 3})
+    result = train(config_from_dict(raw))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        assert f.metadata()["ss_mixed_precision"] == "bf16"
+
+
+def test_sd2_v_prediction_is_recognised_and_trained(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                    tmp_path: Path) -> None:
+    """An SD 2.x-like folder (OpenCLIP-style gelu text encoder, v-prediction scheduler)."""
+    folder = tmp_path / "sd2"
+    shutil.copytree(tiny_models["sd15"], folder)
+    te_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({**te_config, "hidden_act": "gelu"}))
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), "prediction_type": "v_prediction"}))
+    source = inspect_model_source(str(folder))
+    assert (source.family, source.prediction_type) == ("sd2", "v_prediction")
+    result = train(config_from_dict(tiny_train_config(folder, shapes_shards, tmp_path / "run")))
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True"
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
