@@ -59,19 +59,41 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
-    type: Literal["lora"] = _field("lora", "Adapter type.")
+    type: Literal["lora", "locon", "loha", "lokr", "dora"] = _field(
+        "lora", "Adapter type: lora (kohya LoRA), locon (LoRA on conv layers too), loha (Hadamard product), "
+        "lokr (Kronecker product), dora (weight-decomposed LoRA).")
     rank: int = _field(16, "Adapter rank (kohya: network_dim).", minimum=1)
     alpha: float = _field(16.0, "Adapter alpha (kohya: network_alpha); the update is scaled by alpha/rank.",
                           minimum=0.0, exclusive_min=True)
-    dropout: float = _field(0.0, "Dropout on the adapter's input.", minimum=0.0, maximum=1.0)
+    conv_rank: int = _field(0, "Rank of adapters on 3x3 convolutions (kohya: conv_dim); 0 means rank.", minimum=0)
+    conv_alpha: float = _field(0.0, "Alpha of adapters on 3x3 convolutions (kohya: conv_alpha); 0 means alpha.",
+                               minimum=0.0)
+    preset: Literal["auto", "attn", "attn_ff", "full"] = _field(
+        "auto", "Which UNet layers get adapters: attn (attention projections), attn_ff (every linear of the "
+        "transformer blocks, kohya's LoRA), full (plus resnet and sampler convolutions, LyCORIS' default); auto: "
+        "attn_ff for lora/dora, full for locon/loha/lokr.")
     unet_target_modules: list[str] = _field(
-        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-        "UNet module name suffixes that receive an adapter (default: every linear of the transformer "
-        "blocks, as kohya's LoRA).")
+        [], "Explicit UNet module name suffixes to adapt (overrides preset), e.g. ['to_q', 'to_v'].")
+    down_rank: int = _field(0, "Rank override for down blocks (incl. conv_in side); 0 keeps rank/conv_rank.",
+                            minimum=0)
+    mid_rank: int = _field(0, "Rank override for the mid block; 0 keeps rank/conv_rank.", minimum=0)
+    up_rank: int = _field(0, "Rank override for up blocks; 0 keeps rank/conv_rank.", minimum=0)
+    down_alpha: float = _field(0.0, "Alpha override for down blocks; 0 keeps alpha/conv_alpha.", minimum=0.0)
+    mid_alpha: float = _field(0.0, "Alpha override for the mid block; 0 keeps alpha/conv_alpha.", minimum=0.0)
+    up_alpha: float = _field(0.0, "Alpha override for up blocks; 0 keeps alpha/conv_alpha.", minimum=0.0)
+    lokr_factor: int = _field(-1, "LoKr: Kronecker factor of each dimension (-1: as balanced as possible).",
+                              minimum=-1)
+    lokr_decompose_both: bool = _field(False, "LoKr: also low-rank decompose the first (smaller) factor.")
+    dropout: float = _field(0.0, "Dropout on the adapter's input (lora/locon/dora) or module dropout (loha/lokr).",
+                            minimum=0.0, maximum=1.0)
     train_text_encoder: bool = _field(False, "Also train adapters on the text encoder(s).")
+    text_encoders: Literal["all", "te1", "te2"] = _field(
+        "all", "With train_text_encoder on SDXL: adapt both encoders, or only the first (CLIP-L) or second (bigG).")
     text_encoder_target_modules: list[str] = _field(
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
         "Text-encoder module name suffixes that receive an adapter (attention and MLP, as kohya).")
+    init_from: str = _field("", "Start from the adapter in this .safetensors file (ours, kohya's or LyCORIS'); "
+                            "its type and ranks replace type/rank/alpha above.")
 
 
 @dataclass

@@ -1,59 +1,89 @@
-"""Putting LoRA adapters on modules (through peft) and reading them back as per-module tensors."""
+"""Putting adapters on modules through peft: LoRA (and LoCon), DoRA, LoHa and LoKr."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
 
-import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft.tuners.loha import LoHaLayer
+from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from dist_lora.adapters.targets import ModuleRank, TargetPlan
 from dist_lora.errors import DistLoraError
 
 ADAPTER_NAME = "default"
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 
 
-def add_lora(model: nn.Module, target_modules: Sequence[str], rank: int, alpha: float,
-             dropout: float = 0.0) -> int:
-    """Inject LoRA into every module whose name ends with one of ``target_modules``; return how many.
+def _peft_config(kind: str, plan: TargetPlan, *, dropout: float = 0.0, lokr_factor: int = -1,
+                 lokr_decompose_both: bool = False, tucker: bool = False):  # type: ignore[no-untyped-def]
+    # The most common rank/alpha is the config default; only the exceptions become patterns
+    # (peft matches every pattern against every module name).
+    default, _ = Counter(plan.modules.values()).most_common(1)[0]
+    exceptions = TargetPlan({n: m for n, m in plan.modules.items() if m != default})
+    kwargs = exceptions.peft_kwargs()
+    common = {"r": default.rank, "target_modules": sorted(plan.modules),
+              "rank_pattern": kwargs["rank_pattern"]}
+    if kind in ("lora", "locon", "dora"):
+        # Down projection Gaussian, up projection zero: training starts from the unchanged model.
+        return LoraConfig(lora_alpha=default.alpha, alpha_pattern=kwargs["alpha_pattern"], lora_dropout=dropout,
+                          init_lora_weights="gaussian", use_dora=kind == "dora", **common)
+    if kind == "loha":
+        return LoHaConfig(alpha=default.alpha, alpha_pattern=kwargs["alpha_pattern"], module_dropout=dropout,
+                          use_effective_conv2d=tucker, **common)
+    if kind == "lokr":
+        if lokr_factor == 0:
+            raise DistLoraError("network.lokr_factor = 0 is not allowed; use -1 (balanced) or a positive factor.")
+        return LoKrConfig(alpha=default.alpha, alpha_pattern=kwargs["alpha_pattern"], module_dropout=dropout,
+                          decompose_both=lokr_decompose_both, decompose_factor=lokr_factor,
+                          use_effective_conv2d=tucker, **common)
+    raise DistLoraError(f"network.type '{kind}' is not one of {', '.join(NETWORK_TYPES)}.")
 
-    The down projection starts Gaussian and the up projection at zero, so training starts from the
-    unchanged base model (as kohya and diffusers do).
-    """
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        init_lora_weights="gaussian")
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-    count = sum(1 for _ in lora_layers(model))
-    if count == 0:
-        raise DistLoraError(f"no module matched the target modules {list(target_modules)}; module names end "
-                            "like to_q or ff.net.0.proj (UNet), q_proj (text encoder).")
+
+def add_network(model: nn.Module, kind: str, plan: TargetPlan, **options: object) -> int:
+    """Inject adapters of ``kind`` into exactly the modules of ``plan``; return how many."""
+    inject_adapter_in_model(_peft_config(kind, plan, **options), model, adapter_name=ADAPTER_NAME)  # type: ignore[arg-type]
+    count = sum(1 for _ in adapter_layers(model))
+    if count != len(plan.modules):
+        raise RuntimeError(f"peft adapted {count} modules, expected {len(plan.modules)}")
     return count
 
 
-@dataclass
-class LoraTensors:
-    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
-    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
-    alpha: float
-    rank: int
+def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, dropout: float = 0.0) -> int:
+    """LoRA on every Linear/Conv2d whose name ends with one of ``target_modules`` (a small convenience)."""
+    names = {name: ModuleRank(rank, alpha) for name, module in model.named_modules()
+             if isinstance(module, (nn.Linear, nn.Conv2d))
+             and any(name == t or name.endswith("." + t) for t in target_modules)}
+    if not names:
+        raise DistLoraError(f"no module matched the target modules {list(target_modules)}; module names end "
+                            "like to_q or ff.net.0.proj (UNet), q_proj (text encoder).")
+    return add_network(model, "lora", TargetPlan(names), dropout=dropout)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+        if isinstance(module, (LoraLayer, LoHaLayer, LoKrLayer)) and ADAPTER_NAME in module.scaling:
             yield name, module
 
 
-def read_lora(model: nn.Module) -> dict[str, LoraTensors]:
-    """Module path -> its adapter tensors (detached), for every LoRA layer of ``model``."""
-    out: dict[str, LoraTensors] = {}
-    for name, layer in lora_layers(model):
-        out[name] = LoraTensors(layer.lora_A[ADAPTER_NAME].weight.detach(), layer.lora_B[ADAPTER_NAME].weight.detach(),
-                                float(layer.lora_alpha[ADAPTER_NAME]), int(layer.r[ADAPTER_NAME]))
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable adapter parameter (whatever the adapter type)."""
+    out: list[nn.Parameter] = []
+    for _, layer in adapter_layers(model):
+        out.extend(p for n, p in layer.named_parameters() if ADAPTER_NAME in n.split(".") and "base_layer" not in n)
     return out
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
+def set_multiplier(model: nn.Module, multiplier: float) -> None:
+    """Scale every adapter's update by ``multiplier`` (the ``<lora:name:w>`` weight). Not for DoRA, whose
+    UIs interpolate whole weights instead (see ``dist_lora.adapters.delta``)."""
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, LoraLayer) and layer.use_dora.get(ADAPTER_NAME):
+            raise DistLoraError("DoRA multipliers are not a scale of the update; merge with dist-lora merge instead")
+        layer.unscale_layer()
+        if multiplier != 1.0:
+            layer.scale_layer(multiplier)

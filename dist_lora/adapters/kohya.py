@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save, save_file
 from torch import nn
 
-from dist_lora.adapters.inject import LoraTensors, read_lora
+from dist_lora.adapters.tensors import read_adapters
 from dist_lora.models.names import UNetLayout, kohya_module_key, unet_diffusers_to_ldm
 from dist_lora.utils.files import atomic_path
 
@@ -38,33 +38,51 @@ def text_encoder_module_path(path: str) -> str:
     return path if path.startswith(("text_model.", "text_projection")) else f"text_model.{path}"
 
 
-def unet_key_prefix_mapper(unet: nn.Module, family: str):  # type: ignore[no-untyped-def]
-    if family == "sdxl":
-        layout = UNetLayout.from_config(unet.config)  # type: ignore[attr-defined]
-        return lambda path: unet_diffusers_to_ldm(path, layout)
-    return lambda path: path
-
-
 def text_encoder_prefixes(family: str) -> list[str]:
     return ["lora_te1", "lora_te2"] if family == "sdxl" else ["lora_te"]
 
 
+def module_key_table(unet: nn.Module, text_encoders: list[nn.Module | None], family: str) -> dict[str, tuple[int, str]]:
+    """kohya module key -> (component, module path): component 0 is the UNet, i the i-th text encoder.
+
+    Built from ``named_modules()`` (keys cannot be split back on ``_``); SDXL UNet paths are spelled
+    in SGM names, as kohya writes them.
+    """
+    table: dict[str, tuple[int, str]] = {}
+    layout = UNetLayout.from_config(unet.config) if family == "sdxl" else None  # type: ignore[attr-defined]
+    for path in _base_module_paths(unet, (nn.Linear, nn.Conv2d)):
+        try:
+            spelled = unet_diffusers_to_ldm(path, layout) if layout else path
+        except KeyError:
+            continue
+        table[kohya_module_key("lora_unet", spelled)] = (0, path)
+    for index, (prefix, encoder) in enumerate(zip(text_encoder_prefixes(family), text_encoders, strict=False), 1):
+        if encoder is not None:
+            for path in _base_module_paths(encoder, (nn.Linear,)):
+                table[kohya_module_key(prefix, text_encoder_module_path(path))] = (index, path)
+    return table
+
+
+def _base_module_paths(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
+    """Paths of the model's own layers of ``types``, seen through any peft wrapping."""
+    paths = []
+    for path, module in model.named_modules():
+        if not path or not isinstance(module, types) or ".default" in path or ".lora_" in path:
+            continue  # peft's own sub-layers (lora_A.default, ...)
+        paths.append(path.removesuffix(".base_layer"))
+    return paths
+
+
 def kohya_tensors(unet: nn.Module, text_encoders: list[nn.Module], family: str) -> dict[str, torch.Tensor]:
-    """All adapter tensors of the UNet and (trained) text encoders under kohya keys, in fp32."""
+    """All adapter tensors of the UNet and the text encoders under kohya/LyCORIS keys, in fp32."""
+    inverse = {v: k for k, v in module_key_table(unet, list(text_encoders), family).items()}
     out: dict[str, torch.Tensor] = {}
-
-    def add(prefix: str, path: str, lora: LoraTensors) -> None:
-        key = kohya_module_key(prefix, path)
-        out[f"{key}.lora_down.weight"] = lora.down.float().contiguous()
-        out[f"{key}.lora_up.weight"] = lora.up.float().contiguous()
-        out[f"{key}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
-
-    map_unet = unet_key_prefix_mapper(unet, family)
-    for path, lora in read_lora(unet).items():
-        add("lora_unet", map_unet(path), lora)
-    for prefix, encoder in zip(text_encoder_prefixes(family), text_encoders, strict=False):
-        for path, lora in read_lora(encoder).items():
-            add(prefix, text_encoder_module_path(path), lora)
+    for component, model in enumerate([unet, *text_encoders]):
+        for path, adapter in read_adapters(model).items():
+            key = inverse[(component, path)]
+            for suffix, tensor in adapter.tensors.items():
+                out[f"{key}.{suffix}"] = tensor.float().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
     return out
 
 
@@ -91,9 +109,8 @@ class ExportInfo:
     rank: int
     alpha: float
     resolution: int
-    network_args: dict[str, object]
     tag_frequency: dict[str, dict[str, int]]
-    training: dict[str, str]  # extra ss_* training fields (already strings)
+    training: dict[str, str]  # network and training ss_* fields (strings); they win over the defaults
 
 
 def model_version_key(family: str, prediction_type: str) -> str:
@@ -106,7 +123,6 @@ def build_metadata(info: ExportInfo, tensors: Mapping[str, torch.Tensor]) -> dic
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(info.rank),
         "ss_network_alpha": str(info.alpha),
-        "ss_network_args": json.dumps(info.network_args),
         "ss_base_model_version": BASE_MODEL_VERSION[version],
         "ss_v2": str(info.family == "sd2"),
         "ss_output_name": info.output_name,

@@ -14,8 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from dist_lora.adapters.inject import add_lora, lora_parameters
+from dist_lora.adapters.inject import lora_parameters
 from dist_lora.adapters.kohya import ExportInfo, kohya_tensors, save_kohya_lora
+from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.shards import Manifest, ShardLoader
 from dist_lora.errors import DistLoraError
@@ -111,13 +112,8 @@ def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setu
     for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
-    net = cfg.network
-    add_lora(unet, net.unet_target_modules, net.rank, net.alpha, net.dropout)
-    trained_encoders: list[nn.Module] = []
-    if net.train_text_encoder:
-        for encoder in components.text_encoders:
-            add_lora(encoder, net.text_encoder_target_modules, net.rank, net.alpha, net.dropout)
-            trained_encoders.append(encoder)
+    attached = attach_network(unet, components.text_encoders, components.family, cfg.network)
+    trained_encoders = attached.trained_text_encoders
     unet_params = lora_parameters(unet)
     text_params = [p for e in trained_encoders for p in lora_parameters(e)]
     for p in unet_params + text_params:
@@ -206,7 +202,7 @@ def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator,
             started_at: str) -> None:
     model = parallel.unwrap(accelerator, setup.model)
     c = setup.components
-    tensors = kohya_tensors(model.unet, list(model.text_encoders), c.family)
+    tensors = kohya_tensors(model.unet, list(c.text_encoders), c.family)
     training = {
         "ss_sd_model_name": Path(cfg.model.pretrained).name,
         "ss_training_started_at": started_at,
@@ -228,7 +224,8 @@ def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }
     info = ExportInfo(c.family, c.prediction_type, cfg.output.name, cfg.network.rank, cfg.network.alpha,
-                      pre.manifest.resolution, {"algo": "lora"}, pre.manifest.tag_frequency, training)
+                      pre.manifest.resolution, pre.manifest.tag_frequency,
+                      {**network_metadata(cfg.network), **training})
     save_kohya_lora(pre.adapter_path, tensors, info, cfg.output.save_precision)
 
 

@@ -1,0 +1,126 @@
+"""Adapter tensors in the LyCORIS/kohya layout, read from and written to peft layers.
+
+One ``ModuleAdapter`` per adapted module: the file-format tensors (``lora_down.weight``,
+``hada_w1_a``, ``lokr_w1``, ``dora_scale``, ...) and the alpha a loader will read. The scale every
+loader applies is ``alpha / dim`` (dim: the rank found in the tensors), except LoKr with two full
+factors, which loaders apply at scale 1; there peft's alpha/r is folded into ``lokr_w1`` so the file
+means exactly what was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.loha import LoHaLayer
+from peft.tuners.lokr import LoKrLayer
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers
+from dist_lora.errors import DistLoraError
+
+LORA_KEYS = ("lora_down.weight", "lora_up.weight")
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+KNOWN_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, "alpha", "dora_scale")
+
+
+@dataclass
+class ModuleAdapter:
+    kind: str  # "lora" (incl. LoCon and DoRA), "loha" or "lokr"
+    tensors: dict[str, torch.Tensor]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        t = self.tensors
+        if self.kind == "lora":
+            return int(t["lora_down.weight"].shape[0])
+        if self.kind == "loha":
+            return int(t["hada_w1_b"].shape[0])
+        for key in ("lokr_w2_b", "lokr_w1_b"):
+            if key in t:
+                return int(t[key].shape[0])
+        return 0  # LoKr with two full factors has no rank
+
+    @property
+    def scale(self) -> float:
+        """The factor every loader multiplies the product of the tensors by."""
+        return 1.0 if self.kind == "lokr" and self.rank == 0 else self.alpha / self.rank
+
+    @property
+    def is_dora(self) -> bool:
+        return "dora_scale" in self.tensors
+
+
+def kind_of(tensors: dict[str, torch.Tensor]) -> str:
+    if "lora_down.weight" in tensors:
+        return "lora"
+    if "hada_w1_a" in tensors:
+        return "loha"
+    if "lokr_w1" in tensors or "lokr_w1_a" in tensors:
+        return "lokr"
+    raise DistLoraError(f"unknown adapter tensors {sorted(tensors)[:4]}")
+
+
+def _dora_scale(layer: LoraLayer, weight_shape: torch.Size) -> torch.Tensor:
+    magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach()
+    # LyCORIS/ComfyUI store the per-output-row magnitude as [out, 1, ...].
+    return magnitude.reshape(weight_shape[0], *([1] * (len(weight_shape) - 1)))
+
+
+def _read_layer(layer: nn.Module) -> ModuleAdapter:
+    a = ADAPTER_NAME
+    if isinstance(layer, LoraLayer):
+        tensors = {"lora_down.weight": layer.lora_A[a].weight.detach(),
+                   "lora_up.weight": layer.lora_B[a].weight.detach()}
+        if layer.use_dora.get(a):
+            tensors["dora_scale"] = _dora_scale(layer, layer.get_base_layer().weight.shape)
+        return ModuleAdapter("lora", tensors, float(layer.lora_alpha[a]))
+    if isinstance(layer, LoHaLayer):
+        tensors = {k: getattr(layer, k)[a].detach() for k in LOHA_KEYS if a in getattr(layer, k)}
+        return ModuleAdapter("loha", tensors, float(layer.alpha[a]))
+    if isinstance(layer, LoKrLayer):
+        tensors = {k: getattr(layer, k)[a].detach() for k in LOKR_KEYS if a in getattr(layer, k)}
+        adapter = ModuleAdapter("lokr", tensors, float(layer.alpha[a]))
+        if adapter.rank == 0:  # both factors full: loaders use scale 1, peft used alpha/r
+            tensors["lokr_w1"] = tensors["lokr_w1"] * float(layer.scaling[a])
+            adapter.alpha = float(layer.r[a])
+        return adapter
+    raise TypeError(f"not an adapter layer: {type(layer).__name__}")
+
+
+def read_adapters(model: nn.Module) -> dict[str, ModuleAdapter]:
+    """Module path -> its adapter, for every adapted module of ``model``."""
+    return {name: _read_layer(layer) for name, layer in adapter_layers(model)}
+
+
+def _set_param(store: nn.ParameterDict, value: torch.Tensor) -> None:
+    store[ADAPTER_NAME] = nn.Parameter(value.detach().clone().float())
+
+
+def write_adapter(layer: nn.Module, adapter: ModuleAdapter) -> None:
+    """Overwrite an injected peft layer's adapter with ``adapter`` (shapes may differ from the injection)."""
+    a, t = ADAPTER_NAME, adapter.tensors
+    with torch.no_grad():
+        if isinstance(layer, LoraLayer):
+            layer.lora_A[a].weight.copy_(t["lora_down.weight"])
+            layer.lora_B[a].weight.copy_(t["lora_up.weight"])
+            if adapter.is_dora:
+                magnitude = layer.lora_magnitude_vector[a].weight
+                magnitude.copy_(t["dora_scale"].reshape(magnitude.shape))
+            layer.lora_alpha[a], layer.r[a] = adapter.alpha, adapter.rank
+            layer.scaling[a] = adapter.scale
+            return
+        keys = LOHA_KEYS if isinstance(layer, LoHaLayer) else LOKR_KEYS
+        for key in keys:
+            store = getattr(layer, key)
+            if key in t:
+                _set_param(store, t[key])
+            elif a in store:
+                del store[a]
+        rank = adapter.rank or 1
+        # For LoKr with two full factors the file's scale is 1: alpha == r makes peft agree.
+        layer.r[a], layer.alpha[a] = rank, adapter.alpha if adapter.rank else float(rank)
+        layer.scaling[a] = adapter.scale
