@@ -120,7 +120,11 @@ def write_adapter(layer: nn.Module, adapter: ModuleAdapter) -> None:
                 _set_param(store, t[key])
             elif a in store:
                 del store[a]
-        rank = adapter.rank or 1
-        # For LoKr with two full factors the file's scale is 1: alpha == r makes peft agree.
-        layer.r[a], layer.alpha[a] = rank, adapter.alpha if adapter.rank else float(rank)
+        if adapter.rank:
+            layer.r[a], layer.alpha[a] = adapter.rank, adapter.alpha
+        else:
+            # LoKr with two full factors: loaders apply scale 1, and the file's alpha (conventionally the
+            # rank it was trained with) is only carried along. alpha == r makes peft's alpha/r agree.
+            layer.r[a] = max(1, round(adapter.alpha))
+            layer.alpha[a] = float(layer.r[a])
         layer.scaling[a] = adapter.scale
