@@ -58,6 +58,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_lora.adapters.inspect import describe_adapter, format_description
+
+    info = describe_adapter(args.file)
+    print(json.dumps(info, indent=1, ensure_ascii=False) if args.json else format_description(info))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from dist_lora.merge_cli import merge_command
+
+    out = merge_command(args.base, args.lora, args.out, config_dir=args.config_dir,
+                        save_precision=args.save_precision, overwrite=args.overwrite)
+    print(f"wrote merged model to {out}")
+    return 0
+
+
 def _cmd_config_reference(_: argparse.Namespace) -> int:
     from dist_lora.config import reference_markdown
 
@@ -96,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default=None, help="TOML recipe, e.g. configs/tiny_sdxl.toml")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
     tr.set_defaults(func=_cmd_train)
+
+    insp = sub.add_parser("inspect", help="describe an adapter file (type, ranks, blocks, base model, metadata)")
+    insp.add_argument("file")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.set_defaults(func=_cmd_inspect)
+
+    merge = sub.add_parser("merge", help="bake adapters into a base model (diffusers folder or single file)")
+    merge.add_argument("--base", required=True, help="base model: diffusers folder, hub id or .safetensors")
+    merge.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                       help="adapter and its weight (the <lora:name:w> multiplier); repeat for several")
+    merge.add_argument("--out", required=True, help="a folder (diffusers format) or a .safetensors file")
+    merge.add_argument("--config-dir", default="", help="diffusers folder with configs for a single-file base")
+    merge.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(func=_cmd_merge)
 
     ref = sub.add_parser("config-reference", help="print the config reference (markdown)")
     ref.set_defaults(func=_cmd_config_reference)

@@ -126,14 +126,24 @@ def _load_pipeline(source: ModelSource, config_dir: str, family_hint: Family | N
     return DiffusionPipeline.from_pretrained(source.location)
 
 
+def load_pipeline(pretrained: str, config_dir: str = "") -> tuple[Any, Family]:
+    """The whole diffusers pipeline (for merging and sampling) and its recognised family."""
+    source = inspect_model_source(pretrained, config_dir)
+    pipe = _load_pipeline(source, config_dir, source.family)
+    family: Family = source.family or ("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1")
+    return pipe, family
+
+
+def pipeline_text_encoders(pipe: Any, family: str) -> list[nn.Module]:
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+
+
 def load_components(pretrained: str, *, config_dir: str = "", family: str = "auto",
                     prediction_type: str = "auto") -> Components:
     """Load tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler sharing the model's betas."""
     from diffusers import DDPMScheduler
 
-    source = inspect_model_source(pretrained, config_dir)
-    pipe = _load_pipeline(source, config_dir, source.family)
-    detected: Family = source.family or ("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1")
+    pipe, detected = load_pipeline(pretrained, config_dir)
     resolved_family: Family = detected if family == "auto" else family  # type: ignore[assignment]
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if resolved_family == "sdxl" else [])
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if resolved_family == "sdxl" else [])
