@@ -1,4 +1,4 @@
-"""The trained module: UNet (with adapters) plus, when they are trained, the text encoders.
+"""The trained module: UNet (with adapters) plus, when any of them is trained, the text encoders.
 
 Keeping everything that receives gradients in one ``nn.Module`` lets the parallel layer wrap exactly
 one model (DDP and DeepSpeed both want that) while the frozen VAE and frozen encoders stay outside.

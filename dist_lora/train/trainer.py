@@ -122,13 +122,16 @@ def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setu
         unet.enable_gradient_checkpointing()
         for encoder in trained_encoders:
             encoder.gradient_checkpointing_enable()
-    model = AdaptedDenoiser(unet, trained_encoders, components.family)
+    # When any encoder is trained, all of them run inside the wrapped module (prompt encoding needs
+    # every encoder); otherwise they stay outside and run under no_grad.
+    inside = components.text_encoders if trained_encoders else []
+    model = AdaptedDenoiser(unet, inside, components.family)
     optimizer = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer)
     # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
     # (whose wrapper steps it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
     model, optimizer = parallel.prepare(accelerator, model, optimizer)
-    frozen = [e for e in components.text_encoders if e not in trained_encoders]
+    frozen = [] if trained_encoders else list(components.text_encoders)
     return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params)
 
 
@@ -179,7 +182,7 @@ class StepRunner:
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         input_ids = tokenize(self.c.tokenizers, batch.captions)
         kwargs: dict[str, Any] = {}
-        if self.setup.frozen_text_encoders and not self.cfg.network.train_text_encoder:
+        if self.setup.frozen_text_encoders:
             with torch.no_grad(), self.acc.autocast():
                 hidden, pooled = encode_prompts(self.setup.frozen_text_encoders, input_ids, self.c.family)
             kwargs.update(hidden_states=hidden, pooled=pooled)

@@ -4,10 +4,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dist_lora.adapters.inspect import describe_adapter
 from dist_lora.config import config_from_dict
 from dist_lora.models.load import inspect_model_source
 from dist_lora.train.trainer import train
@@ -67,3 +69,32 @@ def test_sd2_v_prediction_is_recognised_and_trained(tiny_models: dict[str, Path]
     assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True"
     assert meta["modelspec.prediction_type"] == "v"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "dora"])
+def test_trainer_trains_and_exports_every_type(kind: str, tiny_models: dict[str, Path], shapes_shards: Path,
+                                               tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / kind,
+                            network={"type": kind, "conv_rank": 2, "conv_alpha": 1.0, "train_text_encoder": True,
+                                     "text_encoders": "te2"},
+                            training={"max_steps": 2})
+    result = train(config_from_dict(raw))
+    info = describe_adapter(result.adapter_path)
+    assert info["type"] == kind
+    assert set(info["modules"]) == {"unet", "te2"}  # only the second encoder was trained
+    assert json.loads(info["metadata"]["ss_network_args"])["algo"] == {"dora": "locon"}.get(kind, kind)
+    assert info["metadata"]["ss_network_module"] == "lycoris.kohya"
+
+
+def test_init_from_continues_from_a_file(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    first = train(config_from_dict(tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "a",
+                                                     network={"type": "loha", "rank": 2, "alpha": 1.0})))
+    # A second run that barely moves (tiny lr) must start from exactly the first run's tensors.
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "b",
+                            network={"init_from": str(first.adapter_path), "type": "lora", "rank": 8},
+                            optimizer={"lr": 1e-12}, training={"max_steps": 1})
+    second = train(config_from_dict(raw))
+    a, b = load_file(str(first.adapter_path)), load_file(str(second.adapter_path))
+    assert a.keys() == b.keys() and any(k.endswith("hada_w1_a") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
