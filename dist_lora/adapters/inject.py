@@ -44,8 +44,26 @@ def _peft_config(kind: str, plan: TargetPlan, *, dropout: float = 0.0, lokr_fact
     raise DistLoraError(f"network.type '{kind}' is not one of {', '.join(NETWORK_TYPES)}.")
 
 
+def _check_lokr_factor(model: nn.Module, plan: TargetPlan, factor: int) -> None:
+    """peft splits a dimension d divisible by the factor f as (f, d/f); LyCORIS and A1111 rebuild LoKr
+    modules with the smaller part first, so a file with f > d/f could not be loaded there."""
+    for name in plan.modules:
+        module = model.get_submodule(name)
+        dims = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else \
+            (module.in_channels, module.out_channels)  # type: ignore[union-attr]
+        for dim in dims:
+            if dim % factor == 0 and factor * factor > dim:
+                raise DistLoraError(
+                    f"network.lokr_factor = {factor} splits dimension {dim} of '{name}' as {factor} x {dim // factor}; "
+                    f"LyCORIS and AUTOMATIC1111 expect the smaller factor first and could not load the file. Use "
+                    f"-1 (balanced) or a factor whose square is at most the smallest adapted dimension.")
+
+
 def add_network(model: nn.Module, kind: str, plan: TargetPlan, **options: object) -> int:
     """Inject adapters of ``kind`` into exactly the modules of ``plan``; return how many."""
+    factor = int(options.get("lokr_factor", -1))  # type: ignore[call-overload]
+    if kind == "lokr" and factor > 0:
+        _check_lokr_factor(model, plan, factor)
     inject_adapter_in_model(_peft_config(kind, plan, **options), model, adapter_name=ADAPTER_NAME)  # type: ignore[arg-type]
     count = sum(1 for _ in adapter_layers(model))
     if count != len(plan.modules):

@@ -83,6 +83,10 @@ def _read_layer(layer: nn.Module) -> ModuleAdapter:
         return ModuleAdapter("loha", tensors, float(layer.alpha[a]))
     if isinstance(layer, LoKrLayer):
         tensors = {k: getattr(layer, k)[a].detach() for k in LOKR_KEYS if a in getattr(layer, k)}
+        if "lokr_w1_a" in tensors and "lokr_w2" in tensors:
+            # peft can decompose only the first factor; LyCORIS and A1111 cannot load that layout
+            # (they decompose the second factor first), so write the first factor whole.
+            tensors["lokr_w1"] = tensors.pop("lokr_w1_a") @ tensors.pop("lokr_w1_b")
         adapter = ModuleAdapter("lokr", tensors, float(layer.alpha[a]))
         if adapter.rank == 0:  # both factors full: loaders use scale 1, peft used alpha/r
             tensors["lokr_w1"] = tensors["lokr_w1"] * float(layer.scaling[a])

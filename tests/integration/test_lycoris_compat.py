@@ -18,18 +18,26 @@ from dist_lora.adapters.kohya import ExportInfo, kohya_tensors, save_kohya_lora
 from dist_lora.adapters.merge import bake_adapters
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import NetworkConfig
+from dist_lora.errors import DistLoraError
 from dist_lora.models.load import load_components
 from dist_lora.models.names import UNetLayout, unet_diffusers_to_ldm
 from dist_lora.models.text import encode_prompts, tokenize
 
-TYPES = ["lora", "locon", "loha", "lokr", "dora"]
+# LoKr factor layouts: plain lokr has both factors full; lokr_w2 decomposes the second; lokr_both both.
+TYPES = ["lora", "locon", "loha", "lokr", "lokr_w2", "lokr_both", "dora"]
+VARIANTS: dict[str, dict[str, object]] = {
+    "lokr_w2": {"type": "lokr", "rank": 2, "lokr_factor": 2},
+    "lokr_both": {"type": "lokr", "rank": 1, "lokr_factor": 4, "lokr_decompose_both": True},
+}
 ARCHS = ["sd15", "sdxl"]
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl"}
 
 
 def _network_config(kind: str) -> NetworkConfig:
     # alpha != rank everywhere, and conv layers get their own rank/alpha.
-    return NetworkConfig(type=kind, rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, train_text_encoder=True)
+    fields: dict[str, object] = {"type": kind, "rank": 4, "alpha": 2.0, "conv_rank": 2, "conv_alpha": 3.0,
+                                 "train_text_encoder": True, **VARIANTS.get(kind, {})}
+    return NetworkConfig(**fields)  # type: ignore[arg-type]
 
 
 def _randomise(model: nn.Module, seed: int) -> None:
@@ -139,7 +147,11 @@ def test_lycoris_package_reproduces_our_model(kind: str, arch: str, tiny_models:
 
     theirs = load_components(str(tiny_models[arch]))
     network, loaded = _lycoris_apply(theirs, path, 1.0)
-    modules_in_file = len({k.split(".")[0] for k in load_file(str(path))})
+    keys = load_file(str(path)).keys()
+    modules_in_file = len({k.split(".")[0] for k in keys})
+    layout_key = {"lokr": ".lokr_w1", "lokr_w2": ".lokr_w2_a", "lokr_both": ".lokr_w1_a", "dora": ".dora_scale"}
+    if kind in layout_key:  # the variant really produced the layout it is named after
+        assert any(k.endswith(layout_key[kind]) for k in keys)
     assert loaded == modules_in_file  # every key found its module the way kohya/LyCORIS name them
     their_hidden, their_unet = _outputs(theirs, inputs)
     torch.testing.assert_close(their_hidden, our_hidden, atol=2e-5, rtol=1e-4)
@@ -249,3 +261,10 @@ def test_import_errors_name_file_and_keys(tiny_models: dict[str, Path], tmp_path
     save_file({"lora_unet_x.weird_tensor": torch.zeros(1), "something_else": torch.zeros(1)}, str(odd))
     with pytest.raises(AdapterFileError, match=r"odd.safetensors.*unknown families.*lora_unet_x.weird_tensor"):
         read_adapter_file(odd)
+
+
+def test_lokr_factor_that_uis_cannot_load_is_refused(tiny_models: dict[str, Path]) -> None:
+    c = load_components(str(tiny_models["sd15"]))
+    cfg = NetworkConfig(type="lokr", rank=2, lokr_factor=8)
+    with pytest.raises(DistLoraError, match=r"lokr_factor = 8 splits dimension 32 of .* as 8 x 4"):
+        attach_network(c.unet, c.text_encoders, c.family, cfg)
