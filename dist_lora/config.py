@@ -143,6 +143,9 @@ class OutputConfig:
     name: str = _field("dist_lora", "File name (without .safetensors) of the exported adapter "
                        "(kohya: output_name).")
     save_precision: Literal["fp16", "bf16", "fp32"] = _field("fp16", "dtype of the saved adapter tensors.")
+    format: Literal["kohya", "diffusers"] = _field(
+        "kohya", "Key layout of the adapter file: kohya/LyCORIS (A1111, ComfyUI, kohya, LyCORIS, diffusers) or the "
+        "diffusers/peft layout written by diffusers' save_lora_weights.")
     overwrite: bool = _field(False, "Allow writing into a run directory that already holds an adapter.")
 
 

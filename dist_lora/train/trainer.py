@@ -14,8 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from dist_lora.adapters.diffusers_format import save_diffusers_lora
 from dist_lora.adapters.inject import lora_parameters
-from dist_lora.adapters.kohya import ExportInfo, kohya_tensors, save_kohya_lora
+from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.shards import Manifest, ShardLoader
@@ -205,6 +206,10 @@ def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator,
             started_at: str) -> None:
     model = parallel.unwrap(accelerator, setup.model)
     c = setup.components
+    if cfg.output.format == "diffusers":
+        save_diffusers_lora(pre.adapter_path, model.unet, list(c.text_encoders), c.family,
+                            SAVE_DTYPES[cfg.output.save_precision])
+        return
     tensors = kohya_tensors(model.unet, list(c.text_encoders), c.family)
     training = {
         "ss_sd_model_name": Path(cfg.model.pretrained).name,

@@ -120,3 +120,21 @@ def test_exported_keys_and_metadata(arch: str, tiny_models: dict[str, Path], sha
     assert (result.run_dir / "config.toml").is_file()
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_diffusers_format_on_request(arch: str, tiny_models: dict[str, Path], shapes_shards: Path,
+                                     tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models[arch], shapes_shards, tmp_path / "run", optimizer={"lr": 3e-2},
+                            network={"train_text_encoder": True}, output={"format": "diffusers"})
+    result = train(config_from_dict(raw))
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    assert all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys)
+    family = "sdxl" if arch == "sdxl" else "sd1"
+    pipe = PIPELINES[arch].from_pretrained(tiny_models[arch])
+    inputs = _unet_inputs(pipe, family)
+    pipe.load_lora_weights(str(result.run_dir), weight_name=result.adapter_path.name)
+    # alpha (2) != rank (4): diffusers must take the scale from the metadata we wrote.
+    torch.testing.assert_close(_unet_out(pipe.unet, inputs), _unet_out(result.model.unet, inputs),
+                               atol=1e-5, rtol=1e-4)
