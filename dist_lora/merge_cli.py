@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from dist_lora.adapters.io import AdapterFileError, read_adapter_file
+from dist_lora.adapters.kohya import SAVE_DTYPES
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import inspect_model_source, load_pipeline, pipeline_text_encoders
 from dist_lora.utils.files import check_writable_dir
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:

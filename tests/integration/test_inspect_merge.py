@@ -60,6 +60,12 @@ def test_merge_two_adapters_into_single_file(tiny_models: dict[str, Path], tmp_p
     assert (got_unet - _outputs(base, inputs)[1]).abs().max() > 1e-2
     torch.testing.assert_close(got_unet, want_unet, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got_hidden, want_hidden, atol=2e-5, rtol=1e-4)
+    # The same merge written as a diffusers folder holds the same weights.
+    folder = tmp_path / "merged_folder"
+    assert main([*args[:-4], "--out", str(folder), "--save-precision", "fp32"]) == 0
+    from_folder = StableDiffusionPipeline.from_pretrained(str(folder))
+    for name, tensor in single.unet.state_dict().items():
+        assert torch.equal(from_folder.unet.state_dict()[name], tensor), name
 
 
 def test_merge_refuses_bad_input(tiny_models: dict[str, Path], tmp_path: Path,
