@@ -98,7 +98,11 @@ class NetworkConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw"] = _field("adamw", "Optimizer.")
+    type: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion", "lion8bit", "prodigy", "adafactor"] = _field(
+        "adamw", "Optimizer (kohya: optimizer_type). 8-bit and Lion ones use bitsandbytes and fall back to "
+        "AdamW / a PyTorch Lion, with a warning, where it cannot run.")
+    args: list[str] = _field([], "Extra optimizer arguments as key=value (kohya: optimizer_args), values in TOML "
+                             "syntax, e.g. ['d_coef=2', 'betas=[0.9, 0.99]'].")
     lr: float = _field(1e-4, "Learning rate of the UNet adapters (kohya: unet_lr).", minimum=0.0,
                        exclusive_min=True)
     text_encoder_lr: float = _field(0.0, "Learning rate of the text-encoder adapters; 0 means the same as lr.",

@@ -34,7 +34,7 @@ from dist_lora.train.diffusion import (
     training_target,
 )
 from dist_lora.train.model import AdaptedDenoiser
-from dist_lora.train.optim import build_lr_scheduler, build_optimizer, param_groups
+from dist_lora.train.optim import OptimizerChoice, build_lr_scheduler, build_optimizer, param_groups
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
 
@@ -91,6 +91,7 @@ class Setup:
     frozen_text_encoders: list[nn.Module]
     weight_dtype: torch.dtype
     trainable_params: list[nn.Parameter]
+    optimizer_choice: OptimizerChoice
 
 
 def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -127,13 +128,14 @@ def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setu
     # every encoder); otherwise they stay outside and run under no_grad.
     inside = components.text_encoders if trained_encoders else []
     model = AdaptedDenoiser(unet, inside, components.family)
-    optimizer = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer)
+    optimizer, choice = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer,
+                                        accelerator.device)
     # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
     # (whose wrapper steps it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
     model, optimizer = parallel.prepare(accelerator, model, optimizer)
     frozen = [] if trained_encoders else list(components.text_encoders)
-    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params)
+    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice)
 
 
 def plan_total_steps(cfg: Config, loader: ShardLoader) -> tuple[int, list[int]]:
@@ -219,7 +221,7 @@ def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator,
         "ss_unet_lr": str(cfg.optimizer.lr),
         "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr or cfg.optimizer.lr),
         "ss_lr_scheduler": cfg.scheduler.type,
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": setup.optimizer_choice.used,
         "ss_mixed_precision": cfg.training.mixed_precision,
         "ss_seed": str(cfg.training.seed),
         "ss_batch_size_per_device": str(cfg.training.batch_size),
@@ -288,10 +290,11 @@ def train(cfg: Config) -> TrainResult:
                 accum_loss = 0.0
                 now = time.perf_counter()
                 if step % cfg.logging.log_every == 0 or step == total_steps:
+                    elapsed = max(now - step_started, 1e-9)
+                    samples = cfg.training.batch_size * w.size * cfg.training.gradient_accumulation_steps
                     metrics.log(step, {"epoch": epoch, "loss": mean_loss, "lr": setup.lr_scheduler.get_last_lr()[0],
-                                       "steps_per_s": 1.0 / max(now - step_started, 1e-9),
-                                       "samples_per_s": cfg.training.batch_size * w.size
-                                       * cfg.training.gradient_accumulation_steps / max(now - step_started, 1e-9)})
+                                       "steps_per_s": 1.0 / elapsed, "samples_per_s": samples / elapsed,
+                                       "optimizer": setup.optimizer_choice.used})
                 metrics.advance()
                 step_started = now
         parallel.barrier(accelerator)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,16 @@ def test_init_from_continues_from_a_file(tiny_models: dict[str, Path], shapes_sh
     assert a.keys() == b.keys() and any(k.endswith("hada_w1_a") for k in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_adamw8bit_without_bitsandbytes_trains_with_adamw(monkeypatch: pytest.MonkeyPatch, tiny_models: dict[str, Path],
+                                                          shapes_shards: Path, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run", optimizer={"type": "adamw8bit"},
+                            training={"max_steps": 2})
+    with pytest.warns(UserWarning, match="'adamw8bit' replaced by torch.optim.AdamW"):
+        result = train(config_from_dict(raw))
+    assert all(json.loads(x)["optimizer"] == "torch.optim.AdamW"
+               for x in (result.run_dir / "metrics.jsonl").read_text().splitlines())
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        assert f.metadata()["ss_optimizer"] == "torch.optim.AdamW"

@@ -1,13 +1,17 @@
+import sys
+
 import pytest
 import torch
 
 from dist_lora.config import OptimizerConfig, SchedulerConfig
-from dist_lora.train.optim import build_lr_scheduler, build_optimizer, param_groups
+from dist_lora.errors import DistLoraError
+from dist_lora.train.lion import Lion
+from dist_lora.train.optim import build_lr_scheduler, build_optimizer, param_groups, parse_optimizer_args
 
 
 def _lrs(kind: str, warmup: int = 2, total: int = 10, **kw: object) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = build_optimizer(param_groups([p], [], OptimizerConfig(lr=1.0)), OptimizerConfig(lr=1.0))
+    opt, _ = build_optimizer(param_groups([p], [], OptimizerConfig(lr=1.0)), OptimizerConfig(lr=1.0))
     sched = build_lr_scheduler(opt, SchedulerConfig(type=kind, warmup_steps=warmup, **kw), total)  # type: ignore[arg-type]
     out = []
     for _ in range(total):
@@ -43,3 +47,59 @@ def test_text_encoder_group_gets_its_own_lr() -> None:
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     groups = param_groups([a], [b], OptimizerConfig(lr=1e-4, text_encoder_lr=5e-5))
     assert [g["lr"] for g in groups] == [1e-4, 5e-5]
+
+
+def _one_step(kind: str, **cfg: object) -> tuple[torch.Tensor, str]:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    before = p.detach().clone()
+    opt, choice = build_optimizer([{"params": [p]}], OptimizerConfig(type=kind, lr=1e-2, **cfg))  # type: ignore[arg-type]
+    p.grad = torch.randn_like(p)
+    opt.step()
+    return (p.detach() - before), choice.used
+
+
+@pytest.mark.parametrize(("kind", "used"), [
+    ("adamw", "torch.optim.AdamW"),
+    ("adamw8bit", "bitsandbytes.optim.AdamW8bit"),
+    ("paged_adamw8bit", "bitsandbytes.optim.PagedAdamW8bit"),
+    ("lion", "bitsandbytes.optim.Lion"),
+    ("lion8bit", "bitsandbytes.optim.Lion8bit"),
+    ("prodigy", "prodigyopt.Prodigy"),
+    ("adafactor", "transformers.optimization.Adafactor"),
+])
+def test_every_optimizer_steps(kind: str, used: str) -> None:
+    delta, got = _one_step(kind)
+    assert got == used and delta.abs().max() > 0
+
+
+def test_fallback_without_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now fails
+    with pytest.warns(UserWarning, match=r"'adamw8bit' replaced by torch.optim.AdamW: bitsandbytes"):
+        _, used = _one_step("adamw8bit")
+    assert used == "torch.optim.AdamW"
+    with pytest.warns(UserWarning, match=r"'lion8bit' replaced by dist_lora.train.lion.Lion"):
+        _, used = _one_step("lion8bit")
+
+
+def test_torch_lion_matches_bitsandbytes_lion() -> None:
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(32, 32))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours, theirs = Lion([a], lr=1e-3, weight_decay=0.1), bnb.optim.Lion([b], lr=1e-3, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(32, 32)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_optimizer_args() -> None:
+    assert parse_optimizer_args(["betas=[0.9, 0.99]", "d_coef=2"]) == {"betas": (0.9, 0.99), "d_coef": 2}
+    with pytest.raises(DistLoraError, match="not key=value"):
+        parse_optimizer_args(["decouple"])
+    with pytest.raises(DistLoraError, match="do not fit adamw"):
+        build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], OptimizerConfig(args=["bogus=1"]))
