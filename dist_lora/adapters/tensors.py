@@ -64,10 +64,12 @@ def kind_of(tensors: dict[str, torch.Tensor]) -> str:
     raise DistLoraError(f"unknown adapter tensors {sorted(tensors)[:4]}")
 
 
-def _dora_scale(layer: LoraLayer, weight_shape: torch.Size) -> torch.Tensor:
+def _dora_scale(layer: LoraLayer) -> torch.Tensor:
     magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach()
-    # LyCORIS/ComfyUI store the per-output-row magnitude as [out, 1, ...].
-    return magnitude.reshape(weight_shape[0], *([1] * (len(weight_shape) - 1)))
+    # LyCORIS/ComfyUI store the per-output-row magnitude as [out, 1, ...]. The base weight itself is not
+    # read: under ZeRO-3 it is a shard.
+    weight_dims = 4 if isinstance(layer.get_base_layer(), torch.nn.Conv2d) else 2
+    return magnitude.reshape(magnitude.numel(), *([1] * (weight_dims - 1)))
 
 
 def _read_layer(layer: nn.Module) -> ModuleAdapter:
@@ -76,7 +78,7 @@ def _read_layer(layer: nn.Module) -> ModuleAdapter:
         tensors = {"lora_down.weight": layer.lora_A[a].weight.detach(),
                    "lora_up.weight": layer.lora_B[a].weight.detach()}
         if layer.use_dora.get(a):
-            tensors["dora_scale"] = _dora_scale(layer, layer.get_base_layer().weight.shape)
+            tensors["dora_scale"] = _dora_scale(layer)
         return ModuleAdapter("lora", tensors, float(layer.lora_alpha[a]))
     if isinstance(layer, LoHaLayer):
         tensors = {k: getattr(layer, k)[a].detach() for k in LOHA_KEYS if a in getattr(layer, k)}

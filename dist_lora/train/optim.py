@@ -20,6 +20,7 @@ from torch import nn
 from dist_lora.config import OptimizerConfig, SchedulerConfig, parse_override
 from dist_lora.errors import DistLoraError
 
+BITSANDBYTES_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion", "lion8bit")
 _BITSANDBYTES = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion": "Lion", "lion8bit": "Lion8bit"}
 _FALLBACK = {"adamw8bit": "adamw", "paged_adamw8bit": "adamw", "lion": "lion_torch", "lion8bit": "lion_torch"}
 

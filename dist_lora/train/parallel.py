@@ -1,17 +1,21 @@
-"""The one module that knows how processes are distributed (accelerate: DDP today; DeepSpeed later).
+"""The one module that knows how processes are distributed: accelerate with DDP or DeepSpeed ZeRO.
 
-Everything else asks it for the rank, the world size, a wrapped model or a cross-rank reduction.
+Everything else asks it for the rank, the world size, a wrapped model, gathered adapter weights or a
+cross-rank reduction.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
 from dist_lora.errors import DistLoraError
@@ -26,18 +30,73 @@ class World:
     device: torch.device
 
 
-def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int) -> Accelerator:
-    cuda = torch.cuda.is_available()
-    if mixed_precision == "fp16" and not cuda:
+@dataclass(frozen=True)
+class TrainingShape:
+    mixed_precision: str
+    gradient_accumulation_steps: int
+    micro_batch_size: int
+    max_grad_norm: float
+    bitsandbytes_optimizer: bool
+
+
+def deepspeed_requested() -> bool:
+    """`accelerate launch` with a DeepSpeed config sets this for every process."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+_OFFLOAD_VARS = ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+
+
+def _offload_requested() -> bool:
+    return any(os.environ.get(var, "none").lower() not in ("none", "") for var in _OFFLOAD_VARS)
+
+
+def check_launch(shape: TrainingShape) -> None:
+    """Refuse combinations that accelerate or DeepSpeed would silently change."""
+    if shape.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistLoraError("training.mixed_precision = 'fp16' needs a CUDA GPU (fp16 autocast with loss scaling); "
-                         "use 'bf16' or 'no' on CPU.")
+                            "use 'bf16' or 'no' on CPU.")
+    if deepspeed_requested() and _offload_requested() and shape.bitsandbytes_optimizer:
+        raise DistLoraError("a bitsandbytes optimizer cannot run with DeepSpeed optimizer offload (accelerate would "
+                            "silently replace it by DeepSpeedCPUAdam); use optimizer.type = 'adamw' or a launch "
+                            "config without offload.")
+
+
+def make_accelerator(shape: TrainingShape) -> Accelerator:
+    check_launch(shape)
+    cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         # A previous in-process run (tests, notebooks) leaves accelerate's singleton state behind;
         # it would refuse a different precision. Nothing is shared yet, so start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
+    if deepspeed_requested():
+        if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Without CUDA accelerate would count one process and DeepSpeed would then fail its
+            # batch-size check; a gloo process group first makes both see the real world size.
+            PartialState(backend="gloo")
+        accelerator = Accelerator(mixed_precision=shape.mixed_precision,
+                                  gradient_accumulation_steps=shape.gradient_accumulation_steps)
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        # No DataLoader goes through prepare() (the shard loader splits data itself), so DeepSpeed
+        # cannot infer these; they must agree with the trainer's own numbers.
+        ds_config["train_micro_batch_size_per_gpu"] = shape.micro_batch_size
+        ds_config["gradient_accumulation_steps"] = shape.gradient_accumulation_steps
+        ds_config["gradient_clipping"] = shape.max_grad_norm
+        ds_config.pop("train_batch_size", None)
+        return accelerator
     # Without CUDA, accelerate only picks its multi-process CPU mode (gloo) when told cpu=True.
-    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision,
-                       gradient_accumulation_steps=gradient_accumulation_steps)
+    return Accelerator(cpu=not cuda, mixed_precision=shape.mixed_precision,
+                       gradient_accumulation_steps=shape.gradient_accumulation_steps)
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    if not uses_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
 def world(accelerator: Accelerator) -> World:
@@ -54,8 +113,27 @@ def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     return accelerator.unwrap_model(model)
 
 
+def clip_gradients(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float) -> None:
+    """DDP: clip here. DeepSpeed clips inside its engine step (gradient_clipping in its config)."""
+    if max_norm > 0 and not uses_deepspeed(accelerator):
+        accelerator.clip_grad_norm_(params, max_norm)
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator: Accelerator, params: list[nn.Parameter]) -> Iterator[None]:
+    """Make ``params`` whole on every rank for the duration (ZeRO-3 shards them); call on all ranks."""
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
 def mean_across_ranks(accelerator: Accelerator, value: torch.Tensor) -> float:
-    return float(accelerator.reduce(value.detach().float().reshape(1), reduction="mean").item())
+    return float(accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device),
+                                    reduction="mean").item())
 
 
 def gather_to_all(value: Any) -> list[Any]:
@@ -65,3 +143,30 @@ def gather_to_all(value: Any) -> list[Any]:
 
 def barrier(accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
+
+
+def all_ranks_any(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective: call on all ranks)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def save_engine_state(accelerator: Accelerator, model: Any, optimizer: Any, folder: str) -> None:
+    """Optimizer (and, under DeepSpeed, its engine) state into ``folder``; call on all ranks.
+
+    DDP: the main process writes the optimizer state. DeepSpeed: every rank writes its own partition
+    (frozen parameters excluded, so a checkpoint holds the adapter's state, not the base model).
+    """
+    if uses_deepspeed(accelerator):
+        model.save_checkpoint(folder, tag="engine", exclude_frozen_parameters=True)
+    elif accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+
+
+def load_engine_state(accelerator: Accelerator, model: Any, optimizer: Any, folder: str) -> None:
+    if uses_deepspeed(accelerator):
+        model.load_checkpoint(folder, tag="engine", load_module_strict=False, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu",
+                                             weights_only=True))

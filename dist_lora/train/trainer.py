@@ -28,13 +28,20 @@ from dist_lora.train.diffusion import (
     add_noise,
     diffusion_loss,
     min_snr_weights,
-    sample_noise,
-    sample_timesteps,
+    per_sample_normal,
+    per_sample_timesteps,
+    sample_generators,
     sdxl_time_ids,
     training_target,
 )
 from dist_lora.train.model import AdaptedDenoiser
-from dist_lora.train.optim import OptimizerChoice, build_lr_scheduler, build_optimizer, param_groups
+from dist_lora.train.optim import (
+    BITSANDBYTES_OPTIMIZERS,
+    OptimizerChoice,
+    build_lr_scheduler,
+    build_optimizer,
+    param_groups,
+)
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
 
@@ -103,11 +110,9 @@ def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None
         module.to(device=device)
 
 
-def build_setup(cfg: Config, accelerator: Accelerator, total_steps: int) -> Setup:
+def build_setup(cfg: Config, components: Components, accelerator: Accelerator, total_steps: int) -> Setup:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    components = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir, family=cfg.model.base,
-                                 prediction_type=cfg.model.prediction_type)
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
     unet = components.unet
     _freeze(components.vae, torch.float32, device)  # the VAE stays fp32: fp16 SDXL VAEs overflow to NaN
@@ -163,25 +168,44 @@ def plan_total_steps(cfg: Config, loader: ShardLoader) -> tuple[int, list[int]]:
 
 
 class StepRunner:
-    """Computes the loss of one micro-batch."""
+    """Computes the loss of one micro-batch.
 
-    def __init__(self, cfg: Config, setup: Setup, accelerator: Accelerator, generator: torch.Generator) -> None:
-        self.cfg, self.setup, self.acc, self.gen = cfg, setup, accelerator, generator
+    Every random draw of a sample (timestep, VAE posterior sample, noise, noise offset) comes from its own
+    generator keyed by (seed, optimizer step, position in the global batch), so runs agree whatever the
+    split over ranks and accumulation, and a resumed run needs no generator state.
+    """
+
+    def __init__(self, cfg: Config, setup: Setup, accelerator: Accelerator, world: parallel.World) -> None:
+        self.cfg, self.setup, self.acc, self.world = cfg, setup, accelerator, world
         self.c = setup.components
         self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
 
+    def global_indices(self, micro_in_step: int, batch_size: int) -> list[int]:
+        first = (micro_in_step * self.world.size + self.world.rank) * batch_size
+        return list(range(first, first + batch_size))
+
     @torch.no_grad()
-    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _latents(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         vae = self.c.vae
         dist = vae.encode(pixels.to(self.acc.device, torch.float32)).latent_dist
-        latents = dist.sample(generator=self.gen) * vae.config.scaling_factor
+        eps = per_sample_normal(tuple(dist.mean.shape[1:]), generators).to(dist.mean.device)
+        latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
         return latents.to(self.setup.weight_dtype)
 
-    def loss(self, batch: Any) -> torch.Tensor:
-        latents = self._latents(batch.pixels)
-        noise = sample_noise(latents, self.gen, self.cfg.training.noise_offset)
+    def _noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        noise = per_sample_normal(tuple(latents.shape[1:]), generators)
+        if self.cfg.training.noise_offset > 0:
+            offset = per_sample_normal((latents.shape[1], 1, 1), generators)
+            noise = noise + self.cfg.training.noise_offset * offset
+        return noise.to(latents.device, latents.dtype)
+
+    def loss(self, batch: Any, step: int, micro_in_step: int) -> torch.Tensor:
+        generators = sample_generators(self.cfg.training.seed, step,
+                                       self.global_indices(micro_in_step, len(batch.keys)))
         num_t = self.c.noise_scheduler.config.num_train_timesteps
-        timesteps = sample_timesteps(latents.shape[0], num_t, self.gen, latents.device)
+        timesteps = per_sample_timesteps(num_t, generators).to(self.acc.device)
+        latents = self._latents(batch.pixels, generators)
+        noise = self._noise(latents, generators)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         input_ids = tokenize(self.c.tokenizers, batch.captions)
         kwargs: dict[str, Any] = {}
@@ -241,7 +265,14 @@ def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator,
 
 def train(cfg: Config) -> TrainResult:
     pre = preflight(cfg)
-    accelerator = parallel.make_accelerator(cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps)
+    # Models load before the accelerator exists: under DeepSpeed ZeRO-3 transformers would otherwise
+    # partition every model at load time (zero.Init), frozen encoders included. Only the trained
+    # module is handed to DeepSpeed, in prepare().
+    components = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir, family=cfg.model.base,
+                                 prediction_type=cfg.model.prediction_type)
+    accelerator = parallel.make_accelerator(parallel.TrainingShape(
+        cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps, cfg.training.batch_size,
+        cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS))
     w = parallel.world(accelerator)
     set_seed(cfg.training.seed)
     loader = ShardLoader(cfg.data.shards, rank=w.rank, world_size=w.size, batch_size=cfg.training.batch_size,
@@ -253,9 +284,8 @@ def train(cfg: Config) -> TrainResult:
         write_text_atomic(pre.run_dir / "config.toml", to_toml(cfg))
     parallel.barrier(accelerator)
 
-    setup = build_setup(cfg, accelerator, total_steps)
-    generator = torch.Generator(device=w.device).manual_seed(cfg.training.seed * 1_000_003 + w.rank)
-    runner = StepRunner(cfg, setup, accelerator, generator)
+    setup = build_setup(cfg, components, accelerator, total_steps)
+    runner = StepRunner(cfg, setup, accelerator, w)
     metrics = MetricsLog(pre.run_dir, enabled=w.is_main, total_steps=total_steps,
                          progress_bar=cfg.logging.progress_bar, wandb_project=cfg.logging.wandb_project,
                          run_config=cfg.to_dict())
@@ -273,10 +303,10 @@ def train(cfg: Config) -> TrainResult:
                 if cfg.logging.record_sample_keys:
                     key_log.write(epoch, micro_step, parallel.gather_to_all(batch.keys))
                 with accelerator.accumulate(setup.model):
-                    loss = runner.loss(batch)
+                    loss = runner.loss(batch, step, micro_step % cfg.training.gradient_accumulation_steps)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optimizer.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(setup.trainable_params, cfg.optimizer.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        parallel.clip_gradients(accelerator, setup.trainable_params, cfg.optimizer.max_grad_norm)
                     setup.optimizer.step()
                     setup.optimizer.zero_grad(set_to_none=True)
                 micro_step += 1
@@ -298,8 +328,9 @@ def train(cfg: Config) -> TrainResult:
                 metrics.advance()
                 step_started = now
         parallel.barrier(accelerator)
-        if w.is_main:
-            _export(cfg, pre, setup, accelerator, step, started_at)
+        with parallel.full_parameters(accelerator, setup.trainable_params):
+            if w.is_main:
+                _export(cfg, pre, setup, accelerator, step, started_at)
         parallel.barrier(accelerator)
     finally:
         metrics.close()

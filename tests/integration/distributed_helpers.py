@@ -1,0 +1,48 @@
+"""Running the trainer as real processes: one plain process, or two under `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from dist_lora.config import config_from_dict, to_toml
+from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+_PORTS = iter(range(29600, 29700))
+
+
+def identical_samples_shards(root: Path, count: int = 16, shard_size: int = 4) -> Path:
+    """``count`` copies of one image and caption: every split of a global batch holds the same data,
+    so runs with different process layouts must compute the same gradients."""
+    folder = root / "src" / "1_same"
+    folder.mkdir(parents=True)
+    image = Image.new("RGB", (128, 128), (240, 240, 230))
+    image.paste((200, 30, 30), (30, 40, 90, 100))
+    for i in range(count):
+        image.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text("dlsks, red square")
+    prepare_dataset(root / "src", root / "shards", PrepareOptions(resolution=128, shard_size=shard_size))
+    return root / "shards"
+
+
+def run_training(raw: dict, tmp: Path, *, launch: str | None = None, env: dict[str, str] | None = None,
+                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Write ``raw`` as a recipe and train: in one process, or with ``launch`` (a file in launch/) on 2."""
+    recipe = tmp / f"recipe_{len(list(tmp.glob('recipe_*.toml')))}.toml"
+    recipe.write_text(to_toml(config_from_dict(raw)))
+    train_args = ["-m", "dist_lora.train", "--config", str(recipe)]
+    if launch is None:
+        cmd = [sys.executable, *train_args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch),
+               "--main_process_port", str(next(_PORTS)), *train_args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

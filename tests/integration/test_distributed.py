@@ -1,0 +1,60 @@
+"""DDP and DeepSpeed ZeRO-2/3 on two real CPU processes compute what one process computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_train_config
+from tests.integration.distributed_helpers import identical_samples_shards, run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def same_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return identical_samples_shards(tmp_path_factory.mktemp("same"))
+
+
+def _raw(model: Path, shards: Path, out: Path, **training: object) -> dict:
+    return tiny_train_config(model, shards, out, optimizer={"lr": 1e-3, "max_grad_norm": 0.0},
+                             training={"max_steps": 3, "batch_size": 4, **training})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models: dict[str, Path], same_shards: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, torch.Tensor]:
+    """1 process x batch 4."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_training(_raw(tiny_models["sd15"], same_shards, tmp / "run"), tmp)
+    return load_file(str(tmp / "run" / "adapter.safetensors"))
+
+
+def _assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    # lora_up starts at zero: its size is how far training moved the adapter.
+    moved = max(want[k].abs().max().item() for k in want if "lora_up" in k)
+    assert moved > 1e-4, "the adapter did not move; the comparison would be vacuous"
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=1e-4, msg=key)
+
+
+def test_gradient_accumulation_equals_larger_batch(tiny_models: dict[str, Path], same_shards: Path,
+                                                   reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    run_training(_raw(tiny_models["sd15"], same_shards, tmp_path / "run", batch_size=2,
+                      gradient_accumulation_steps=2), tmp_path)
+    _assert_same_adapter(load_file(str(tmp_path / "run" / "adapter.safetensors")), reference)
+
+
+@pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml"])
+def test_two_processes_equal_one(launch: str, tiny_models: dict[str, Path], same_shards: Path,
+                                 reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    run_training(_raw(tiny_models["sd15"], same_shards, tmp_path / "run", batch_size=2), tmp_path, launch=launch)
+    got = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    # Complete and unprefixed even under ZeRO-3, where every rank holds only a shard of each tensor.
+    assert not any(k.startswith("module.") or ".module." in k for k in got)
+    assert all(t.numel() > 0 for t in got.values())
+    _assert_same_adapter(got, reference)
