@@ -137,12 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done; 2 bad input; 3 stopped on non-finite values; 75 checkpointed and stopped early
+    (preemption signal or checkpoint.stop_at_step): run the same command again to resume."""
+    from dist_lora.train.guards import PREEMPTED_EXIT_CODE, NonFiniteRunError, Preempted
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except _USER_ERRORS as exc:
         print(f"dist-lora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"dist-lora {args.command}: {stop}; resume with checkpoint.resume=latest", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except NonFiniteRunError as exc:
+        print(f"dist-lora {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

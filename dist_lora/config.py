@@ -134,11 +134,30 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _field(
         "no", "Autocast precision of the forward pass; frozen weights are stored in it too (fp16 needs CUDA).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
-    attention: Literal["sdpa"] = _field("sdpa", "Attention implementation (PyTorch scaled_dot_product_attention).")
+    attention: Literal["sdpa", "xformers"] = _field(
+        "sdpa", "Attention kernel: PyTorch scaled_dot_product_attention, or xformers (CUDA, package installed).")
+    attention_fallback: bool = _field(False, "When xformers cannot run here: false stops with an error, true "
+                                      "warns and uses SDPA.")
+    vae_fp32: bool = _field(True, "Keep the VAE in fp32 whatever mixed_precision says (SDXL's VAE overflows to "
+                            "NaN in fp16).")
+    max_consecutive_skips: int = _field(10, "Stop with a diagnostic after this many optimizer steps in a row "
+                                        "skipped for a non-finite loss or gradient.", minimum=1)
     noise_offset: float = _field(0.0, "Add this much per-channel constant noise (brightens/darkens range).",
                                  minimum=0.0)
     min_snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is common); 0 disables it.",
                                   minimum=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _field(0, "Write a resumable checkpoint every this many optimizer steps and at the end; "
+                              "0 disables checkpoints.", minimum=0)
+    keep: int = _field(2, "Complete checkpoints kept; older ones are deleted once a newer one is complete.",
+                       minimum=1)
+    resume: str = _field("", "Resume from 'latest' (the newest complete checkpoint of output.dir, or a fresh "
+                         "start if there is none) or from a checkpoint folder; empty starts fresh.")
+    stop_at_step: int = _field(0, "Checkpoint and exit (status 75, as on preemption) after this optimizer step, "
+                               "to split a run over several jobs; 0 runs to the end.", minimum=0)
 
 
 @dataclass
@@ -159,6 +178,8 @@ class LoggingConfig:
     progress_bar: bool = _field(True, "Show a progress bar (loss, lr, speed) on the main process.")
     record_sample_keys: bool = _field(False, "Write sample_keys.jsonl: which rank consumed which sample "
                                       "at which step (for audits and tests).")
+    comm_stats: bool = _field(False, "Under DDP, log the gradient bytes all-reduced per optimizer step "
+                              "(allreduce_bytes) next to the trainable size (trainable_bytes).")
     wandb_project: str = _field("", "Weights & Biases project to log to; empty disables wandb.")
 
 
@@ -170,6 +191,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

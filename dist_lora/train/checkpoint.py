@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class CheckpointManager:
                           str(staging / "adapter_state.safetensors"))
         parallel.barrier(accelerator)
         if is_main:
+            _crash_hook(position.step)
             torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
             save_file({f"rank{r}": s for r, s in enumerate(rng_states)}, str(staging / "rng.safetensors"))
             (staging / "position.json").write_text(json.dumps(asdict(position)))
@@ -126,3 +128,10 @@ class CheckpointManager:
 
 def _adapter_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _crash_hook(step: int) -> None:
+    """Test hook: ``DIST_LORA_KILL_DURING_CHECKPOINT=STEP`` SIGKILLs the main process half-way through
+    writing that step's checkpoint, to prove a crash there loses nothing."""
+    if os.environ.get("DIST_LORA_KILL_DURING_CHECKPOINT") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -104,9 +104,34 @@ def world(accelerator: Accelerator) -> World:
                  accelerator.is_main_process, accelerator.device)
 
 
-def prepare(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-    """Wrap the single trained module and its optimizer; frozen models are never passed here."""
-    return accelerator.prepare(model, optimizer)
+class CommCounter:
+    """Bytes this rank all-reduced through DDP's gradient buckets (a DDP communication hook)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def hook(self, state: Any, bucket: Any) -> Any:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        buffer = bucket.buffer()
+        self.bytes += buffer.numel() * buffer.element_size()
+        return allreduce_hook(state, bucket)
+
+    def take(self) -> int:
+        counted, self.bytes = self.bytes, 0
+        return counted
+
+
+def prepare(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+            count_comm: bool = False) -> tuple[Any, Any, CommCounter | None]:
+    """Wrap the single trained module and its optimizer; frozen models are never passed here.
+    With ``count_comm`` under DDP, also count the gradient bytes all-reduced."""
+    model, optimizer = accelerator.prepare(model, optimizer)
+    counter = None
+    if count_comm and isinstance(model, nn.parallel.DistributedDataParallel):
+        counter = CommCounter()
+        model.register_comm_hook(None, counter.hook)
+    return model, optimizer, counter
 
 
 def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:

@@ -34,6 +34,9 @@ from dist_lora.train.diffusion import (
     sdxl_time_ids,
     training_target,
 )
+from dist_lora.train.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted, StopSignals
+from dist_lora.train.loop import TrainingLoop
+from dist_lora.train.memory import OutOfMemory, out_of_memory_advice, set_attention
 from dist_lora.train.model import AdaptedDenoiser
 from dist_lora.train.optim import (
     BITSANDBYTES_OPTIMIZERS,
@@ -99,6 +102,7 @@ class Setup:
     weight_dtype: torch.dtype
     trainable_params: list[nn.Parameter]
     optimizer_choice: OptimizerChoice
+    comm: parallel.CommCounter | None = None
 
 
 def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -111,14 +115,12 @@ def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None
 
 
 def build_setup(cfg: Config, components: Components, accelerator: Accelerator, total_steps: int) -> Setup:
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
     unet = components.unet
-    _freeze(components.vae, torch.float32, device)  # the VAE stays fp32: fp16 SDXL VAEs overflow to NaN
+    _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
     for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
-    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
+    set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
     attached = attach_network(unet, components.text_encoders, components.family, cfg.network)
     trained_encoders = attached.trained_text_encoders
     unet_params = lora_parameters(unet)
@@ -138,9 +140,10 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
     # (whose wrapper steps it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
-    model, optimizer = parallel.prepare(accelerator, model, optimizer)
+    model, optimizer, comm = parallel.prepare(accelerator, model, optimizer, count_comm=cfg.logging.comm_stats)
     frozen = [] if trained_encoders else list(components.text_encoders)
-    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice)
+    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
+                 comm)
 
 
 def plan_total_steps(cfg: Config, loader: ShardLoader) -> tuple[int, list[int]]:
@@ -187,8 +190,8 @@ class StepRunner:
     @torch.no_grad()
     def _latents(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         vae = self.c.vae
-        dist = vae.encode(pixels.to(self.acc.device, torch.float32)).latent_dist
-        eps = per_sample_normal(tuple(dist.mean.shape[1:]), generators).to(dist.mean.device)
+        dist = vae.encode(pixels.to(self.acc.device, next(vae.parameters()).dtype)).latent_dist
+        eps = per_sample_normal(tuple(dist.mean.shape[1:]), generators).to(dist.mean.device, dist.mean.dtype)
         latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
         return latents.to(self.setup.weight_dtype)
 
@@ -285,57 +288,42 @@ def train(cfg: Config) -> TrainResult:
     parallel.barrier(accelerator)
 
     setup = build_setup(cfg, components, accelerator, total_steps)
-    runner = StepRunner(cfg, setup, accelerator, w)
     metrics = MetricsLog(pre.run_dir, enabled=w.is_main, total_steps=total_steps,
                          progress_bar=cfg.logging.progress_bar, wandb_project=cfg.logging.wandb_project,
                          run_config=cfg.to_dict())
     key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
+    loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, accelerator, w), accelerator, w, loader,
+                        micro_per_epoch, total_steps, metrics, key_log)
     started_at = str(int(time.time()))
-    losses: list[float] = []
-    step, micro_step, accum_loss = 0, 0, 0.0
-    step_started = time.perf_counter()
-    setup.model.train()
+    marker = pre.run_dir / PREEMPTED_MARKER
+    if w.is_main:
+        marker.unlink(missing_ok=True)
     try:
-        for epoch, micro_budget in enumerate(micro_per_epoch):
-            for i, batch in enumerate(loader.epoch(epoch)):
-                if i == micro_budget:
-                    break
-                if cfg.logging.record_sample_keys:
-                    key_log.write(epoch, micro_step, parallel.gather_to_all(batch.keys))
-                with accelerator.accumulate(setup.model):
-                    loss = runner.loss(batch, step, micro_step % cfg.training.gradient_accumulation_steps)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        parallel.clip_gradients(accelerator, setup.trainable_params, cfg.optimizer.max_grad_norm)
-                    setup.optimizer.step()
-                    setup.optimizer.zero_grad(set_to_none=True)
-                micro_step += 1
-                accum_loss += loss.detach().float().item() / cfg.training.gradient_accumulation_steps
-                if not accelerator.sync_gradients:
-                    continue
-                setup.lr_scheduler.step()
-                step += 1
-                mean_loss = parallel.mean_across_ranks(accelerator, torch.tensor(accum_loss))
-                losses.append(mean_loss)
-                accum_loss = 0.0
-                now = time.perf_counter()
-                if step % cfg.logging.log_every == 0 or step == total_steps:
-                    elapsed = max(now - step_started, 1e-9)
-                    samples = cfg.training.batch_size * w.size * cfg.training.gradient_accumulation_steps
-                    metrics.log(step, {"epoch": epoch, "loss": mean_loss, "lr": setup.lr_scheduler.get_last_lr()[0],
-                                       "steps_per_s": 1.0 / elapsed, "samples_per_s": samples / elapsed,
-                                       "optimizer": setup.optimizer_choice.used})
-                metrics.advance()
-                step_started = now
+        loop.resume()
+        with StopSignals() as signals:
+            try:
+                loop.run(signals)
+            except torch.OutOfMemoryError as exc:
+                raise OutOfMemory(out_of_memory_advice(cfg, w.size, parallel.zero_stage(accelerator))) from exc
+            except Preempted as stop:
+                # Launchers such as torchrun report any non-zero worker status as a plain failure; the
+                # marker tells a job script that this run stopped on purpose and can be resumed.
+                if w.is_main:
+                    write_text_atomic(marker, json.dumps({"step": stop.step, "checkpoint": stop.checkpoint,
+                                                          "reason": stop.reason, "exit_code": PREEMPTED_EXIT_CODE}))
+                raise
         parallel.barrier(accelerator)
         with parallel.full_parameters(accelerator, setup.trainable_params):
             if w.is_main:
-                _export(cfg, pre, setup, accelerator, step, started_at)
+                _export(cfg, pre, setup, accelerator, loop.state.position.step, started_at)
         parallel.barrier(accelerator)
     finally:
         metrics.close()
         key_log.close()
-    summary = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(pre.adapter_path)}
+    losses = loop.state.losses or [float("nan")]
+    step = loop.state.position.step
+    summary = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(pre.adapter_path),
+               "skipped_steps": loop.state.skipped_steps, "resumed_from": loop.state.resumed_from}
     if w.is_main:
         write_text_atomic(pre.run_dir / "summary.json", json.dumps(summary, indent=1))
     return TrainResult(pre.run_dir, pre.adapter_path, pre.run_dir / "config.toml", pre.run_dir / "metrics.jsonl",

@@ -1,0 +1,71 @@
+"""What can stop a training step or a run: non-finite values, and preemption signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+import torch
+from torch import nn
+
+# Exit status of a run that checkpointed and stopped early (preemption or checkpoint.stop_at_step):
+# EX_TEMPFAIL, "try again": start the same command again to resume.
+PREEMPTED_EXIT_CODE = 75
+# Written into the run directory by such a run (launchers like torchrun turn any non-zero worker status
+# into their own failure status, so job scripts look for this file).
+PREEMPTED_MARKER = "preempted.json"
+
+
+class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The run checkpointed and stopped; starting it again with checkpoint.resume = 'latest' continues."""
+
+    def __init__(self, step: int, checkpoint: str, reason: str) -> None:
+        super().__init__(f"stopped at step {step} ({reason}); checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+
+class NonFiniteRunError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class StopSignals:
+    """Remembers SIGTERM / SIGUSR1 (Slurm's warning signal, a pod's stop) until the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str = ""
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def gradients_finite(params: list[nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+class NanInjection:
+    """Test hook: ``DIST_LORA_INJECT_NAN="RANK:STEP[,STEP...]"`` makes that rank's loss NaN at those
+    optimizer steps, to exercise the non-finite guard on real processes."""
+
+    def __init__(self, rank: int) -> None:
+        spec = os.environ.get("DIST_LORA_INJECT_NAN", "")
+        self.steps: set[int] = set()
+        if spec:
+            target, _, steps = spec.partition(":")
+            if int(target) == rank:
+                self.steps = {int(s) for s in steps.split(",") if s}
+
+    def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        return loss * float("nan") if step in self.steps else loss

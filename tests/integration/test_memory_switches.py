@@ -1,0 +1,66 @@
+"""Attention backend selection, VAE precision, and out-of-memory handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_lora.config import config_from_dict
+from dist_lora.errors import DistLoraError
+from dist_lora.models.load import load_components
+from dist_lora.train import trainer
+from dist_lora.train.memory import OutOfMemory, out_of_memory_advice, set_attention
+from tests.conftest import tiny_train_config
+
+
+def test_xformers_without_cuda_errors_or_falls_back(tiny_models: dict[str, Path]) -> None:
+    unet = load_components(str(tiny_models["sd15"])).unet
+    with pytest.raises(DistLoraError, match="xformers needs a CUDA GPU.*attention_fallback"):
+        set_attention(unet, "xformers", fallback=False)
+    with pytest.warns(UserWarning, match="'xformers' replaced by PyTorch SDPA"):
+        assert set_attention(unet, "xformers", fallback=True) == "sdpa"
+    processors = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}
+
+
+def test_advice_follows_the_config(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path, training={"batch_size": 4}))
+    advice = out_of_memory_advice(cfg, world_size=4, zero_stage=2)
+    assert "training.batch_size=2 with training.gradient_accumulation_steps=2" in advice
+    assert "gradient_checkpointing=true" in advice and "adamw8bit" in advice and "zero3" in advice
+    lean = config_from_dict(tiny_train_config(
+        tiny_models["sd15"], shapes_shards, tmp_path, optimizer={"type": "adamw8bit"},
+        training={"batch_size": 1, "gradient_checkpointing": True, "mixed_precision": "bf16"}))
+    advice = out_of_memory_advice(lean, world_size=1, zero_stage=0)
+    assert "batch_size" not in advice and "gradient_checkpointing" not in advice and "8-bit" not in advice
+
+
+def test_out_of_memory_gives_advice_and_keeps_checkpoint(monkeypatch: pytest.MonkeyPatch,
+                                                         tiny_models: dict[str, Path], shapes_shards: Path,
+                                                         tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run", training={"max_steps": 2},
+                            checkpoint={"every_steps": 2})
+    trainer.train(config_from_dict(raw))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+
+    def exhausted(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer.StepRunner, "loss", exhausted)
+    raw["training"]["max_steps"] = 4
+    raw["checkpoint"]["resume"] = "latest"
+    raw["output"]["overwrite"] = True
+    with pytest.raises(OutOfMemory, match=r"(?s)ran out of memory.*gradient_checkpointing=true"):
+        trainer.train(config_from_dict(raw))
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+
+
+def test_vae_in_training_precision_when_asked(tiny_models: dict[str, Path], shapes_shards: Path,
+                                              tmp_path: Path) -> None:
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run",
+                            training={"max_steps": 1, "mixed_precision": "bf16", "vae_fp32": False})
+    result = trainer.train(config_from_dict(raw))
+    assert result.steps == 1 and torch.isfinite(torch.tensor(result.losses)).all()

@@ -1,0 +1,168 @@
+"""Checkpoints, exact resume, crashes, non-finite steps and preemption, on real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_lora.config import config_from_dict
+from dist_lora.train.guards import PREEMPTED_EXIT_CODE, Preempted
+from dist_lora.train.trainer import train
+from tests.conftest import tiny_train_config
+from tests.integration.distributed_helpers import REPO, run_training
+
+pytestmark = pytest.mark.slow
+
+
+def _raw(model: Path, shards: Path, out: Path, steps: int = 6, **checkpoint: object) -> dict:
+    return tiny_train_config(model, shards, out, optimizer={"lr": 1e-2},
+                             scheduler={"type": "cosine", "warmup_steps": 2},
+                             training={"max_steps": steps, "batch_size": 2},
+                             checkpoint={"every_steps": 3, **checkpoint},
+                             logging={"record_sample_keys": True})
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter.safetensors"))
+
+
+def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:3]
+
+
+def _assert_preempted(returncode: int, stderr: str, run: Path, step: int | None = None) -> None:
+    """Each worker exits 75; torchrun (under accelerate launch) reports that as its own failure, so the
+    run leaves preempted.json for job scripts."""
+    assert returncode != 0 and re.search(rf"exitcode\s*:\s*{PREEMPTED_EXIT_CODE}\b", stderr), stderr[-3000:]
+    marker = json.loads((run / "preempted.json").read_text())
+    assert marker["exit_code"] == PREEMPTED_EXIT_CODE and Path(marker["checkpoint"]).is_dir()
+    if step is not None:
+        assert marker["step"] == step
+
+
+def _keys_after(run: Path, micro_step: int) -> list[tuple[int, list[str]]]:
+    rows = [json.loads(x) for x in (run / "sample_keys.jsonl").read_text().splitlines()]
+    return [(r["rank"], r["keys"]) for r in rows if r["micro_step"] >= micro_step]
+
+
+def test_exact_resume_single_process(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    model = tiny_models["sdxl"]
+    train(config_from_dict(_raw(model, shapes_shards, tmp_path / "straight")))
+    with pytest.raises(Preempted) as stop:
+        train(config_from_dict(_raw(model, shapes_shards, tmp_path / "split", stop_at_step=3)))
+    assert stop.value.step == 3 and not (tmp_path / "split" / "adapter.safetensors").exists()
+    assert json.loads((tmp_path / "split" / "preempted.json").read_text())["step"] == 3
+    resumed = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "split", resume="latest")))
+    assert resumed.steps == 6 and not (tmp_path / "split" / "preempted.json").exists()
+    _assert_bitwise(_adapter(tmp_path / "split"), _adapter(tmp_path / "straight"))
+    assert _keys_after(tmp_path / "split", 3)[-3:] == _keys_after(tmp_path / "straight", 3)[-3:]
+    # Older checkpoints are pruned only down to `keep`, and each is marked complete.
+    steps = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert steps == ["step-00000003", "step-00000006"]
+
+
+@pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml"])
+def test_exact_resume_two_processes(launch: str, tiny_models: dict[str, Path], shapes_shards: Path,
+                                    tmp_path: Path) -> None:
+    model = tiny_models["sd15"]
+    run_training(_raw(model, shapes_shards, tmp_path / "straight"), tmp_path, launch=launch)
+    stopped = run_training(_raw(model, shapes_shards, tmp_path / "split", stop_at_step=3), tmp_path, launch=launch,
+                           check=False)
+    _assert_preempted(stopped.returncode, stopped.stderr, tmp_path / "split", step=3)
+    run_training(_raw(model, shapes_shards, tmp_path / "split", resume="latest"), tmp_path, launch=launch)
+    _assert_bitwise(_adapter(tmp_path / "split"), _adapter(tmp_path / "straight"))
+    assert _keys_after(tmp_path / "split", 3) == _keys_after(tmp_path / "straight", 3)
+
+
+def test_kill_during_checkpoint_keeps_previous(tiny_models: dict[str, Path], shapes_shards: Path,
+                                               tmp_path: Path) -> None:
+    model = tiny_models["sd15"]
+    run_training(_raw(model, shapes_shards, tmp_path / "straight"), tmp_path)
+    killed = run_training(_raw(model, shapes_shards, tmp_path / "crash"), tmp_path, check=False,
+                          env={"DIST_LORA_KILL_DURING_CHECKPOINT": "6"})
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "crash" / "checkpoints"
+    assert (checkpoints / "step-00000003" / "COMPLETE").is_file()
+    assert not (checkpoints / "step-00000006").exists()  # the half-written one never got its final name
+    run_training(_raw(model, shapes_shards, tmp_path / "crash", resume="latest"), tmp_path)
+    summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000003")
+    _assert_bitwise(_adapter(tmp_path / "crash"), _adapter(tmp_path / "straight"))
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                tmp_path: Path) -> None:
+    model = tiny_models["sd15"]
+    raw = _raw(model, shapes_shards, tmp_path / "run", steps=4, every_steps=1, keep=4)
+    run_training(raw, tmp_path, launch="cpu_2proc.yaml", env={"DIST_LORA_INJECT_NAN": "1:2"})
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in metrics] == [0, 1, 1, 1]
+    # Rank 0 saw a finite loss at step 2 yet did not step: its state after step 2 is that after step 1.
+    ckpt = tmp_path / "run" / "checkpoints"
+    _assert_bitwise(load_file(str(ckpt / "step-00000002" / "adapter_state.safetensors")),
+                    load_file(str(ckpt / "step-00000001" / "adapter_state.safetensors")))
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "run").values())
+    # With a limit of one, the same poisoned step stops the run on both ranks with a diagnostic.
+    raw = _raw(model, shapes_shards, tmp_path / "stop", steps=4)
+    raw["training"]["max_consecutive_skips"] = 1
+    stopped = run_training(raw, tmp_path, launch="cpu_2proc.yaml", env={"DIST_LORA_INJECT_NAN": "1:2"}, check=False)
+    assert stopped.returncode != 0 and "non-finite loss or gradient" in stopped.stderr
+    assert not (tmp_path / "stop" / "adapter.safetensors").exists()
+
+
+def _worker_pids(recipe_marker: str) -> dict[int, int]:
+    """RANK -> pid of the training workers whose command line mentions ``recipe_marker``."""
+    out = subprocess.run(["pgrep", "-f", f"dist_lora.train --config .*{recipe_marker}"], capture_output=True,
+                         text=True).stdout.split()
+    ranks = {}
+    for pid in map(int, out):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        values = dict(e.split(b"=", 1) for e in env if b"=" in e)
+        if b"RANK" in values and b"LOCAL_RANK" in values:
+            ranks[int(values[b"RANK"])] = pid
+    return ranks
+
+
+def test_sigusr1_to_one_rank_checkpoints_both_and_resumes(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                          tmp_path: Path) -> None:
+    model = tiny_models["sd15"]
+    steps = 12
+    run_training(_raw(model, shapes_shards, tmp_path / "straight", steps=steps, every_steps=100), tmp_path,
+                 launch="cpu_2proc.yaml")
+    raw = _raw(model, shapes_shards, tmp_path / "preempt", steps=steps, every_steps=100)
+    from dist_lora.config import to_toml
+    recipe = tmp_path / "preempt_recipe.toml"
+    recipe.write_text(to_toml(config_from_dict(raw)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+           "--main_process_port", "29711", "-m", "dist_lora.train", "--config", str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "preempt" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    pids = _worker_pids("preempt_recipe")
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    _assert_preempted(proc.returncode, stderr, tmp_path / "preempt")
+    stopped_at = [p.name for p in (tmp_path / "preempt" / "checkpoints").iterdir()]
+    assert len(stopped_at) == 1 and stopped_at[0] != f"step-{steps:08d}"
+    raw["checkpoint"]["resume"] = "latest"
+    run_training(raw, tmp_path, launch="cpu_2proc.yaml")
+    _assert_bitwise(_adapter(tmp_path / "preempt"), _adapter(tmp_path / "straight"))
