@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import identical_samples_shards, run_training
+from tests.integration.distributed_helpers import REPO, identical_samples_shards, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +61,22 @@ def test_two_processes_equal_one(launch: str, tiny_models: dict[str, Path], same
     assert not any(k.startswith("module.") or ".module." in k for k in got)
     assert all(t.numel() > 0 for t in got.values())
     _assert_same_adapter(got, reference)
+
+
+def test_srun_style_launch_equals_one_process(tiny_models: dict[str, Path], same_shards: Path,
+                                              reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """What slurm/train.sbatch does: each task runs `python -m dist_lora.train` itself with RANK,
+    WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT from Slurm; no launcher in between."""
+    from dist_lora.config import config_from_dict, to_toml
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(to_toml(config_from_dict(_raw(tiny_models["sd15"], same_shards, tmp_path / "run",
+                                                    batch_size=2))))
+    base_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29777", "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dist_lora.train", "--config", str(recipe)], cwd=REPO,
+                              env={**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
+    _assert_same_adapter(load_file(str(tmp_path / "run" / "adapter.safetensors")), reference)
