@@ -109,13 +109,19 @@ class CommCounter:
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.hook = self._make_hook()
 
-    def hook(self, state: Any, bucket: Any) -> Any:
+    def _make_hook(self):  # type: ignore[no-untyped-def]
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        buffer = bucket.buffer()
-        self.bytes += buffer.numel() * buffer.element_size()
-        return allreduce_hook(state, bucket)
+        # DDP compares a hook's annotations with dist.GradBucket; this module's annotations are strings
+        # (postponed evaluation), so the hook carries none.
+        def hook(state, bucket):  # type: ignore[no-untyped-def]
+            buffer = bucket.buffer()
+            self.bytes += buffer.numel() * buffer.element_size()
+            return allreduce_hook(state, bucket)
+
+        return hook
 
     def take(self) -> int:
         counted, self.bytes = self.bytes, 0

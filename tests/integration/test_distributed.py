@@ -80,3 +80,14 @@ def test_srun_style_launch_equals_one_process(tiny_models: dict[str, Path], same
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
     _assert_same_adapter(load_file(str(tmp_path / "run" / "adapter.safetensors")), reference)
+
+
+@pytest.mark.parametrize("launch", ["zero2_offload.yaml", "zero3_offload.yaml"])
+def test_offload_configs_train(launch: str, tiny_models: dict[str, Path], same_shards: Path,
+                               reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """Optimizer (and ZeRO-3 parameter) offload: DeepSpeed's CPU Adam computes what torch's AdamW does."""
+    run_training(_raw(tiny_models["sd15"], same_shards, tmp_path / "run", batch_size=2), tmp_path, launch=launch)
+    got = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert got.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], atol=1e-5, rtol=1e-3, msg=key)

@@ -33,7 +33,7 @@ def _all_sample_keys(shards: Path) -> Counter[str]:
 def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
     raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / "run",
                             data={"num_workers": 2}, training={"batch_size": 2, "max_steps": 0, "epochs": 1},
-                            logging={"record_sample_keys": True})
+                            logging={"record_sample_keys": True, "comm_stats": True})
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(to_toml(config_from_dict(raw)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,3 +54,5 @@ def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], shapes
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 12  # written once, by the main process only
+    # DDP all-reduces exactly the trainable adapter gradients each step: no frozen weights, nothing twice.
+    assert all(m["allreduce_bytes"] == m["trainable_bytes"] > 0 for m in metrics)
