@@ -41,20 +41,6 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset > 0:
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
-                             device=latents.device, dtype=latents.dtype)
-        noise = noise + noise_offset * offset
-    return noise
-
-
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
-
-
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32, optionally weighted per sample."""
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
@@ -79,6 +65,16 @@ def sample_generators(seed: int, step: int, global_indices: list[int]) -> list[t
 
 def per_sample_normal(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator],
+                     noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise per sample; with ``noise_offset``, plus that much of one constant per channel
+    (brightness range, as kohya's noise_offset)."""
+    noise = per_sample_normal(shape, generators)
+    if noise_offset > 0:
+        noise = noise + noise_offset * per_sample_normal((shape[0], 1, 1), generators)
+    return noise
 
 
 def per_sample_timesteps(num_train_timesteps: int, generators: list[torch.Generator]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from dist_lora.train.diffusion import (
     add_noise,
     diffusion_loss,
     min_snr_weights,
+    per_sample_noise,
     per_sample_normal,
     per_sample_timesteps,
     sample_generators,
@@ -196,10 +197,7 @@ class StepRunner:
         return latents.to(self.setup.weight_dtype)
 
     def _noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        noise = per_sample_normal(tuple(latents.shape[1:]), generators)
-        if self.cfg.training.noise_offset > 0:
-            offset = per_sample_normal((latents.shape[1], 1, 1), generators)
-            noise = noise + self.cfg.training.noise_offset * offset
+        noise = per_sample_noise(tuple(latents.shape[1:]), generators, self.cfg.training.noise_offset)
         return noise.to(latents.device, latents.dtype)
 
     def loss(self, batch: Any, step: int, micro_in_step: int) -> torch.Tensor:

@@ -7,7 +7,9 @@ from dist_lora.train.diffusion import (
     add_noise,
     diffusion_loss,
     min_snr_weights,
-    sample_noise,
+    per_sample_noise,
+    per_sample_timesteps,
+    sample_generators,
     sdxl_time_ids,
     snr,
     training_target,
@@ -50,11 +52,19 @@ def test_loss_and_noise_offset() -> None:
     pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
     assert diffusion_loss(pred, target).item() == 1.0
     assert diffusion_loss(pred, target, torch.tensor([1.0, 0.0])).item() == 0.5
-    latents = torch.zeros(64, 4, 8, 8)
-    plain = sample_noise(latents, torch.Generator().manual_seed(0), 0.0)
-    offset = sample_noise(latents, torch.Generator().manual_seed(0), 0.5)
+    plain = per_sample_noise((4, 8, 8), sample_generators(0, 0, list(range(64))), 0.0)
+    offset = per_sample_noise((4, 8, 8), sample_generators(0, 0, list(range(64))), 0.5)
     # The offset adds one constant per (sample, channel): the per-channel means spread out.
     assert offset.mean(dim=(2, 3)).std() > 3 * plain.mean(dim=(2, 3)).std()
+
+
+def test_per_sample_draws_do_not_depend_on_how_the_batch_is_split() -> None:
+    whole = sample_generators(7, 3, [0, 1, 2, 3])
+    halves = sample_generators(7, 3, [0, 1]) + sample_generators(7, 3, [2, 3])
+    assert torch.equal(per_sample_timesteps(1000, whole), per_sample_timesteps(1000, halves))
+    assert torch.equal(per_sample_noise((4, 2, 2), whole), per_sample_noise((4, 2, 2), halves))
+    other_step = per_sample_noise((4, 2, 2), sample_generators(7, 4, [0, 1, 2, 3]))
+    assert not torch.equal(per_sample_noise((4, 2, 2), sample_generators(7, 3, [0, 1, 2, 3])), other_step)
 
 
 def test_sdxl_time_ids_order() -> None:
