@@ -73,7 +73,7 @@ def test_exact_resume_single_process(tiny_models: dict[str, Path], shapes_shards
     assert steps == ["step-00000003", "step-00000006"]
 
 
-@pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml"])
+@pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml"])
 def test_exact_resume_two_processes(launch: str, tiny_models: dict[str, Path], shapes_shards: Path,
                                     tmp_path: Path) -> None:
     model = tiny_models["sd15"]
