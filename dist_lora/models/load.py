@@ -114,7 +114,7 @@ def inspect_model_source(pretrained: str, config_dir: str = "") -> ModelSource:
         f"hub id such as 'stabilityai/stable-diffusion-xl-base-1.0'.")
 
 
-def _load_pipeline(source: ModelSource, config_dir: str, family_hint: Family | None) -> Any:
+def _load_pipeline(source: ModelSource, config_dir: str) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if source.kind == "single_file":
@@ -129,7 +129,7 @@ def _load_pipeline(source: ModelSource, config_dir: str, family_hint: Family | N
 def load_pipeline(pretrained: str, config_dir: str = "") -> tuple[Any, Family]:
     """The whole diffusers pipeline (for merging and sampling) and its recognised family."""
     source = inspect_model_source(pretrained, config_dir)
-    pipe = _load_pipeline(source, config_dir, source.family)
+    pipe = _load_pipeline(source, config_dir)
     family: Family = source.family or ("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1")
     return pipe, family
 
