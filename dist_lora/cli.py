@@ -38,10 +38,27 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from dist_lora.data.prepare import PrepareOptions, prepare_dataset
 
     opts = PrepareOptions(resolution=args.resolution, trigger=args.trigger, shard_size=args.shard_size,
-                          image_format=args.image_format, overwrite=args.overwrite)
+                          image_format=args.image_format, overwrite=args.overwrite, buckets=not args.no_buckets,
+                          min_bucket_side=args.min_bucket_side, max_bucket_side=args.max_bucket_side,
+                          max_bucket_area=args.max_bucket_area, bucket_step=args.bucket_step,
+                          min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
+                          workers=args.workers)
     report = prepare_dataset(args.src, args.out, opts)
     print(report.summary())
     print(f"shards, manifest.json and report.json in {args.out}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from dist_lora.data.cache import CacheOptions, cache_dataset
+
+    opts = CacheOptions(model=args.model, config_dir=args.config_dir, text=not args.no_text, dtype=args.dtype,
+                        batch_size=args.batch_size, overwrite=args.overwrite)
+    report = cache_dataset(args.src, args.out, opts)
+    print(f"rank {os.environ.get('RANK', '0')}: cached {report.samples} samples in {report.shards_done} shards "
+          f"({report.shards_resumed} already done), {len(report.bad)} bad samples left out")
+    for bad in report.bad:
+        print(f"  bad sample {bad['shard']}/{bad['key']}: {bad['reason']}")
     return 0
 
 
@@ -104,12 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="kohya folder (<repeats>_<name>/img.png + img.txt) -> WebDataset shards")
     prep.add_argument("src")
     prep.add_argument("out")
-    prep.add_argument("--resolution", type=int, default=512)
+    prep.add_argument("--resolution", type=int, default=512,
+                      help="bucket base side: 512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL")
     prep.add_argument("--trigger", default="", help="trigger word put first in every caption")
-    prep.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    prep.add_argument("--reg", default="", help="regularization folder (<repeats>_<class>/...) for prior preservation")
+    prep.add_argument("--shard-size", type=int, default=1000, help="samples per shard at most")
     prep.add_argument("--image-format", choices=["png", "jpg"], default="png")
-    prep.add_argument("--overwrite", action="store_true")
+    prep.add_argument("--no-buckets", action="store_true", help="square resolution x resolution crops only")
+    prep.add_argument("--min-bucket-side", type=int, default=0, help="0: resolution / 2")
+    prep.add_argument("--max-bucket-side", type=int, default=0, help="0: resolution * 2")
+    prep.add_argument("--max-bucket-area", type=int, default=0, help="pixels; 0: resolution^2")
+    prep.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
+    prep.add_argument("--min-side", type=int, default=0, help="reject images whose shorter side is below this; "
+                      "0: resolution / 4")
+    prep.add_argument("--max-pixels", type=int, default=178_956_970, help="reject larger images (decompression bombs)")
+    prep.add_argument("--workers", type=int, default=0, help="decode processes; 0: one per core")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty output folder (a previous prepare output is updated in place)")
     prep.set_defaults(func=_cmd_prepare)
+
+    cache = sub.add_parser("cache", help="add VAE latents (and text-encoder outputs) to prepared shards; run under "
+                           "`accelerate launch` to encode on every GPU")
+    cache.add_argument("src", help="output folder of `dist-lora prepare`")
+    cache.add_argument("out", help="new folder for the cached shards")
+    cache.add_argument("--model", required=True, help="the model you will train: diffusers folder, hub id or "
+                       ".safetensors")
+    cache.add_argument("--config-dir", default="", help="diffusers folder with configs for a single-file model")
+    cache.add_argument("--no-text", action="store_true", help="cache latents only (needed for caption shuffling "
+                       "or text-encoder training, which encode captions at every step anyway)")
+    cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    cache.add_argument("--batch-size", type=int, default=8)
+    cache.add_argument("--overwrite", action="store_true")
+    cache.set_defaults(func=_cmd_cache)
 
     tr = sub.add_parser("train", help="train an adapter (run under `accelerate launch` for several processes)")
     tr.add_argument("--config", default=None, help="TOML recipe, e.g. configs/tiny_sdxl.toml")

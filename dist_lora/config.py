@@ -55,6 +55,20 @@ class DataConfig:
     num_workers: int = _field(1, "DataLoader worker processes per rank that decode shards.", minimum=0)
     shuffle_buffer: int = _field(64, "Samples held in each worker's shuffle buffer (0 disables sample "
                                  "shuffling; shard order is always shuffled per epoch).", minimum=0)
+    shard_urls: str = _field(
+        "", "Read the shards from here instead of the `shards` folder (whose manifest.json is still used): a "
+        "brace pattern such as '/data/train-{000000..000127}.tar' or a 'pipe:' command such as "
+        "'pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -'. Listed in the manifest's order.")
+    use_cache: bool = _field(True, "Use the latents and text-encoder outputs that `dist-lora cache` added to the "
+                             "shards; the VAE (and text encoders) are then not loaded at all.")
+    shuffle_caption: bool = _field(False, "Shuffle the comma-separated tags of each caption (kohya: "
+                                   "shuffle_caption); the trigger word stays first.")
+    keep_tokens: int = _field(0, "Leading caption tags that are never shuffled or dropped (kohya: keep_tokens).",
+                              minimum=0)
+    caption_dropout: float = _field(0.0, "Probability that a sample's whole caption is replaced by '' (kohya: "
+                                    "caption_dropout_rate).", minimum=0.0, maximum=1.0)
+    tag_dropout: float = _field(0.0, "Probability that each tag after keep_tokens is dropped (kohya: "
+                                "caption_tag_dropout_rate).", minimum=0.0, maximum=1.0)
 
 
 @dataclass
@@ -144,6 +158,8 @@ class TrainingConfig:
                                         "skipped for a non-finite loss or gradient.", minimum=1)
     noise_offset: float = _field(0.0, "Add this much per-channel constant noise (brightens/darkens range).",
                                  minimum=0.0)
+    prior_loss_weight: float = _field(1.0, "Loss weight of regularization images (prepare --reg; kohya: "
+                                      "prior_loss_weight).", minimum=0.0)
     min_snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is common); 0 disables it.",
                                   minimum=0.0)
 

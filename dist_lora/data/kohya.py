@@ -26,6 +26,7 @@ class SourceImage:
     class_name: str  # e.g. "robot"
     repeats: int
     caption_path: Path | None
+    is_reg: bool = False  # regularization image (prior preservation)
 
 
 def _caption_for(image: Path) -> Path | None:
@@ -55,28 +56,41 @@ def concept_folders(root: Path) -> list[tuple[Path, int, str]]:
     return found
 
 
-def scan_images(root: Path) -> Iterator[SourceImage]:
-    """Every file with an image extension under the concept folders (recursively), in sorted order."""
+def scan_images(root: Path, *, is_reg: bool = False) -> Iterator[SourceImage]:
+    """Every file with an image extension under the concept folders (recursively), in sorted order.
+
+    Regularization images get a ``reg/`` prefix on their relative path, so they never collide with
+    training images of the same name."""
+    prefix = "reg/" if is_reg else ""
     for folder, repeats, class_name in concept_folders(root):
         if repeats < 1:
             raise DatasetFolderError(f"folder '{folder}': repeats must be >= 1, got {repeats}.")
         for path in sorted(folder.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                yield SourceImage(path, path.relative_to(root).as_posix(), folder.name, class_name, repeats,
-                                  _caption_for(path))
+                yield SourceImage(path, prefix + path.relative_to(root).as_posix(), folder.name, class_name,
+                                  repeats, _caption_for(path), is_reg)
 
 
-def read_caption(image: SourceImage, trigger: str) -> str:
-    """The image's caption (its .txt/.caption file, else the folder's class name), trigger word first."""
+def read_caption(image: SourceImage, trigger: str) -> tuple[str, str]:
+    """The image's caption (its .txt/.caption file, else the folder's class name) with the trigger word
+    first, and a warning ('' if none) when the file was not UTF-8 and was decoded as Windows-1252/Latin-1."""
+    warning = ""
     if image.caption_path is not None:
         raw = image.caption_path.read_bytes()
         try:
             caption = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            caption = raw.decode("latin-1")
+        except UnicodeDecodeError as exc:
+            try:
+                caption = raw.decode("cp1252")
+                encoding = "Windows-1252"
+            except UnicodeDecodeError:
+                caption = raw.decode("latin-1")
+                encoding = "Latin-1"
+            warning = (f"caption {image.caption_path.name} is not UTF-8 (byte {exc.start}); decoded as {encoding}, "
+                       f"check the text and re-save it as UTF-8")
         caption = " ".join(caption.split())
     else:
         caption = image.class_name
     if trigger and not caption.startswith(trigger):
         caption = f"{trigger}, {caption}" if caption else trigger
-    return caption
+    return caption, warning

@@ -1,41 +1,78 @@
-"""`dist-lora prepare`: a kohya-style folder -> WebDataset tar shards + manifest.json + report.json.
+"""`dist-lora prepare`: a kohya-style folder -> bucketed WebDataset tar shards + manifest.json + report.json.
 
-Each sample holds the resized/cropped image, its caption and a JSON record with what SDXL
-micro-conditioning needs (original size, crop top-left, target size), the kohya repeat count
-and the source path. The output folder is assembled beside its final location and renamed into
-place, so an interrupted run never leaves a half-written dataset.
+Each sample holds the image resized and cropped to its aspect-ratio bucket, its caption and a JSON
+record with what SDXL micro-conditioning needs (original size, crop top-left, target size), the kohya
+repeat count, whether it is a regularization image, and its source. Every shard holds one bucket, so
+the loader can form single-shape batches and plan them from the manifest alone.
+
+Images are decoded in parallel worker processes. A re-run into an existing output reuses the encoded
+image of every source whose size and modification time are unchanged (captions are always re-read).
+The output folder is assembled beside its final location and renamed into place, so an interrupted
+run never leaves a half-written dataset.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 import shutil
 import tarfile
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from dist_lora.data.kohya import DatasetFolderError, SourceImage, read_caption, scan_images
+from dist_lora.data.buckets import Bucket, BucketSpec, bucket_set, nearest_bucket, place
+from dist_lora.data.images import DEFAULT_MAX_PIXELS, RejectedImage, open_image
+from dist_lora.data.kohya import IMAGE_EXTENSIONS, DatasetFolderError, SourceImage, read_caption, scan_images
 from dist_lora.utils.files import check_writable_dir
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
-MANIFEST_FORMAT = "dist_lora.shards/1"
+SOURCES_NAME = "sources.json"  # what each sample was made from; lets a re-run reuse unchanged images
+MANIFEST_FORMAT = "dist_lora.shards/2"
+PARALLEL_THRESHOLD = 32  # fewer images than this are decoded in-process (starting workers costs ~1 s)
 
 
 @dataclass
 class PrepareOptions:
-    resolution: int = 512
+    resolution: int = 512  # bucket base side (SD 1.x: 512, SDXL: 1024), or the square side without buckets
     trigger: str = ""
-    shard_size: int = 1000  # samples per shard
+    shard_size: int = 1000  # samples per shard at most
     image_format: str = "png"
     overwrite: bool = False
+    buckets: bool = True
+    min_bucket_side: int = 0  # 0: resolution / 2
+    max_bucket_side: int = 0  # 0: resolution * 2
+    max_bucket_area: int = 0  # 0: resolution ** 2
+    bucket_step: int = 64
+    min_side: int = 0  # images whose shorter side is below this are rejected; 0: resolution / 4
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    reg_src: str = ""  # kohya regularization folder (prior preservation), same <repeats>_<class> layout
+    workers: int = 0  # decode processes; 0: one per core
+
+    def bucket_spec(self) -> BucketSpec:
+        if not self.buckets:
+            return BucketSpec(self.resolution, self.resolution, self.resolution, self.resolution ** 2,
+                              self.bucket_step)
+        return BucketSpec.for_base(self.resolution, min_side=self.min_bucket_side, max_side=self.max_bucket_side,
+                                   max_area=self.max_bucket_area, step=self.bucket_step)
+
+    def encoding_fingerprint(self) -> dict[str, Any]:
+        """Everything that changes an encoded image; a re-run reuses images only when this is unchanged."""
+        return {"buckets": asdict(self.bucket_spec()), "image_format": self.image_format}
+
+    @property
+    def effective_min_side(self) -> int:
+        return self.min_side or max(1, self.resolution // 4)
 
 
 @dataclass
@@ -43,36 +80,62 @@ class PrepareReport:
     found: int = 0
     accepted: int = 0
     rejected: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    encoded: int = 0
+    reused: int = 0
     shards: int = 0
     samples_with_repeats: int = 0
+    buckets: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def to_json(self) -> dict[str, Any]:
+        return {"found": self.found, "accepted": self.accepted, "rejected_count": len(self.rejected),
+                "encoded": self.encoded, "reused": self.reused, "shards": self.shards,
+                "samples_with_repeats": self.samples_with_repeats, "buckets": self.buckets,
+                "rejected": self.rejected, "warnings": self.warnings, "seconds": round(self.seconds, 3)}
+
     def summary(self) -> str:
-        lines = [f"found {self.found} images: {self.accepted} accepted, {len(self.rejected)} rejected; "
-                 f"{self.shards} shards, {self.samples_with_repeats} samples per epoch with repeats "
+        reasons = Counter(r["reason"].split(":")[0] for r in self.rejected)
+        lines = [f"found {self.found} images: {self.accepted} accepted, {len(self.rejected)} rejected "
+                 f"({self.encoded} encoded, {self.reused} reused unchanged); {self.shards} shards in "
+                 f"{len(self.buckets)} buckets, {self.samples_with_repeats} samples per epoch with repeats "
                  f"({self.seconds:.1f} s)"]
+        lines += [f"  rejected {n} x {reason}" for reason, n in sorted(reasons.items())]
         lines += [f"  rejected {r['path']}: {r['reason']}" for r in self.rejected]
+        lines += [f"  warning {w['path']}: {w['warning']}" for w in self.warnings]
         return "\n".join(lines)
 
 
-def resize_and_crop(image: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale the shorter side to ``size`` and centre-crop a square; return the crop's (top, left)."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized.crop((left, top, left + size, top + size)), (top, left)
+def resize_and_crop(image: Image.Image, bucket: Bucket) -> tuple[Image.Image, tuple[int, int]]:
+    """Scale ``image`` to cover ``bucket`` and centre-crop it; return the crop's (top, left)."""
+    placement = place(image.width, image.height, bucket)
+    resized = image.resize(placement.resized, Image.Resampling.LANCZOS)
+    top, left = placement.crop_top_left
+    return resized.crop((left, top, left + bucket.width, top + bucket.height)), (top, left)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+@dataclass(frozen=True)
+class _EncodeJob:
+    path: str
+    min_side: int
+    max_pixels: int
+    buckets: list[Bucket]
+    image_format: str
+
+
+def _encode_image(job: _EncodeJob) -> tuple[bytes, dict[str, Any]] | str:
+    """Worker process: the encoded bucket image and its geometry, or the reason it was rejected."""
+    try:
+        image = open_image(Path(job.path), min_side=job.min_side, max_pixels=job.max_pixels)
+    except RejectedImage as exc:
+        return str(exc)
+    bucket = nearest_bucket(image.width, image.height, job.buckets)
+    cropped, (top, left) = resize_and_crop(image, bucket)
+    buffer = io.BytesIO()
+    cropped.save(buffer, format="PNG" if job.image_format == "png" else "JPEG", quality=95)
+    geometry = {"original_size": [image.height, image.width], "crop_top_left": [top, left],
+                "target_size": [bucket.height, bucket.width], "bucket": [bucket.width, bucket.height]}
+    return buffer.getvalue(), geometry
 
 
 def _sample_key(relative: str, used: set[str]) -> str:
@@ -85,27 +148,6 @@ def _sample_key(relative: str, used: set[str]) -> str:
     return key
 
 
-def _encode_sample(src: SourceImage, key: str, opts: PrepareOptions) -> dict[str, bytes]:
-    with Image.open(src.path) as opened:
-        opened.load()
-        image = _to_rgb(opened)
-    original_w, original_h = image.size
-    cropped, (top, left) = resize_and_crop(image, opts.resolution)
-    buffer = io.BytesIO()
-    cropped.save(buffer, format="PNG" if opts.image_format == "png" else "JPEG", quality=95)
-    meta = {
-        "original_size": [original_h, original_w],
-        "crop_top_left": [top, left],
-        "target_size": [opts.resolution, opts.resolution],
-        "repeats": src.repeats,
-        "folder": src.folder,
-        "source": src.relative,
-    }
-    caption = read_caption(src, opts.trigger)
-    return {"__key__": key.encode("utf-8"), opts.image_format: buffer.getvalue(),
-            "txt": caption.encode("utf-8"), "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -114,39 +156,135 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class _ShardSink:
-    """Writes samples into ``train-%06d.tar`` files of at most ``shard_size`` samples."""
+class _BucketShardSink:
+    """Writes samples into ``train-%06d.tar`` files of at most ``shard_size`` samples, one bucket per shard."""
 
     def __init__(self, folder: Path, shard_size: int) -> None:
         self.folder, self.shard_size = folder, shard_size
         self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
+        self._open: dict[tuple[int, int], tuple[tarfile.TarFile, dict[str, Any]]] = {}
 
-    def add(self, sample: dict[str, bytes], repeats: int) -> None:
-        if self._tar is None or self.shards[-1]["samples"] >= self.shard_size:
-            self.close()
-            name = f"train-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.folder / name, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-            self.shards.append({"file": name, "samples": 0, "samples_with_repeats": 0})
-        key = sample["__key__"].decode("utf-8")
-        for ext, data in sample.items():
-            if ext != "__key__":
-                _add_member(self._tar, f"{key}.{ext}", data)
-        self.shards[-1]["samples"] += 1
-        self.shards[-1]["samples_with_repeats"] += repeats
+    def add(self, key: str, members: dict[str, bytes], bucket: tuple[int, int], repeats: int, is_reg: bool) -> str:
+        current = self._open.get(bucket)
+        if current is None or current[1]["samples"] >= self.shard_size:
+            if current is not None:
+                current[0].close()
+            entry: dict[str, Any] = {"file": f"train-{len(self.shards):06d}.tar", "bucket": list(bucket),
+                                     "samples": 0, "samples_with_repeats": 0, "reg_samples": 0}
+            tar = tarfile.open(self.folder / entry["file"], "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+            self.shards.append(entry)
+            current = self._open[bucket] = (tar, entry)
+        tar, entry = current
+        for ext, data in members.items():
+            _add_member(tar, f"{key}.{ext}", data)
+        entry["samples"] += 1
+        entry["samples_with_repeats"] += repeats
+        entry["reg_samples"] += int(is_reg)
+        return str(entry["file"])
 
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        for tar, _ in self._open.values():
+            tar.close()
+        self._open.clear()
+
+
+class _PreviousOutput:
+    """Encoded images of an earlier run into the same output folder, reusable when the source is unchanged."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
+        self.out = out
+        self.sources: dict[str, dict[str, Any]] = {}
+        self._tars: dict[str, tarfile.TarFile] = {}
+        path = out / SOURCES_NAME
+        if not path.is_file():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return  # unreadable: encode everything again
+        if data.get("fingerprint") == fingerprint:
+            self.sources = data.get("sources", {})
+
+    def lookup(self, image: SourceImage) -> tuple[bytes, dict[str, Any]] | None:
+        entry = self.sources.get(image.relative)
+        stat = image.path.stat()
+        if entry is None or entry["size"] != stat.st_size or entry["mtime_ns"] != stat.st_mtime_ns:
+            return None
+        try:
+            tar = self._tars.get(entry["shard"])
+            if tar is None:
+                tar = self._tars[entry["shard"]] = tarfile.open(self.out / entry["shard"])  # noqa: SIM115
+            image_member = tar.extractfile(f"{entry['key']}.{entry['ext']}")
+            if image_member is None:
+                return None
+            return image_member.read(), entry["geometry"]
+        except (OSError, KeyError, tarfile.TarError):
+            return None
+
+    def close(self) -> None:
+        for tar in self._tars.values():
+            tar.close()
+        self._tars.clear()
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path '{out}' exists and is not a folder.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder '{out}' is not empty; choose another folder or pass --overwrite.")
+    if out.exists() and any(out.iterdir()) and not overwrite and not (out / SOURCES_NAME).is_file():
+        raise FileExistsError(f"output folder '{out}' is not empty and was not written by `dist-lora prepare`; "
+                              f"choose another folder or pass --overwrite.")
     check_writable_dir(out)
+
+
+def _scan(src: Path, opts: PrepareOptions) -> list[SourceImage]:
+    images = list(scan_images(src))  # raises DatasetFolderError for a missing folder or one without concepts
+    if not images:
+        raise DatasetFolderError(f"dataset folder '{src}' has concept folders but no images "
+                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    if opts.reg_src:
+        reg = list(scan_images(Path(opts.reg_src), is_reg=True))
+        if not reg:
+            raise DatasetFolderError(f"regularization folder '{opts.reg_src}' has concept folders but no images.")
+        images += reg
+    return images
+
+
+def _encoded_images(todo: list[tuple[int, _EncodeJob]], workers: int) -> Iterator[tuple[int, Any]]:
+    if workers <= 1 or len(todo) < PARALLEL_THRESHOLD:
+        for index, job in todo:
+            yield index, _encode_image(job)
+        return
+    # Spawned (not forked) workers: the caller may hold threads (torch, tokenizers) that fork would copy.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
+        chunk = max(1, min(32, len(todo) // (workers * 4)))
+        yield from zip((i for i, _ in todo), pool.map(_encode_image, [j for _, j in todo], chunksize=chunk),
+                       strict=True)
+
+
+def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts: PrepareOptions,
+                      report: PrepareReport) -> Iterable[tuple[SourceImage, Any]]:
+    spec = opts.bucket_spec()
+    buckets = bucket_set(spec)
+    reused: dict[int, Any] = {}
+    todo: list[tuple[int, _EncodeJob]] = []
+    for index, image in enumerate(images):
+        hit = previous.lookup(image)
+        if hit is not None:
+            reused[index] = hit
+        else:
+            todo.append((index, _EncodeJob(str(image.path), opts.effective_min_side, opts.max_pixels, buckets,
+                                           opts.image_format)))
+    report.reused, report.encoded = len(reused), len(todo)
+    workers = opts.workers or os.cpu_count() or 1
+    encoded = _encoded_images(todo, workers)
+    for index, image in enumerate(images):
+        if index in reused:
+            yield image, reused[index]
+        else:
+            got_index, result = next(encoded)
+            assert got_index == index
+            yield image, result
 
 
 def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | None = None) -> PrepareReport:
@@ -156,54 +294,98 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
         raise DatasetFolderError(f"image format {opts.image_format!r} is not supported; use 'png' or 'jpg'.")
     if opts.resolution < 64 or opts.resolution % 64:
         raise DatasetFolderError(f"resolution {opts.resolution} must be a multiple of 64 (and >= 64).")
-    images = list(scan_images(src))  # raises DatasetFolderError for a missing or empty folder
-    if not images:
-        raise DatasetFolderError(f"dataset folder '{src}' has concept folders but no images "
-                         f"({', '.join(sorted(e for e in ('.png', '.jpg', '.jpeg', '.webp', '.bmp')))}).")
+    if opts.shard_size < 1:
+        raise DatasetFolderError(f"shard size {opts.shard_size} must be at least 1.")
+    opts.bucket_spec()  # raises BucketError naming a bad bucket parameter
+    images = _scan(src, opts)
     _check_output(out, opts.overwrite)
 
     started = time.perf_counter()
     report = PrepareReport(found=len(images))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    fingerprint = opts.encoding_fingerprint()
+    previous = _PreviousOutput(out, fingerprint)
     tag_frequency: dict[str, Counter[str]] = {}
+    sources: dict[str, dict[str, Any]] = {}
     try:
-        sink = _ShardSink(staging, opts.shard_size)
+        sink = _BucketShardSink(staging, opts.shard_size)
         used_keys: set[str] = set()
-        for image in images:
-            key = _sample_key(image.relative, used_keys)
-            try:
-                sample = _encode_sample(image, key, opts)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                report.rejected.append({"path": image.relative, "reason": f"{type(exc).__name__}: {exc}"})
+        for image, result in _results_in_order(images, previous, opts, report):
+            if isinstance(result, str):
+                report.rejected.append({"path": image.relative, "reason": result})
                 continue
-            sink.add(sample, image.repeats)
+            image_bytes, geometry = result
+            caption, warning = read_caption(image, opts.trigger)
+            if warning:
+                report.warnings.append({"path": image.relative, "warning": warning})
+            key = _sample_key(image.relative, used_keys)
+            meta = {**geometry, "repeats": image.repeats, "folder": image.folder, "source": image.relative,
+                    "is_reg": image.is_reg}
+            members = {opts.image_format: image_bytes, "txt": caption.encode("utf-8"),
+                       "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+            shard = sink.add(key, members, tuple(geometry["bucket"]), image.repeats, image.is_reg)
+            stat = image.path.stat()
+            sources[image.relative] = {"shard": shard, "key": key, "ext": opts.image_format, "size": stat.st_size,
+                                       "mtime_ns": stat.st_mtime_ns, "geometry": geometry}
             report.accepted += 1
-            tags = [t.strip() for t in sample["txt"].decode("utf-8").split(",") if t.strip()]
+            tags = [t.strip() for t in caption.split(",") if t.strip()]
             tag_frequency.setdefault(image.folder, Counter()).update(tags)
         sink.close()
+        previous.close()
+        assert report.found == report.accepted + len(report.rejected)
         if report.accepted == 0:
-            raise DatasetFolderError(f"dataset folder '{src}': no image could be read; see the reasons: "
-                             f"{report.rejected[:3]}")
-        report.shards = len(sink.shards)
-        report.samples_with_repeats = sum(s["samples_with_repeats"] for s in sink.shards)
-        report.seconds = time.perf_counter() - started
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "resolution": opts.resolution,
-            "image_format": opts.image_format,
-            "num_samples": report.accepted,
-            "num_samples_with_repeats": report.samples_with_repeats,
-            "shards": sink.shards,
-            "tag_frequency": {k: dict(v) for k, v in tag_frequency.items()},
-        }
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
-        report_data = {"found": report.found, "accepted": report.accepted, "rejected": report.rejected}
-        (staging / REPORT_NAME).write_text(json.dumps(report_data, indent=1, ensure_ascii=False), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+            raise DatasetFolderError(f"dataset folder '{src}': no image could be used; see the reasons: "
+                                     f"{report.rejected[:3]}")
+        _write_metadata(staging, opts, sink.shards, tag_frequency, sources, fingerprint, report,
+                        started)
+        _swap_into_place(staging, out)
     finally:
+        previous.close()
         if staging.exists():
             shutil.rmtree(staging)
     return report
+
+
+def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, Any]],
+                    tag_frequency: dict[str, Counter[str]], sources: dict[str, dict[str, Any]],
+                    fingerprint: dict[str, Any], report: PrepareReport, started: float) -> None:
+    per_bucket: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        counts = per_bucket.setdefault(f"{shard['bucket'][0]}x{shard['bucket'][1]}",
+                                       {"samples": 0, "samples_with_repeats": 0, "shards": 0})
+        counts["samples"] += shard["samples"]
+        counts["samples_with_repeats"] += shard["samples_with_repeats"]
+        counts["shards"] += 1
+    report.shards = len(shards)
+    report.samples_with_repeats = sum(s["samples_with_repeats"] for s in shards)
+    report.buckets = {name: c["samples"] for name, c in sorted(per_bucket.items())}
+    report.seconds = time.perf_counter() - started
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "resolution": opts.resolution,
+        "bucket_spec": fingerprint["buckets"],
+        "image_format": opts.image_format,
+        "trigger": opts.trigger,
+        "num_samples": report.accepted,
+        "num_reg_samples": sum(s["reg_samples"] for s in shards),
+        "num_samples_with_repeats": report.samples_with_repeats,
+        "buckets": per_bucket,
+        "shards": shards,
+        "tag_frequency": {k: dict(v) for k, v in tag_frequency.items()},
+    }
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+    (staging / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False), encoding="utf-8")
+    (staging / SOURCES_NAME).write_text(json.dumps({"fingerprint": fingerprint, "sources": sources},
+                                                   ensure_ascii=False), encoding="utf-8")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging``; the old folder is moved aside first and removed only afterwards."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)

@@ -1,33 +1,67 @@
-"""Streaming prepared shards with WebDataset, split by rank and by DataLoader worker.
+"""Streaming prepared shards, split by rank and by DataLoader worker, in single-bucket batches.
 
-Equal step counts on every rank: the manifest knows how many samples (with repeats) each shard
-holds, so every rank computes every rank's share for an epoch and all take the same number of
-batches, ``min over ranks of (share // batch_size)``; the rest of each share is dropped and counted.
-Batches are assembled in the main process (workers only decode), so that count is exact.
+Equal steps on every rank, and every sample (times its repeats) used exactly once per epoch:
+- shards go to ranks by a greedy balance of their sample counts, in a shard order drawn from
+  (seed, epoch) alone, so every rank computes every rank's share from the manifest;
+- every shard holds one bucket, so a rank's batch count is ``sum over buckets of ceil(n / batch_size)``;
+- every rank runs the largest rank's count (rounded up to a multiple of gradient accumulation); what a
+  rank lacks is filled with padding samples of loss weight 0, counted in ``padded``. The last batch of a
+  bucket is completed the same way. Padding is also what replaces a sample that turns out to be
+  unreadable at training time, so a damaged shard never changes a rank's step count (no DDP hang).
+Batches are assembled in the main process (workers only read and decode), so these counts are exact.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
+from safetensors.torch import load as load_safetensors_bytes
 from torch.utils.data import DataLoader, IterableDataset
+from webdataset.shardlists import expand_urls
 
+from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.prepare import MANIFEST_FORMAT, MANIFEST_NAME
+from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.errors import DistLoraError
+
+log = logging.getLogger(__name__)
+
+LATENT_MEMBER = "vae.safetensors"  # cached VAE posterior: "mean" and "std", unscaled
+TEXT_MEMBER = "te.safetensors"  # cached text-encoder outputs: "hidden" (and "pooled" for SDXL)
 
 
 class ShardDataError(DistLoraError):
     """The prepared data cannot be used; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What `dist-lora cache` added to the shards, and from which model."""
+
+    latents: bool
+    text: bool
+    model: str
+    family: str
+    dtype: str
+    scaling_factor: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> CacheInfo | None:
+        if not data:
+            return None
+        return cls(bool(data["latents"]), bool(data["text"]), str(data["model"]), str(data["family"]),
+                   str(data["dtype"]), float(data["scaling_factor"]))
 
 
 @dataclass(frozen=True)
@@ -36,6 +70,9 @@ class Manifest:
     resolution: int
     shards: list[dict[str, Any]]
     tag_frequency: dict[str, dict[str, int]]
+    trigger: str = ""
+    cache: CacheInfo | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
@@ -50,15 +87,37 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise ShardDataError(f"'{path}' is not valid JSON: {exc}") from exc
         if data.get("format") != MANIFEST_FORMAT:
-            raise ShardDataError(f"'{path}' has format {data.get('format')!r}; expected {MANIFEST_FORMAT!r}.")
-        missing = [s["file"] for s in data["shards"] if not (root / s["file"]).is_file()]
-        if missing:
-            raise ShardDataError(f"'{path}' lists shards that are missing: {missing[:3]}.")
-        return cls(root, int(data["resolution"]), list(data["shards"]), dict(data.get("tag_frequency", {})))
+            raise ShardDataError(f"'{path}' has format {data.get('format')!r}; expected {MANIFEST_FORMAT!r}. "
+                                 f"Re-run `dist-lora prepare` to rebuild the shards.")
+        return cls(root, int(data["resolution"]), list(data["shards"]), dict(data.get("tag_frequency", {})),
+                   str(data.get("trigger", "")), CacheInfo.from_json(data.get("cache")), data)
 
     @property
     def num_samples_with_repeats(self) -> int:
         return sum(int(s["samples_with_repeats"]) for s in self.shards)
+
+    def urls(self, pattern: str = "") -> list[str]:
+        """Where each manifest shard is read from: the folder, or ``pattern`` (brace-expanded, ``pipe:`` allowed).
+
+        With a pattern, the i-th URL must name the i-th shard's file, so a pattern that lists the shards
+        in another order, or misses some, is an error rather than silently wrong counts.
+        """
+        if not pattern:
+            urls = [str(self.root / s["file"]) for s in self.shards]
+            missing = [u for u in urls if not Path(u).is_file()]
+            if missing:
+                raise ShardDataError(f"'{self.root / MANIFEST_NAME}' lists shards that are missing: {missing[:3]}.")
+            return urls
+        urls = list(expand_urls(pattern))
+        if len(urls) != len(self.shards):
+            raise ShardDataError(f"data.shard_urls {pattern!r} expands to {len(urls)} URLs but "
+                                 f"'{self.root / MANIFEST_NAME}' lists {len(self.shards)} shards.")
+        for url, shard in zip(urls, self.shards, strict=True):
+            if shard["file"] not in url:
+                raise ShardDataError(f"data.shard_urls: URL {url!r} does not name shard {shard['file']!r} of the "
+                                     f"manifest; list the shards in the manifest's order, e.g. "
+                                     f"'.../train-{{000000..{len(self.shards) - 1:06d}}}.tar'.")
+        return urls
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -68,49 +127,74 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def rank_shards(order: list[int], rank: int, world_size: int) -> list[int]:
-    return order[rank::world_size]
+def assign_shards(manifest: Manifest, seed: int, epoch: int, world_size: int) -> list[list[int]]:
+    """Each rank's shards for an epoch, in reading order: largest shards first to the least-loaded rank."""
+    order = epoch_shard_order(len(manifest.shards), seed, epoch)
+    position = {shard: i for i, shard in enumerate(order)}
+    sizes = [int(s["samples_with_repeats"]) for s in manifest.shards]
+    loads, assigned = [0] * world_size, [[] for _ in range(world_size)]  # type: list[int], list[list[int]]
+    for shard in sorted(order, key=lambda i: (-sizes[i], position[i])):
+        rank = min(range(world_size), key=lambda r: (loads[r], len(assigned[r]), r))
+        assigned[rank].append(shard)
+        loads[rank] += sizes[shard]
+    return [sorted(shards, key=position.__getitem__) for shards in assigned]
+
+
+def rank_batches(manifest: Manifest, shards: list[int], batch_size: int) -> int:
+    per_bucket: dict[tuple[int, ...], int] = {}
+    for i in shards:
+        bucket = tuple(manifest.shards[i].get("bucket", (manifest.resolution, manifest.resolution)))
+        per_bucket[bucket] = per_bucket.get(bucket, 0) + int(manifest.shards[i]["samples_with_repeats"])
+    return sum(math.ceil(n / batch_size) for n in per_bucket.values())
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    steps: int  # batches every rank takes this epoch
+    steps: int  # micro-batches every rank takes this epoch
     shard_indices: list[int]  # this rank's shards, in reading order
-    dropped: int  # samples (with repeats) of this rank not used this epoch
+    samples: int  # this rank's real samples (with repeats)
+    padded: int  # padding samples (loss weight 0) this rank adds
 
 
-def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int,
-               batch_size: int) -> EpochPlan:
-    if len(manifest.shards) < world_size:
+def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+               num_workers: int = 0, multiple_of: int = 1) -> EpochPlan:
+    readers = world_size * max(1, num_workers)
+    if len(manifest.shards) < readers:
         raise ShardDataError(
-            f"'{manifest.root}' has {len(manifest.shards)} shard(s) but the run has {world_size} ranks; every rank "
-            f"needs at least one shard. Re-run `dist-lora prepare` with a smaller --shard-size.")
-    order = epoch_shard_order(len(manifest.shards), seed, epoch)
-    shares = [sum(int(manifest.shards[i]["samples_with_repeats"]) for i in rank_shards(order, r, world_size))
-              for r in range(world_size)]
-    steps = min(shares) // batch_size
-    if steps == 0:
-        raise ShardDataError(
-            f"'{manifest.root}': the smallest rank share is {min(shares)} samples, fewer than batch_size "
-            f"{batch_size}; lower training.batch_size or add data.")
-    mine = rank_shards(order, rank, world_size)
-    return EpochPlan(steps, mine, shares[rank] - steps * batch_size)
+            f"'{manifest.root}' has {len(manifest.shards)} shard(s) but {world_size} rank(s) x "
+            f"{max(1, num_workers)} worker(s) = {readers} readers need one each. Re-run `dist-lora prepare` with a "
+            f"smaller --shard-size, or lower data.num_workers.")
+    assigned = assign_shards(manifest, seed, epoch, world_size)
+    most = max(rank_batches(manifest, shards, batch_size) for shards in assigned)
+    steps = math.ceil(most / multiple_of) * multiple_of
+    samples = sum(int(manifest.shards[i]["samples_with_repeats"]) for i in assigned[rank])
+    return EpochPlan(steps, assigned[rank], samples, steps * batch_size - samples)
 
 
-def _expand_repeats(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for sample in samples:
-        meta = json.loads(sample["json"])
-        for r in range(int(meta.get("repeats", 1))):
-            yield {**sample, "__key__": f"{sample['__key__']}#{r}", "meta": meta}
+# -- reading and decoding (runs in DataLoader workers) -------------------------------------------------
+
+def _expand_repeats(items: Iterator[dict[str, Any] | BadData]) -> Iterator[dict[str, Any] | BadData]:
+    for item in items:
+        if isinstance(item, BadData):
+            yield item
+            continue
+        try:
+            meta = json.loads(item["json"])
+            repeats = int(meta.get("repeats", 1))
+        except (KeyError, ValueError, TypeError) as exc:
+            yield BadData(item["__shard__"], item["__key__"], f"unreadable json member: {exc}")
+            continue
+        for r in range(repeats):
+            yield {**item, "__key__": f"{item['__key__']}#{r}", "__source_key__": item["__key__"], "meta": meta}
 
 
-def _buffer_shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        buffer.append(sample)
+def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buffer: list[Any] = []
+    for item in items:
+        if isinstance(item, BadData) or size <= 1:
+            yield item
+            continue
+        buffer.append(item)
         if len(buffer) >= size:
             yield buffer.pop(rng.randrange(len(buffer)))
     rng.shuffle(buffer)
@@ -124,79 +208,184 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
 
 
-def _decode(sample: dict[str, Any]) -> dict[str, Any]:
-    image_bytes = sample.get("png") or sample.get("jpg")
-    if image_bytes is None:
-        raise ShardDataError(f"sample '{sample['__key__']}' has no png/jpg member")
-    return {"key": sample["__key__"], "pixels": decode_image(image_bytes),
-            "caption": sample["txt"].decode("utf-8"), "meta": sample["meta"]}
+@dataclass(frozen=True)
+class StreamSpec:
+    seed: int
+    epoch: int
+    rank: int
+    shuffle_buffer: int
+    captions: CaptionTransform = CaptionTransform()
+    use_latents: bool = False  # read cached VAE posteriors instead of decoding images
+    use_text: bool = False  # read cached text-encoder outputs instead of captions for encoding
+
+
+def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
+    key = sample["__key__"]
+    caption = sample["txt"].decode("utf-8")
+    out: dict[str, Any] = {"key": key, "meta": sample["meta"], "shard": sample["__shard__"],
+                           "caption": spec.captions(caption, CaptionTransform.rng(spec.seed, spec.epoch, key))}
+    if spec.use_latents:
+        cached = load_safetensors_bytes(sample[LATENT_MEMBER])
+        out["latent_mean"], out["latent_std"] = cached["mean"].float(), cached["std"].float()
+    else:
+        image_bytes = sample.get("png") or sample.get("jpg")
+        if image_bytes is None:
+            raise ShardDataError("no png/jpg member")
+        out["pixels"] = decode_image(image_bytes)
+    if spec.use_text:
+        text = load_safetensors_bytes(sample[TEXT_MEMBER])
+        out["hidden"] = text["hidden"].float()
+        if "pooled" in text:
+            out["pooled"] = text["pooled"].float()
+    return out
 
 
 class RankShardStream(IterableDataset):  # type: ignore[type-arg]
     """One rank's samples for one epoch; DataLoader workers split the rank's shards between them."""
 
-    def __init__(self, urls: list[str], *, seed: int, epoch: int, rank: int, shuffle_buffer: int) -> None:
+    def __init__(self, shards: list[tuple[str, str]], spec: StreamSpec) -> None:
         super().__init__()
-        self.urls, self.seed, self.epoch, self.rank, self.shuffle_buffer = urls, seed, epoch, rank, shuffle_buffer
+        self.shards, self.spec = shards, spec  # (url, shard file name)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
-        )
-        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        for sample in _buffer_shuffle(_expand_repeats(iter(pipeline)), self.shuffle_buffer, rng):
-            yield _decode(sample)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.shards[worker::workers]
+        spec = self.spec
+        rng = random.Random(f"samples/{spec.seed}/{spec.epoch}/{spec.rank}/{worker}")
+        raw = (item for url, name in mine for item in tar_samples(url, name))
+        for item in _buffer_shuffle(_expand_repeats(raw), spec.shuffle_buffer, rng):
+            if isinstance(item, BadData):
+                yield {"bad": item}
+                continue
+            try:
+                yield decode_sample(item, spec)
+            except Exception as exc:  # noqa: BLE001 - any undecodable member is bad data, reported and skipped
+                yield {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}")}
 
+
+# -- batches (main process) ----------------------------------------------------------------------------
 
 @dataclass
 class Batch:
-    keys: list[str]
-    pixels: torch.Tensor
+    keys: list[str]  # "pad:<key>" for padding samples
     captions: list[str]
     metas: list[dict[str, Any]]
+    weights: torch.Tensor  # 1 for real samples, 0 for padding
+    pixels: torch.Tensor | None = None
+    latent_mean: torch.Tensor | None = None
+    latent_std: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+    @property
+    def real_keys(self) -> list[str]:
+        return [k for k in self.keys if not k.startswith("pad:")]
 
 
-def collate(samples: list[dict[str, Any]]) -> Batch:
-    return Batch([s["key"] for s in samples], torch.stack([s["pixels"] for s in samples]),
-                 [s["caption"] for s in samples], [s["meta"] for s in samples])
+def _stack(samples: list[dict[str, Any]], name: str) -> torch.Tensor | None:
+    return torch.stack([s[name] for s in samples]) if name in samples[0] else None
+
+
+def collate(samples: list[dict[str, Any]], weights: list[float]) -> Batch:
+    return Batch([s["key"] for s in samples], [s["caption"] for s in samples], [s["meta"] for s in samples],
+                 torch.tensor(weights, dtype=torch.float32), _stack(samples, "pixels"),
+                 _stack(samples, "latent_mean"), _stack(samples, "latent_std"), _stack(samples, "hidden"),
+                 _stack(samples, "pooled"))
+
+
+def _padded(samples: list[dict[str, Any]], batch_size: int) -> Batch:
+    """``samples`` completed to ``batch_size`` with weight-0 copies of them (same bucket shape)."""
+    pads = [{**samples[i % len(samples)], "key": f"pad:{samples[i % len(samples)]['key']}"}
+            for i in range(batch_size - len(samples))]
+    return collate(samples + pads, [1.0] * len(samples) + [0.0] * len(pads))
+
+
+@dataclass
+class DataStats:
+    """Counts since the start of the run (this rank); bad samples are logged once each."""
+
+    bad_samples: int = 0
+    padded_samples: int = 0
+    logged: set[tuple[str, str]] = field(default_factory=set)
+
+    def bad(self, item: BadData) -> None:
+        self.bad_samples += 1
+        if (item.shard, item.key) not in self.logged:
+            self.logged.add((item.shard, item.key))
+            log.warning("skipping bad data in shard %s, sample %s: %s", item.shard, item.key or "-", item.reason)
+
+
+def _shape_key(sample: dict[str, Any]) -> tuple[int, ...]:
+    tensor = sample["latent_mean"] if "latent_mean" in sample else sample["pixels"]
+    return tuple(tensor.shape)
 
 
 class ShardLoader:
     """Per-epoch batches for one rank, with the same number of steps on every rank."""
 
     def __init__(self, folder: str | Path, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 num_workers: int = 1, shuffle_buffer: int = 64) -> None:
+                 num_workers: int = 1, shuffle_buffer: int = 64, captions: CaptionTransform | None = None,
+                 shard_urls: str = "", use_latents: bool = False, use_text: bool = False,
+                 multiple_of: int = 1) -> None:
         self.manifest = Manifest.read(folder)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.num_workers, self.shuffle_buffer = seed, num_workers, shuffle_buffer
-        plan_epoch(self.manifest, seed=seed, epoch=0, rank=rank, world_size=world_size, batch_size=batch_size)
+        self.captions = captions or CaptionTransform()
+        self.use_latents, self.use_text, self.multiple_of = use_latents, use_text, multiple_of
+        cache = self.manifest.cache
+        if use_latents and not (cache and cache.latents):
+            raise ShardDataError(f"'{self.manifest.root}' holds no cached latents; run `dist-lora cache` first.")
+        if use_text and not (cache and cache.text):
+            raise ShardDataError(f"'{self.manifest.root}' holds no cached text-encoder outputs.")
+        self.urls = self.manifest.urls(shard_urls)
+        self.stats = DataStats()
+        self.plan(0)  # raises ShardDataError now, before any model loads
 
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size)
+        return plan_epoch(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                          batch_size=self.batch_size, num_workers=self.num_workers, multiple_of=self.multiple_of)
+
+    def stream(self, epoch: int, shard_indices: list[int]) -> RankShardStream:
+        spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.captions, self.use_latents,
+                          self.use_text)
+        return RankShardStream([(self.urls[i], self.manifest.shards[i]["file"]) for i in shard_indices], spec)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
-        urls = [str(self.manifest.root / self.manifest.shards[i]["file"]) for i in plan.shard_indices]
-        stream = RankShardStream(urls, seed=self.seed, epoch=epoch, rank=self.rank,
-                                 shuffle_buffer=self.shuffle_buffer)
-        workers = min(self.num_workers, len(urls))
-        loader = DataLoader(stream, batch_size=None, num_workers=workers,
+        workers = min(self.num_workers, len(plan.shard_indices))
+        loader = DataLoader(self.stream(epoch, plan.shard_indices), batch_size=None, num_workers=workers,
                             persistent_workers=False, prefetch_factor=4 if workers else None)
-        pending: list[dict[str, Any]] = []
-        produced = 0
+        pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        produced, last = 0, None
         for sample in loader:
-            pending.append(sample)
-            if len(pending) == self.batch_size:
-                yield collate(pending)
-                pending = []
+            if "bad" in sample:
+                self.stats.bad(sample["bad"])
+                continue
+            group = pending.setdefault(_shape_key(sample), [])
+            group.append(sample)
+            if len(group) == self.batch_size:
+                last = collate(group, [1.0] * len(group))
+                pending[_shape_key(sample)] = []
                 produced += 1
-                if produced == plan.steps:
-                    return
-        if produced < plan.steps:
-            raise ShardDataError(f"rank {self.rank} read only {produced} of {plan.steps} batches in epoch {epoch}; "
-                                 f"the shards in '{self.manifest.root}' do not match {MANIFEST_NAME}.")
+                yield last
+        for group in pending.values():  # the last, incomplete batch of each bucket
+            if group:
+                last = _padded(group, self.batch_size)
+                self.stats.padded_samples += int((last.weights == 0).sum())
+                produced += 1
+                yield last
+        if produced > plan.steps:
+            raise ShardDataError(f"rank {self.rank} read {produced} batches in epoch {epoch} but planned "
+                                 f"{plan.steps}; the shards in '{self.manifest.root}' do not match {MANIFEST_NAME}.")
+        if produced < plan.steps and last is None:
+            raise ShardDataError(f"rank {self.rank} could read no sample of its shards in epoch {epoch}; see the "
+                                 f"warnings above for the damaged shards.")
+        while produced < plan.steps:  # this rank had fewer batches than the busiest rank
+            assert last is not None
+            filler = Batch([f"pad:{k.removeprefix('pad:')}" for k in last.keys], last.captions, last.metas,
+                           torch.zeros_like(last.weights), last.pixels, last.latent_mean, last.latent_std,
+                           last.hidden, last.pooled)
+            self.stats.padded_samples += self.batch_size
+            produced += 1
+            yield filler

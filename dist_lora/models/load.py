@@ -40,7 +40,7 @@ class Components:
     prediction_type: str
     tokenizers: list[Any]
     text_encoders: list[nn.Module]
-    vae: nn.Module
+    vae: nn.Module | None  # None when training from cached latents
     unet: nn.Module
     noise_scheduler: Any
 
@@ -114,16 +114,17 @@ def inspect_model_source(pretrained: str, config_dir: str = "") -> ModelSource:
         f"hub id such as 'stabilityai/stable-diffusion-xl-base-1.0'.")
 
 
-def _load_pipeline(source: ModelSource, config_dir: str) -> Any:
+def _load_pipeline(source: ModelSource, config_dir: str, skip: tuple[str, ...] = ()) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    # A component passed as None is not loaded at all (its weights are never read).
+    kwargs: dict[str, Any] = dict.fromkeys(skip)
     if source.kind == "single_file":
         cls = StableDiffusionXLPipeline if source.family == "sdxl" else StableDiffusionPipeline
-        kwargs: dict[str, Any] = {}
         if config_dir:
             kwargs.update(config=config_dir, local_files_only=True)
         return cls.from_single_file(source.location, **kwargs)
-    return DiffusionPipeline.from_pretrained(source.location)
+    return DiffusionPipeline.from_pretrained(source.location, **kwargs)
 
 
 def load_pipeline(pretrained: str, config_dir: str = "") -> tuple[Any, Family]:
@@ -139,17 +140,26 @@ def pipeline_text_encoders(pipe: Any, family: str) -> list[nn.Module]:
 
 
 def load_components(pretrained: str, *, config_dir: str = "", family: str = "auto",
-                    prediction_type: str = "auto") -> Components:
-    """Load tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler sharing the model's betas."""
+                    prediction_type: str = "auto", load_vae: bool = True, load_text: bool = True) -> Components:
+    """Load tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler sharing the model's betas.
+
+    With ``load_vae`` / ``load_text`` false (training from cached latents / text-encoder outputs) those
+    components are not read from disk; ``vae`` is then None and the encoder lists are empty."""
     from diffusers import DDPMScheduler
 
-    pipe, detected = load_pipeline(pretrained, config_dir)
+    source = inspect_model_source(pretrained, config_dir)
+    skip = ([] if load_vae else ["vae"]) + ([] if load_text else
+                                            ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])
+    pipe = _load_pipeline(source, config_dir, tuple(skip))
+    detected: Family = source.family or ("sdxl" if "text_encoder_2" in pipe.components else "sd1")
     resolved_family: Family = detected if family == "auto" else family  # type: ignore[assignment]
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if resolved_family == "sdxl" else [])
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if resolved_family == "sdxl" else [])
+    tokenizers, encoders = [], []
+    if load_text:
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if resolved_family == "sdxl" else [])
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if resolved_family == "sdxl" else [])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolved_prediction = (noise_scheduler.config.prediction_type if prediction_type == "auto"
                            else prediction_type)
     noise_scheduler.register_to_config(prediction_type=resolved_prediction)
-    return Components(resolved_family, resolved_prediction, tokenizers, encoders, pipe.vae, pipe.unet,
-                      noise_scheduler)
+    return Components(resolved_family, resolved_prediction, tokenizers, encoders, pipe.vae if load_vae else None,
+                      pipe.unet, noise_scheduler)

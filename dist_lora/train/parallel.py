@@ -62,6 +62,21 @@ def check_launch(shape: TrainingShape) -> None:
                             "config without offload.")
 
 
+def process_world() -> World:
+    """Rank and world of a job that trains nothing (`dist-lora cache`), from the launcher's environment.
+
+    On CPU accelerate's multi-CPU state brings up a gloo process group; on GPUs, NCCL."""
+    if not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return World(state.process_index, state.num_processes, state.local_process_index, state.is_main_process,
+                 state.device)
+
+
+def wait_for_everyone() -> None:
+    PartialState().wait_for_everyone()
+
+
 def make_accelerator(shape: TrainingShape) -> Accelerator:
     check_launch(shape)
     cuda = torch.cuda.is_available()
@@ -165,6 +180,11 @@ def full_parameters(accelerator: Accelerator, params: list[nn.Parameter]) -> Ite
 def mean_across_ranks(accelerator: Accelerator, value: torch.Tensor) -> float:
     return float(accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device),
                                     reduction="mean").item())
+
+
+def sum_across_ranks(accelerator: Accelerator, values: list[int]) -> list[int]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return [int(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
 
 
 def gather_to_all(value: Any) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,7 +20,8 @@ from dist_lora.adapters.inject import lora_parameters
 from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
-from dist_lora.data.shards import Manifest, ShardLoader
+from dist_lora.data.captions import CaptionTransform
+from dist_lora.data.shards import Batch, Manifest, ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import Components, ModelSource, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
@@ -62,6 +64,9 @@ class Preflight:
     manifest: Manifest
     run_dir: Path
     adapter_path: Path
+    captions: CaptionTransform
+    use_latents: bool  # cached VAE posteriors are read; the VAE is not loaded
+    use_text: bool  # cached text-encoder outputs are read; the text encoders are not loaded
 
 
 @dataclass
@@ -90,7 +95,28 @@ def preflight(cfg: Config) -> Preflight:
     if source.family is not None and cfg.model.base not in ("auto", source.family):
         raise RunSetupError(f"model.base = '{cfg.model.base}' but '{cfg.model.pretrained}' is a {source.family} "
                             f"model; set model.base = 'auto' or '{source.family}'.")
-    return Preflight(source, manifest, run_dir, adapter_path)
+    d = cfg.data
+    captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout, manifest.trigger)
+    cache = manifest.cache if d.use_cache else None
+    if cache is not None:
+        family = cfg.model.base if cfg.model.base != "auto" else source.family
+        if family is not None and family != cache.family:
+            raise RunSetupError(f"data.shards '{manifest.root}' was cached with a {cache.family} model "
+                                f"('{cache.model}') but model.pretrained is {family}; cache again with this model "
+                                f"or set data.use_cache = false.")
+    # Cached text outputs are fixed strings' encodings: caption transforms and a trained text encoder
+    # need the encoders at every step, so the cache's text part is then ignored.
+    use_text = bool(cache and cache.text) and not captions.active and not cfg.network.train_text_encoder
+    # The data plan is checked here, before any model loads (too few shards, bad shard_urls).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    manifest.urls(d.shard_urls)
+    plan_epoch(manifest, seed=cfg.training.seed, epoch=0, rank=0, world_size=world_size,
+               batch_size=cfg.training.batch_size, num_workers=d.num_workers)
+    return Preflight(source, manifest, run_dir, adapter_path, captions, bool(cache and cache.latents), use_text)
+
+
+def _scaling_factor(pre: Preflight) -> float:
+    return pre.manifest.cache.scaling_factor if pre.use_latents and pre.manifest.cache else 0.0
 
 
 @dataclass
@@ -118,7 +144,8 @@ def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None
 def build_setup(cfg: Config, components: Components, accelerator: Accelerator, total_steps: int) -> Setup:
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
     unet = components.unet
-    _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
+    if components.vae is not None:
+        _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
     for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
     set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
@@ -154,9 +181,7 @@ def plan_total_steps(cfg: Config, loader: ShardLoader) -> tuple[int, list[int]]:
     total = 0
     epoch = 0
     while True:
-        micro = loader.plan(epoch).steps // accum * accum
-        if micro == 0:
-            raise RunSetupError(f"an epoch has fewer batches than gradient_accumulation_steps ({accum}); lower it.")
+        micro = loader.plan(epoch).steps  # planned as a multiple of accum, padded where needed
         if cfg.training.max_steps:
             take = min(micro, (cfg.training.max_steps - total) * accum)
             per_epoch.append(take)
@@ -179,22 +204,30 @@ class StepRunner:
     split over ranks and accumulation, and a resumed run needs no generator state.
     """
 
-    def __init__(self, cfg: Config, setup: Setup, accelerator: Accelerator, world: parallel.World) -> None:
+    def __init__(self, cfg: Config, setup: Setup, accelerator: Accelerator, world: parallel.World,
+                 scaling_factor: float = 0.0) -> None:
         self.cfg, self.setup, self.acc, self.world = cfg, setup, accelerator, world
         self.c = setup.components
         self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
+        self.scaling_factor = scaling_factor
 
     def global_indices(self, micro_in_step: int, batch_size: int) -> list[int]:
         first = (micro_in_step * self.world.size + self.world.rank) * batch_size
         return list(range(first, first + batch_size))
 
     @torch.no_grad()
-    def _latents(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        vae = self.c.vae
-        dist = vae.encode(pixels.to(self.acc.device, next(vae.parameters()).dtype)).latent_dist
-        eps = per_sample_normal(tuple(dist.mean.shape[1:]), generators).to(dist.mean.device, dist.mean.dtype)
-        latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
-        return latents.to(self.setup.weight_dtype)
+    def _latents(self, batch: Batch, generators: list[torch.Generator]) -> torch.Tensor:
+        """A draw from the VAE posterior of each image, scaled; from the cache when the batch carries it."""
+        if batch.latent_mean is not None and batch.latent_std is not None:
+            mean, std = batch.latent_mean.to(self.acc.device), batch.latent_std.to(self.acc.device)
+            scaling = self.scaling_factor
+        else:
+            vae = self.c.vae
+            assert vae is not None and batch.pixels is not None
+            dist = vae.encode(batch.pixels.to(self.acc.device, next(vae.parameters()).dtype)).latent_dist
+            mean, std, scaling = dist.mean, dist.std, vae.config.scaling_factor
+        eps = per_sample_normal(tuple(mean.shape[1:]), generators).to(mean.device, mean.dtype)
+        return ((mean + std * eps) * scaling).to(self.setup.weight_dtype)
 
     def _noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         noise = per_sample_noise(tuple(latents.shape[1:]), generators, self.cfg.training.noise_offset)
@@ -205,16 +238,21 @@ class StepRunner:
                                        self.global_indices(micro_in_step, len(batch.keys)))
         num_t = self.c.noise_scheduler.config.num_train_timesteps
         timesteps = per_sample_timesteps(num_t, generators).to(self.acc.device)
-        latents = self._latents(batch.pixels, generators)
+        latents = self._latents(batch, generators)
         noise = self._noise(latents, generators)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
-        input_ids = tokenize(self.c.tokenizers, batch.captions)
         kwargs: dict[str, Any] = {}
-        if self.setup.frozen_text_encoders:
+        if batch.hidden is not None:
+            dtype = self.setup.weight_dtype
+            pooled = batch.pooled.to(self.acc.device, dtype) if batch.pooled is not None else None
+            kwargs.update(hidden_states=batch.hidden.to(self.acc.device, dtype), pooled=pooled)
+        elif self.setup.frozen_text_encoders:
+            input_ids = tokenize(self.c.tokenizers, batch.captions)
             with torch.no_grad(), self.acc.autocast():
                 hidden, pooled = encode_prompts(self.setup.frozen_text_encoders, input_ids, self.c.family)
             kwargs.update(hidden_states=hidden, pooled=pooled)
         else:
+            input_ids = tokenize(self.c.tokenizers, batch.captions)
             kwargs["input_ids"] = [ids.to(self.acc.device) for ids in input_ids]
         if self.c.family == "sdxl":
             rows = [sdxl_time_ids(tuple(m["original_size"]), tuple(m["crop_top_left"]), tuple(m["target_size"]))
@@ -222,10 +260,17 @@ class StepRunner:
             kwargs["time_ids"] = torch.tensor(rows, device=latents.device, dtype=self.setup.weight_dtype)
         prediction = self.setup.model(noisy, timesteps, **kwargs)
         target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)
-        weights = None
+        # Padding samples weigh 0 and regularization images prior_loss_weight; the mean stays over the
+        # whole batch, so a real sample's gradient does not depend on how much padding shares its batch.
+        prior = self.cfg.training.prior_loss_weight
+        weights = batch.weights.clone()
+        for i, meta in enumerate(batch.metas):
+            if meta.get("is_reg"):
+                weights[i] *= prior
+        weights = weights.to(latents.device)
         if self.cfg.training.min_snr_gamma > 0:
-            weights = min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
-                                      self.c.prediction_type)
+            weights = weights * min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
+                                                 self.c.prediction_type)
         return diffusion_loss(prediction, target, weights)
 
 
@@ -270,7 +315,8 @@ def train(cfg: Config) -> TrainResult:
     # partition every model at load time (zero.Init), frozen encoders included. Only the trained
     # module is handed to DeepSpeed, in prepare().
     components = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir, family=cfg.model.base,
-                                 prediction_type=cfg.model.prediction_type)
+                                 prediction_type=cfg.model.prediction_type, load_vae=not pre.use_latents,
+                                 load_text=not pre.use_text)
     accelerator = parallel.make_accelerator(parallel.TrainingShape(
         cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps, cfg.training.batch_size,
         cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS))
@@ -278,7 +324,9 @@ def train(cfg: Config) -> TrainResult:
     set_seed(cfg.training.seed)
     loader = ShardLoader(cfg.data.shards, rank=w.rank, world_size=w.size, batch_size=cfg.training.batch_size,
                          seed=cfg.training.seed, num_workers=cfg.data.num_workers,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
+                         shuffle_buffer=cfg.data.shuffle_buffer, captions=pre.captions,
+                         shard_urls=cfg.data.shard_urls, use_latents=pre.use_latents, use_text=pre.use_text,
+                         multiple_of=cfg.training.gradient_accumulation_steps)
     total_steps, micro_per_epoch = plan_total_steps(cfg, loader)
     if w.is_main:
         pre.run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +338,8 @@ def train(cfg: Config) -> TrainResult:
                          progress_bar=cfg.logging.progress_bar, wandb_project=cfg.logging.wandb_project,
                          run_config=cfg.to_dict())
     key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
-    loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, accelerator, w), accelerator, w, loader,
+    loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, accelerator, w,
+                                                                     _scaling_factor(pre)), accelerator, w, loader,
                         micro_per_epoch, total_steps, metrics, key_log)
     started_at = str(int(time.time()))
     marker = pre.run_dir / PREEMPTED_MARKER
