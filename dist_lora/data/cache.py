@@ -135,7 +135,7 @@ def _cache_shard(url: str, entry: dict[str, Any], staging: Path, encoder: _Encod
     counts: dict[str, Any] = {"file": name, "bucket": entry.get("bucket"), "samples": 0,
                               "samples_with_repeats": 0, "reg_samples": 0, "bad": []}
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for batch in _batches(tar_samples(url, name), batch_size, counts["bad"]):
+        for batch in _batches(tar_samples(url, name, int(entry["samples"])), batch_size, counts["bad"]):
             for sample, added in zip(batch, encoder.encode(batch), strict=True):
                 key = sample["__key__"]
                 for ext, data in sample.items():

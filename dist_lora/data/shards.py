@@ -243,9 +243,9 @@ def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
 class RankShardStream(IterableDataset):  # type: ignore[type-arg]
     """One rank's samples for one epoch; DataLoader workers split the rank's shards between them."""
 
-    def __init__(self, shards: list[tuple[str, str]], spec: StreamSpec) -> None:
+    def __init__(self, shards: list[tuple[str, str, int]], spec: StreamSpec) -> None:
         super().__init__()
-        self.shards, self.spec = shards, spec  # (url, shard file name)
+        self.shards, self.spec = shards, spec  # (url, shard file name, samples in the manifest)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -253,7 +253,7 @@ class RankShardStream(IterableDataset):  # type: ignore[type-arg]
         mine = self.shards[worker::workers]
         spec = self.spec
         rng = random.Random(f"samples/{spec.seed}/{spec.epoch}/{spec.rank}/{worker}")
-        raw = (item for url, name in mine for item in tar_samples(url, name))
+        raw = (item for url, name, expected in mine for item in tar_samples(url, name, expected))
         for item in _buffer_shuffle(_expand_repeats(raw), spec.shuffle_buffer, rng):
             if isinstance(item, BadData):
                 yield {"bad": item}
@@ -303,14 +303,15 @@ def _padded(samples: list[dict[str, Any]], batch_size: int) -> Batch:
 
 @dataclass
 class DataStats:
-    """Counts since the start of the run (this rank); bad samples are logged once each."""
+    """Counts since this process started (this rank): bad-data records (an undecodable sample, a damaged
+    shard's tail) and padding samples. Each damaged place is logged once."""
 
-    bad_samples: int = 0
+    bad_records: int = 0
     padded_samples: int = 0
     logged: set[tuple[str, str]] = field(default_factory=set)
 
     def bad(self, item: BadData) -> None:
-        self.bad_samples += 1
+        self.bad_records += 1
         if (item.shard, item.key) not in self.logged:
             self.logged.add((item.shard, item.key))
             log.warning("skipping bad data in shard %s, sample %s: %s", item.shard, item.key or "-", item.reason)
@@ -349,7 +350,9 @@ class ShardLoader:
     def stream(self, epoch: int, shard_indices: list[int]) -> RankShardStream:
         spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.captions, self.use_latents,
                           self.use_text)
-        return RankShardStream([(self.urls[i], self.manifest.shards[i]["file"]) for i in shard_indices], spec)
+        shards = [(self.urls[i], self.manifest.shards[i]["file"], int(self.manifest.shards[i]["samples"]))
+                  for i in shard_indices]
+        return RankShardStream(shards, spec)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)

@@ -30,15 +30,26 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, ext if dot else ""
 
 
-def tar_samples(url: str, shard_name: str) -> Iterator[dict[str, Any] | BadData]:
-    """Samples (``{"__key__", "__shard__", ext: bytes, ...}``) of one shard, then a BadData if it is damaged."""
+def tar_samples(url: str, shard_name: str, expected: int | None = None,
+                required: tuple[str, ...] = ("json", "txt")) -> Iterator[dict[str, Any] | BadData]:
+    """Samples (``{"__key__", "__shard__", ext: bytes, ...}``) of one shard, and a BadData for each damage.
+
+    A tar cut short at a header boundary reads as a clean end of archive, so the count is checked
+    against ``expected`` (from the manifest) too. A sample missing a ``required`` member is bad data."""
     current: dict[str, Any] | None = None
-    last_key = "(start of shard)"
+    last_key, complete = "(start of shard)", 0
     try:
         stream = gopen(url, "rb")
     except Exception as exc:  # noqa: BLE001 - any failure to open is reported as bad data of this shard
         yield BadData(shard_name, "", f"cannot open {url!r}: {exc}")
         return
+
+    def finished(sample: dict[str, Any]) -> dict[str, Any] | BadData:
+        missing = [ext for ext in required if ext not in sample]
+        if missing:
+            return BadData(shard_name, sample["__key__"], f"incomplete sample: no {', '.join(missing)} member")
+        return sample
+
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -50,14 +61,23 @@ def tar_samples(url: str, shard_name: str) -> Iterator[dict[str, Any] | BadData]
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is cut short")
                 if current is not None and current["__key__"] != key:
-                    yield current
+                    item = finished(current)
+                    complete += not isinstance(item, BadData)
+                    yield item
                     current = None
                 if current is None:
                     current = {"__key__": key, "__shard__": shard_name}
                 current[ext] = data
                 last_key = key
-        if current is not None:
-            yield current
+        last = finished(current) if current is not None else None
+        if isinstance(last, dict):
+            complete += 1
+            yield last
+        if expected is not None and complete < expected:
+            yield BadData(shard_name, last_key, f"shard ended after {complete} of {expected} samples: the tar is "
+                                                f"truncated or damaged")
+        elif isinstance(last, BadData):
+            yield last
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         # The sample being assembled may be incomplete: it is dropped with the rest of the shard.
         yield BadData(shard_name, last_key, f"damaged tar after sample '{last_key}': {type(exc).__name__}: {exc}")

@@ -153,12 +153,12 @@ class TrainingLoop:
             elapsed = max(now - self._step_started, 1e-9)
             samples = self.cfg.training.batch_size * self.world.size * self.accum
             stats = self.loader.stats
-            bad, padded = parallel.sum_across_ranks(self.acc, [stats.bad_samples, stats.padded_samples])
+            bad, padded = parallel.sum_across_ranks(self.acc, [stats.bad_records, stats.padded_samples])
             self.metrics.log(step, {"epoch": epoch, "loss": mean_loss,
                                     "lr": self.setup.lr_scheduler.get_last_lr()[0],
                                     "steps_per_s": 1.0 / elapsed, "samples_per_s": samples / elapsed,
                                     "skipped_steps": self.state.skipped_steps,
-                                    "data_bad_samples": bad, "data_padded_samples": padded,
+                                    "data_bad_records": bad, "data_padded_samples": padded,
                                     "optimizer": self.setup.optimizer_choice.used, **self._comm_metrics()})
         self.metrics.advance()
         self._step_started = now

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dist_lora.data.kohya import DatasetFolderError
 from dist_lora.data.buckets import Bucket
+from dist_lora.data.kohya import DatasetFolderError
 from dist_lora.data.prepare import PrepareOptions, prepare_dataset, resize_and_crop
 
 

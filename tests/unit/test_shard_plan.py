@@ -1,12 +1,29 @@
+"""Epoch planning and the shard loader: equal steps, every sample once, bad data, shard URLs."""
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from dist_lora.data.shards import Manifest, ShardDataError, epoch_shard_order, plan_epoch
+from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+from dist_lora.data.shards import (
+    Manifest,
+    ShardDataError,
+    ShardLoader,
+    assign_shards,
+    epoch_shard_order,
+    plan_epoch,
+)
 
 
-def _manifest(sizes: list[int]) -> Manifest:
-    shards = [{"file": f"s{i}.tar", "samples": n, "samples_with_repeats": n} for i, n in enumerate(sizes)]
+def _manifest(sizes: list[int], buckets: list[list[int]] | None = None) -> Manifest:
+    shards = [{"file": f"s{i}.tar", "samples": n, "samples_with_repeats": n,
+               "bucket": (buckets[i] if buckets else [64, 64])} for i, n in enumerate(sizes)]
     return Manifest(Path("/data"), 64, shards, {})
 
 
@@ -16,21 +33,36 @@ def test_shard_order_depends_on_seed_and_epoch_only() -> None:
     assert epoch_shard_order(10, 1, 0) != epoch_shard_order(10, 1, 1)
 
 
-def test_uneven_shards_give_equal_steps_and_count_drops() -> None:
-    manifest = _manifest([10, 3, 7, 5, 9])
+def test_uneven_shards_give_equal_steps_and_count_padding() -> None:
+    manifest = _manifest([10, 3, 7, 5, 9], [[64, 64], [64, 64], [128, 64], [64, 64], [128, 64]])
     plans = [plan_epoch(manifest, seed=0, epoch=0, rank=r, world_size=2, batch_size=2) for r in range(2)]
     assert plans[0].steps == plans[1].steps
-    all_shards = sorted(plans[0].shard_indices + plans[1].shard_indices)
-    assert all_shards == [0, 1, 2, 3, 4]
-    total = sum(p.steps * 2 + p.dropped for p in plans)
-    assert total == 34
+    assert sorted(plans[0].shard_indices + plans[1].shard_indices) == [0, 1, 2, 3, 4]
+    assert sum(p.samples for p in plans) == 34  # nothing dropped
+    for p in plans:  # steps * batch = real + padding, on every rank
+        assert p.steps * 2 == p.samples + p.padded and p.padded >= 0
+    # Balanced by size: the two ranks' sample counts differ by at most the smallest shard.
+    assert abs(plans[0].samples - plans[1].samples) <= 3
+    # Accumulation: steps rounded up to a multiple.
+    assert plan_epoch(manifest, seed=0, epoch=0, rank=0, world_size=2, batch_size=2, multiple_of=4).steps % 4 == 0
+
+
+def test_assignment_is_a_partition_for_many_layouts() -> None:
+    for world in (1, 2, 3, 8):
+        for epoch in range(5):
+            manifest = _manifest([(i * 7919 + epoch) % 13 + 1 for i in range(17)])
+            assigned = assign_shards(manifest, 0, epoch, world)
+            assert sorted(i for shards in assigned for i in shards) == list(range(17))
+            order = epoch_shard_order(17, 0, epoch)
+            for shards in assigned:  # each rank reads its shards in the epoch's order
+                assert shards == sorted(shards, key=order.index)
 
 
 def test_too_few_shards_is_an_error() -> None:
-    with pytest.raises(ShardDataError, match="1 shard.*2 ranks"):
+    with pytest.raises(ShardDataError, match=r"1 shard\(s\) but 2 rank\(s\) x 1 worker\(s\)"):
         plan_epoch(_manifest([10]), seed=0, epoch=0, rank=0, world_size=2, batch_size=1)
-    with pytest.raises(ShardDataError, match="fewer than batch_size"):
-        plan_epoch(_manifest([3]), seed=0, epoch=0, rank=0, world_size=1, batch_size=4)
+    with pytest.raises(ShardDataError, match=r"3 shard\(s\) but 2 rank\(s\) x 2 worker\(s\) = 4 readers"):
+        plan_epoch(_manifest([10, 10, 10]), seed=0, epoch=0, rank=0, world_size=2, batch_size=1, num_workers=2)
 
 
 def test_missing_manifest_is_named(tmp_path: Path) -> None:
@@ -38,3 +70,102 @@ def test_missing_manifest_is_named(tmp_path: Path) -> None:
         Manifest.read(tmp_path)
     with pytest.raises(ShardDataError, match="is not a folder"):
         Manifest.read(tmp_path / "nope")
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two buckets, uneven shards: 11 squares x 2 repeats (shards of 4, 4, 3) + 5 wide x 1 (4, 1)."""
+    root = tmp_path_factory.mktemp("uneven")
+    for i in range(11):
+        Image.new("RGB", (80, 80), (i * 20, 0, 0)).save(_mk(root / "src" / "2_square" / f"s{i:02d}.png"))
+    for i in range(5):
+        Image.new("RGB", (256, 64), (0, i * 40, 0)).save(_mk(root / "src" / "1_wide" / f"w{i:02d}.png"))
+    prepare_dataset(root / "src", root / "shards", PrepareOptions(resolution=128, shard_size=4, min_side=32,
+                                                                 workers=1))
+    return root / "shards"
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _expected_keys(shards: Path) -> Counter[str]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    keys: Counter[str] = Counter()
+    for shard in manifest["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    keys.update(f"{member.name[:-5]}#{r}" for r in range(meta["repeats"]))
+    return keys
+
+
+def test_two_ranks_two_workers_see_every_sample_once(uneven: Path) -> None:
+    manifest = json.loads((uneven / "manifest.json").read_text())
+    assert sorted(s["samples"] for s in manifest["shards"]) == [1, 3, 4, 4, 4]
+    for epoch in range(3):
+        seen: Counter[str] = Counter()
+        steps = []
+        for rank in range(2):
+            loader = ShardLoader(uneven, rank=rank, world_size=2, batch_size=3, seed=5, num_workers=2,
+                                 shuffle_buffer=4)
+            batches = list(loader.epoch(epoch))
+            steps.append(len(batches))
+            for batch in batches:
+                assert batch.pixels is not None and len({tuple(batch.pixels.shape[1:])}) == 1  # one bucket
+                assert batch.weights.tolist() == [0.0 if k.startswith("pad:") else 1.0 for k in batch.keys]
+                seen.update(batch.real_keys)
+            plan = loader.plan(epoch)
+            assert loader.stats.padded_samples == plan.padded
+        assert steps[0] == steps[1]
+        assert seen == _expected_keys(uneven)  # 27 samples with repeats, each exactly once
+
+
+def test_damaged_shards_are_skipped_counted_and_logged_once(uneven: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(uneven, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    first = damaged / manifest["shards"][0]["file"]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # a truncated tar
+    second = damaged / manifest["shards"][1]["file"]
+    with tarfile.open(second) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    broken_key = members[0][0].name.split(".")[0]
+    with tarfile.open(second, "w") as tar:
+        for member, data in members:
+            if member.name.endswith((".png", ".jpg")) and member.name.startswith(broken_key + "."):
+                data = b"garbage"
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    caplog.set_level(logging.WARNING, logger="dist_lora.data.shards")
+    loader = ShardLoader(damaged, rank=0, world_size=1, batch_size=2, seed=0, num_workers=2)
+    for epoch in range(2):
+        batches = list(loader.epoch(epoch))
+        assert len(batches) == loader.plan(epoch).steps  # the step count never changes
+    repeats = int(json.loads(dict((m.name, d) for m, d in members)[f"{broken_key}.json"])["repeats"])
+    # Per epoch: one record for the truncated shard, one per repeat of the broken member.
+    assert loader.stats.bad_records == 2 * (1 + repeats)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2  # each damaged place logged once over both epochs
+    assert any(manifest["shards"][0]["file"] in w and "damaged" in w for w in warnings)
+    assert any(manifest["shards"][1]["file"] in w and broken_key in w for w in warnings)
+
+
+def test_brace_and_pipe_urls_read_the_same_samples(uneven: Path) -> None:
+    n = len(json.loads((uneven / "manifest.json").read_text())["shards"])
+    local = ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1, num_workers=0)
+    want = [b.keys for b in local.epoch(0)]
+    brace = f"{uneven}/train-{{000000..{n - 1:06d}}}.tar"
+    for pattern in (brace, f"pipe:cat {brace}"):
+        loader = ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1, num_workers=0, shard_urls=pattern)
+        assert [b.keys for b in loader.epoch(0)] == want
+    with pytest.raises(ShardDataError, match="expands to 2 URLs"):
+        ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1, shard_urls=f"{uneven}/train-{{0..1}}.tar")
+    with pytest.raises(ShardDataError, match="does not name shard"):
+        ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1,
+                    shard_urls=f"{uneven}/x-{{000000..{n - 1:06d}}}.tar")
