@@ -32,6 +32,24 @@ def shapes_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def uneven_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two buckets and uneven shards: 11 squares x 2 repeats (shards of 4, 4, 3) + 5 wide 4:1 x 1 (4, 1)."""
+    from PIL import Image
+
+    from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+
+    root = tmp_path_factory.mktemp("uneven")
+    for folder, count, size in (("2_square", 11, (80, 80)), ("1_wide", 5, (256, 64))):
+        (root / "src" / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", size, (i * 20, 255 - i * 20, 90)).save(root / "src" / folder / f"{folder[2]}{i:02d}.png")
+            (root / "src" / folder / f"{folder[2]}{i:02d}.txt").write_text(f"dlsks, {folder[2:]}, tone {i}")
+    prepare_dataset(root / "src", root / "shards", PrepareOptions(resolution=128, shard_size=4, min_side=32,
+                                                                 workers=1))
+    return root / "shards"
+
+
 def tiny_train_config(model: Path, shards: Path, out: Path, **sections: dict[str, object]) -> dict[str, dict]:
     raw: dict[str, dict] = {
         "model": {"pretrained": str(model)},

@@ -30,8 +30,9 @@ def _all_sample_keys(shards: Path) -> Counter[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
-    raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / "run",
+def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], uneven_shards: Path, tmp_path: Path) -> None:
+    """2 ranks x 2 workers over uneven shards of two buckets: every sample (x repeats) exactly once."""
+    raw = tiny_train_config(tiny_models["sdxl"], uneven_shards, tmp_path / "run",
                             data={"num_workers": 2}, training={"batch_size": 2, "max_steps": 0, "epochs": 1},
                             logging={"record_sample_keys": True, "comm_stats": True})
     recipe = tmp_path / "recipe.toml"
@@ -44,15 +45,19 @@ def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], shapes
 
     records = [json.loads(line) for line in (tmp_path / "run" / "sample_keys.jsonl").read_text().splitlines()]
     per_rank: dict[int, list[str]] = {0: [], 1: []}
+    pads = 0
     steps: Counter[int] = Counter()
     for record in records:
-        per_rank[record["rank"]].extend(record["keys"])
+        per_rank[record["rank"]].extend(k for k in record["keys"] if not k.startswith("pad:"))
+        pads += sum(k.startswith("pad:") for k in record["keys"])
         steps[record["rank"]] += 1
-    assert steps[0] == steps[1] == 12  # 48 samples / 2 ranks / batch 2: equal steps, nothing dropped
+    assert steps[0] == steps[1]  # equal steps on both ranks
     assert not set(per_rank[0]) & set(per_rank[1])
-    assert Counter(per_rank[0] + per_rank[1]) == _all_sample_keys(shapes_shards)
+    assert Counter(per_rank[0] + per_rank[1]) == _all_sample_keys(uneven_shards)  # 27, each exactly once
+    assert steps[0] * 2 * 2 == 27 + pads  # steps x batch x ranks = samples + padding
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 12  # written once, by the main process only
+    assert len(metrics) == steps[0]  # written once, by the main process only
+    assert metrics[-1]["data_padded_samples"] == pads and metrics[-1]["data_bad_records"] == 0
     # DDP all-reduces exactly the trainable adapter gradients each step: no frozen weights, nothing twice.
     assert all(m["allreduce_bytes"] == m["trainable_bytes"] > 0 for m in metrics)

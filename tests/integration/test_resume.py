@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 
 
 def _raw(model: Path, shards: Path, out: Path, steps: int = 6, **checkpoint: object) -> dict:
+    # Caption transforms are on, so an exact resume also needs the same augment randomness.
     return tiny_train_config(model, shards, out, optimizer={"lr": 1e-2},
+                             data={"shuffle_caption": True, "tag_dropout": 0.3, "caption_dropout": 0.1},
                              scheduler={"type": "cosine", "warmup_steps": 2},
                              training={"max_steps": steps, "batch_size": 2},
                              checkpoint={"every_steps": 3, **checkpoint},

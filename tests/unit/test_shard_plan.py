@@ -8,9 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from dist_lora.data.prepare import PrepareOptions, prepare_dataset
 from dist_lora.data.shards import (
     Manifest,
     ShardDataError,
@@ -72,24 +70,6 @@ def test_missing_manifest_is_named(tmp_path: Path) -> None:
         Manifest.read(tmp_path / "nope")
 
 
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two buckets, uneven shards: 11 squares x 2 repeats (shards of 4, 4, 3) + 5 wide x 1 (4, 1)."""
-    root = tmp_path_factory.mktemp("uneven")
-    for i in range(11):
-        Image.new("RGB", (80, 80), (i * 20, 0, 0)).save(_mk(root / "src" / "2_square" / f"s{i:02d}.png"))
-    for i in range(5):
-        Image.new("RGB", (256, 64), (0, i * 40, 0)).save(_mk(root / "src" / "1_wide" / f"w{i:02d}.png"))
-    prepare_dataset(root / "src", root / "shards", PrepareOptions(resolution=128, shard_size=4, min_side=32,
-                                                                 workers=1))
-    return root / "shards"
-
-
-def _mk(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _expected_keys(shards: Path) -> Counter[str]:
     manifest = json.loads((shards / "manifest.json").read_text())
     keys: Counter[str] = Counter()
@@ -102,14 +82,14 @@ def _expected_keys(shards: Path) -> Counter[str]:
     return keys
 
 
-def test_two_ranks_two_workers_see_every_sample_once(uneven: Path) -> None:
-    manifest = json.loads((uneven / "manifest.json").read_text())
+def test_two_ranks_two_workers_see_every_sample_once(uneven_shards: Path) -> None:
+    manifest = json.loads((uneven_shards / "manifest.json").read_text())
     assert sorted(s["samples"] for s in manifest["shards"]) == [1, 3, 4, 4, 4]
     for epoch in range(3):
         seen: Counter[str] = Counter()
         steps = []
         for rank in range(2):
-            loader = ShardLoader(uneven, rank=rank, world_size=2, batch_size=3, seed=5, num_workers=2,
+            loader = ShardLoader(uneven_shards, rank=rank, world_size=2, batch_size=3, seed=5, num_workers=2,
                                  shuffle_buffer=4)
             batches = list(loader.epoch(epoch))
             steps.append(len(batches))
@@ -120,15 +100,15 @@ def test_two_ranks_two_workers_see_every_sample_once(uneven: Path) -> None:
             plan = loader.plan(epoch)
             assert loader.stats.padded_samples == plan.padded
         assert steps[0] == steps[1]
-        assert seen == _expected_keys(uneven)  # 27 samples with repeats, each exactly once
+        assert seen == _expected_keys(uneven_shards)  # 27 samples with repeats, each exactly once
 
 
-def test_damaged_shards_are_skipped_counted_and_logged_once(uneven: Path, tmp_path: Path,
+def test_damaged_shards_are_skipped_counted_and_logged_once(uneven_shards: Path, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     import shutil
 
     damaged = tmp_path / "damaged"
-    shutil.copytree(uneven, damaged)
+    shutil.copytree(uneven_shards, damaged)
     manifest = json.loads((damaged / "manifest.json").read_text())
     first = damaged / manifest["shards"][0]["file"]
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # a truncated tar
@@ -156,16 +136,18 @@ def test_damaged_shards_are_skipped_counted_and_logged_once(uneven: Path, tmp_pa
     assert any(manifest["shards"][1]["file"] in w and broken_key in w for w in warnings)
 
 
-def test_brace_and_pipe_urls_read_the_same_samples(uneven: Path) -> None:
-    n = len(json.loads((uneven / "manifest.json").read_text())["shards"])
-    local = ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1, num_workers=0)
+def test_brace_and_pipe_urls_read_the_same_samples(uneven_shards: Path) -> None:
+    n = len(json.loads((uneven_shards / "manifest.json").read_text())["shards"])
+    local = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=2, seed=1, num_workers=0)
     want = [b.keys for b in local.epoch(0)]
-    brace = f"{uneven}/train-{{000000..{n - 1:06d}}}.tar"
+    brace = f"{uneven_shards}/train-{{000000..{n - 1:06d}}}.tar"
     for pattern in (brace, f"pipe:cat {brace}"):
-        loader = ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1, num_workers=0, shard_urls=pattern)
+        loader = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=2, seed=1, num_workers=0,
+                             shard_urls=pattern)
         assert [b.keys for b in loader.epoch(0)] == want
     with pytest.raises(ShardDataError, match="expands to 2 URLs"):
-        ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1, shard_urls=f"{uneven}/train-{{0..1}}.tar")
+        ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=2, seed=1,
+                    shard_urls=f"{uneven_shards}/train-{{0..1}}.tar")
     with pytest.raises(ShardDataError, match="does not name shard"):
-        ShardLoader(uneven, rank=0, world_size=1, batch_size=2, seed=1,
-                    shard_urls=f"{uneven}/x-{{000000..{n - 1:06d}}}.tar")
+        ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=2, seed=1,
+                    shard_urls=f"{uneven_shards}/x-{{000000..{n - 1:06d}}}.tar")
