@@ -1,9 +1,10 @@
 """Data-path throughput: is the loader fast enough that a GPU never waits on it?
 
-    .venv/bin/python benchmarks/data_throughput.py [--images 48] [--out benchmarks/results/data_throughput_cpu.json]
+    .venv/bin/python benchmarks/data_throughput.py [--images 120] [--out benchmarks/results/data_throughput_cpu.json]
 
 Measured on this machine's CPU cores, with 1 and 2 worker processes:
-- prepare: decode a ~1024^2 source JPEG, pick its SDXL bucket, resize + crop, encode (one-time cost);
+- prepare: decode a ~1024^2 source JPEG, pick its SDXL bucket, resize + crop, encode (one-time cost),
+  timed by the command's own report;
 - loader, images: the training loader over prepared SDXL-bucket JPEG shards (decode + to-tensor,
   repeats, shuffle, single-bucket batches of 4);
 - loader, cached: the same loader over shards holding SDXL-sized cached latents (4x128x128) and
@@ -21,6 +22,7 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -36,7 +38,7 @@ from safetensors.torch import save as save_bytes
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_lora.data.prepare import MANIFEST_NAME, PrepareOptions, prepare_dataset  # noqa: E402
+from dist_lora.data.prepare import MANIFEST_NAME  # noqa: E402
 from dist_lora.data.shards import LATENT_MEMBER, TEXT_MEMBER, ShardLoader  # noqa: E402
 
 H100_SDXL_IMG_PER_S = {"no_gradient_checkpointing": 55.6, "gradient_checkpointing": 37.7}
@@ -58,10 +60,15 @@ def write_sources(folder: Path, count: int) -> None:
 
 
 def prepare_rate(src: Path, out: Path, workers: int, count: int) -> float:
+    """Images per second of `dist-lora prepare`, from its own report (pool start-up included).
+
+    It runs as the command line does, in a fresh process: spawned decode workers import the main
+    module again, and this script's main module imports torch, which the CLI's does not."""
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    prepare_dataset(src, out, PrepareOptions(resolution=1024, image_format="jpg", shard_size=8, workers=workers))
-    return count / (time.perf_counter() - started)
+    cmd = [sys.executable, "-m", "dist_lora.cli", "prepare", str(src), str(out), "--resolution", "1024",
+           "--image-format", "jpg", "--shard-size", "8", "--workers", str(workers)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    return count / float(json.loads((out / "report.json").read_text())["seconds"])
 
 
 def loader_rate(shards: Path, workers: int, **kwargs: object) -> tuple[float, int]:
@@ -69,6 +76,8 @@ def loader_rate(shards: Path, workers: int, **kwargs: object) -> tuple[float, in
                          shuffle_buffer=16, **kwargs)  # type: ignore[arg-type]
     started = time.perf_counter()
     samples = sum(len(batch.real_keys) for batch in loader.epoch(0))
+    if loader.stats.bad_records:
+        raise RuntimeError(f"{loader.stats.bad_records} bad records in '{shards}': the benchmark data is broken")
     return samples / (time.perf_counter() - started), samples
 
 
@@ -78,14 +87,14 @@ def write_cached_copy(shards: Path, out: Path) -> None:
     manifest = json.loads((shards / MANIFEST_NAME).read_text())
     gen = torch.Generator().manual_seed(0)
     for shard in manifest["shards"]:
+        bucket_w, bucket_h = shard["bucket"]
         with tarfile.open(shards / shard["file"]) as src, tarfile.open(out / shard["file"], "w") as dst:
-            keys = []
-            for member in src.getmembers():
+            members = src.getmembers()
+            for i, member in enumerate(members):
                 dst.addfile(member, src.extractfile(member))
-                if member.name.endswith(".json"):
-                    keys.append(member.name[: -len(".json")])
-            for key in keys:
-                bucket_w, bucket_h = shard["bucket"]
+                key = member.name.split(".")[0]
+                if i + 1 < len(members) and members[i + 1].name.split(".")[0] == key:
+                    continue  # a sample's members stay together: add the cached ones after its last
                 latent = {"mean": torch.randn(4, bucket_h // 8, bucket_w // 8, generator=gen).half(),
                           "std": torch.rand(4, bucket_h // 8, bucket_w // 8, generator=gen).half()}
                 text = {"hidden": torch.randn(77, 2048, generator=gen).half(),
@@ -102,7 +111,7 @@ def write_cached_copy(shards: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data_throughput_cpu.json"))
     args = parser.parse_args()
     random.seed(0)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from dist_lora.adapters.network import attach_network  # noqa: E402
 from dist_lora.config import NetworkConfig, config_from_dict, to_toml  # noqa: E402
 from dist_lora.data.prepare import PrepareOptions, prepare_dataset  # noqa: E402
-from dist_lora.data.shards import ShardLoader  # noqa: E402
+from dist_lora.data.shards import ShardLoader, pixels_to_unit_range  # noqa: E402
 from dist_lora.data.synthetic import write_shapes_dataset  # noqa: E402
 from dist_lora.models.load import load_components  # noqa: E402
 from dist_lora.models.text import encode_prompts, tokenize  # noqa: E402
@@ -71,7 +71,8 @@ def bare_step_times(model: Path, shards: Path, steps: int) -> list[float]:
     for _ in range(steps):
         started = time.perf_counter()
         with torch.no_grad():
-            latents = c.vae.encode(batch.pixels).latent_dist.sample() * c.vae.config.scaling_factor
+            pixels = pixels_to_unit_range(batch.pixels, torch.device("cpu"), torch.float32)
+            latents = c.vae.encode(pixels).latent_dist.sample() * c.vae.config.scaling_factor
             hidden, pooled = encode_prompts(c.text_encoders, tokenize(c.tokenizers, batch.captions), c.family)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (BATCH,))

@@ -26,7 +26,14 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from dist_lora.data.prepare import MANIFEST_NAME, REPORT_NAME
-from dist_lora.data.shards import LATENT_MEMBER, TEXT_MEMBER, Manifest, ShardDataError, decode_image
+from dist_lora.data.shards import (
+    LATENT_MEMBER,
+    TEXT_MEMBER,
+    Manifest,
+    ShardDataError,
+    decode_image,
+    pixels_to_unit_range,
+)
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.models.load import Components, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
@@ -108,7 +115,8 @@ class _Encoder:
     def encode(self, batch: list[dict[str, Any]]) -> list[dict[str, bytes]]:
         vae = self.c.vae
         assert vae is not None
-        pixels = torch.stack([s["__pixels__"] for s in batch]).to(self.device, next(vae.parameters()).dtype)
+        pixels = pixels_to_unit_range(torch.stack([s["__pixels__"] for s in batch]), self.device,
+                                      next(vae.parameters()).dtype)
         dist = vae.encode(pixels).latent_dist
         hidden = pooled = None
         if self.text:

@@ -202,10 +202,18 @@ def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iter
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """PNG/JPEG bytes -> float tensor [3, H, W] in [-1, 1]."""
+    """PNG/JPEG bytes -> uint8 tensor [3, H, W].
+
+    Pixels stay 8-bit until they reach the device (see ``pixels_to_unit_range``): a quarter of the
+    bytes a float tensor would need to cross from a DataLoader worker to the training process."""
     with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def pixels_to_unit_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [0, 255] -> ``dtype`` in [-1, 1] on ``device``, the VAE's input range."""
+    return pixels.to(device).to(dtype).div(127.5).sub(1.0)
 
 
 @dataclass(frozen=True)
@@ -272,7 +280,7 @@ class Batch:
     captions: list[str]
     metas: list[dict[str, Any]]
     weights: torch.Tensor  # 1 for real samples, 0 for padding
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # uint8 [B, 3, H, W]
     latent_mean: torch.Tensor | None = None
     latent_std: torch.Tensor | None = None
     hidden: torch.Tensor | None = None

@@ -21,7 +21,7 @@ from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, sav
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
-from dist_lora.data.shards import Batch, Manifest, ShardLoader, plan_epoch
+from dist_lora.data.shards import Batch, Manifest, ShardLoader, pixels_to_unit_range, plan_epoch
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import Components, ModelSource, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
@@ -224,7 +224,8 @@ class StepRunner:
         else:
             vae = self.c.vae
             assert vae is not None and batch.pixels is not None
-            dist = vae.encode(batch.pixels.to(self.acc.device, next(vae.parameters()).dtype)).latent_dist
+            pixels = pixels_to_unit_range(batch.pixels, self.acc.device, next(vae.parameters()).dtype)
+            dist = vae.encode(pixels).latent_dist
             mean, std, scaling = dist.mean, dist.std, vae.config.scaling_factor
         eps = per_sample_normal(tuple(mean.shape[1:]), generators).to(mean.device, mean.dtype)
         return ((mean + std * eps) * scaling).to(self.setup.weight_dtype)
