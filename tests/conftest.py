@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,19 @@ def uneven_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepare_dataset(root / "src", root / "shards", PrepareOptions(resolution=128, shard_size=4, min_side=32,
                                                                  workers=1))
     return root / "shards"
+
+
+def expected_sample_keys(shards: Path) -> Counter[str]:
+    """Every sample key of a prepared folder times its repeats (``key#r``), read from the tars directly."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    keys: Counter[str] = Counter()
+    for shard in manifest["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    keys.update(f"{member.name[: -len('.json')]}#{r}" for r in range(meta["repeats"]))
+    return keys
 
 
 def tiny_train_config(model: Path, shards: Path, out: Path, **sections: dict[str, object]) -> dict[str, dict]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from dist_lora.data.prepare import MANIFEST_NAME, REPORT_NAME
+from dist_lora.data.prepare import MANIFEST_NAME, REPORT_NAME, bucket_counts
 from dist_lora.data.shards import (
     LATENT_MEMBER,
     TEXT_MEMBER,
@@ -234,15 +234,9 @@ def _finish(manifest: Manifest, staging: Path, out: Path, opts: CacheOptions, co
         cache={"latents": True, "text": opts.text, "model": opts.model, "family": components.family,
                "dtype": opts.dtype, "scaling_factor": float(components.vae.config.scaling_factor)},
     )
-    buckets: dict[str, dict[str, int]] = {}
     for shard in shards:
         shard.setdefault("bucket", [manifest.resolution, manifest.resolution])
-        counts = buckets.setdefault(f"{shard['bucket'][0]}x{shard['bucket'][1]}",
-                                    {"samples": 0, "samples_with_repeats": 0, "shards": 0})
-        counts["samples"] += shard["samples"]
-        counts["samples_with_repeats"] += shard["samples_with_repeats"]
-        counts["shards"] += 1
-    data["buckets"] = buckets
+    data["buckets"] = bucket_counts(shards)
     (staging / OPTIONS_NAME).unlink()
     (staging / MANIFEST_NAME).write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
     (staging / REPORT_NAME).write_text(json.dumps({"cache_bad_samples": bad}, indent=1, ensure_ascii=False),

@@ -347,9 +347,8 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
     return report
 
 
-def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, Any]],
-                    tag_frequency: dict[str, Counter[str]], sources: dict[str, dict[str, Any]],
-                    fingerprint: dict[str, Any], report: PrepareReport, started: float) -> None:
+def bucket_counts(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """The manifest's per-bucket totals, from its per-shard entries (each shard holds one bucket)."""
     per_bucket: dict[str, dict[str, int]] = {}
     for shard in shards:
         counts = per_bucket.setdefault(f"{shard['bucket'][0]}x{shard['bucket'][1]}",
@@ -357,6 +356,13 @@ def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, 
         counts["samples"] += shard["samples"]
         counts["samples_with_repeats"] += shard["samples_with_repeats"]
         counts["shards"] += 1
+    return dict(sorted(per_bucket.items()))
+
+
+def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, Any]],
+                    tag_frequency: dict[str, Counter[str]], sources: dict[str, dict[str, Any]],
+                    fingerprint: dict[str, Any], report: PrepareReport, started: float) -> None:
+    per_bucket = bucket_counts(shards)
     report.shards = len(shards)
     report.samples_with_repeats = sum(s["samples_with_repeats"] for s in shards)
     report.buckets = {name: c["samples"] for name, c in sorted(per_bucket.items())}

@@ -4,29 +4,15 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from dist_lora.config import config_from_dict, to_toml
-from tests.conftest import tiny_train_config
+from tests.conftest import expected_sample_keys, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _all_sample_keys(shards: Path) -> Counter[str]:
-    manifest = json.loads((shards / "manifest.json").read_text())
-    keys: Counter[str] = Counter()
-    for shard in manifest["shards"]:
-        with tarfile.open(shards / shard["file"]) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    base = member.name[: -len(".json")]
-                    keys.update(f"{base}#{r}" for r in range(meta["repeats"]))
-    return keys
 
 
 @pytest.mark.slow
@@ -53,7 +39,7 @@ def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], uneven
         steps[record["rank"]] += 1
     assert steps[0] == steps[1]  # equal steps on both ranks
     assert not set(per_rank[0]) & set(per_rank[1])
-    assert Counter(per_rank[0] + per_rank[1]) == _all_sample_keys(uneven_shards)  # 27, each exactly once
+    assert Counter(per_rank[0] + per_rank[1]) == expected_sample_keys(uneven_shards)  # 27, each exactly once
     assert steps[0] * 2 * 2 == 27 + pads  # steps x batch x ranks = samples + padding
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

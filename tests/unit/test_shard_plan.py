@@ -17,6 +17,7 @@ from dist_lora.data.shards import (
     epoch_shard_order,
     plan_epoch,
 )
+from tests.conftest import expected_sample_keys
 
 
 def _manifest(sizes: list[int], buckets: list[list[int]] | None = None) -> Manifest:
@@ -70,18 +71,6 @@ def test_missing_manifest_is_named(tmp_path: Path) -> None:
         Manifest.read(tmp_path / "nope")
 
 
-def _expected_keys(shards: Path) -> Counter[str]:
-    manifest = json.loads((shards / "manifest.json").read_text())
-    keys: Counter[str] = Counter()
-    for shard in manifest["shards"]:
-        with tarfile.open(shards / shard["file"]) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    keys.update(f"{member.name[:-5]}#{r}" for r in range(meta["repeats"]))
-    return keys
-
-
 def test_two_ranks_two_workers_see_every_sample_once(uneven_shards: Path) -> None:
     manifest = json.loads((uneven_shards / "manifest.json").read_text())
     assert sorted(s["samples"] for s in manifest["shards"]) == [1, 3, 4, 4, 4]
@@ -100,7 +89,7 @@ def test_two_ranks_two_workers_see_every_sample_once(uneven_shards: Path) -> Non
             plan = loader.plan(epoch)
             assert loader.stats.padded_samples == plan.padded
         assert steps[0] == steps[1]
-        assert seen == _expected_keys(uneven_shards)  # 27 samples with repeats, each exactly once
+        assert seen == expected_sample_keys(uneven_shards)  # 27 samples with repeats, each exactly once
 
 
 def test_damaged_shards_are_skipped_counted_and_logged_once(uneven_shards: Path, tmp_path: Path,
