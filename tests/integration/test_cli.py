@@ -66,3 +66,25 @@ def test_python_m_entry_point_reports_errors() -> None:
     proc = subprocess.run([sys.executable, "-m", "dist_lora.train", "model.pretrained=x", "data.shards=y",
                            "training.batch_size=0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "training.batch_size': got 0; must be >= 1" in proc.stderr
+
+
+def test_data_commands_report_and_refuse(capsys: pytest.CaptureFixture[str], tiny_models: dict[str, Path],
+                                         shapes_shards: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src" / "3_cat"
+    src.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (200, 120), (9, 9, 9)).save(src / "a.png")
+    (src / "b.png").write_bytes(b"")
+    assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "shards"), "--resolution", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "found 2 images: 1 accepted, 1 rejected" in out and "3_cat/b.png: empty file (0 bytes)" in out
+    assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "bad"), "--resolution", "128",
+                 "--min-bucket-side", "100"]) == 2
+    assert "bucket min_side 100 must be a multiple of the step 64" in capsys.readouterr().err
+    # Too few shards for 2 ranks x 2 workers: refused before any model loads.
+    code, err = _train(capsys, f"model.pretrained={tiny_models['sd15']}", f"data.shards={tmp_path / 'shards'}",
+                       f"output.dir={tmp_path / 'run'}", "data.num_workers=2")
+    assert code == 2 and "1 shard(s) but 1 rank(s) x 2 worker(s)" in err
+    assert main(["cache", str(shapes_shards), str(tmp_path / "cached"), "--model", str(tmp_path / "no_model")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "cached").exists()
