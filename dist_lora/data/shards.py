@@ -225,6 +225,10 @@ class StreamSpec:
     captions: CaptionTransform = CaptionTransform()
     use_latents: bool = False  # read cached VAE posteriors instead of decoding images
     use_text: bool = False  # read cached text-encoder outputs instead of captions for encoding
+    # On resume: samples consumed before the checkpoint pass as placeholders (nothing decoded), and
+    # samples that failed to decode then are reported bad again without a second try.
+    skip_keys: frozenset[str] = frozenset()
+    bad_keys: frozenset[str] = frozenset()
 
 
 def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
@@ -266,10 +270,17 @@ class RankShardStream(IterableDataset):  # type: ignore[type-arg]
             if isinstance(item, BadData):
                 yield {"bad": item}
                 continue
+            key = item["__key__"]
+            if key in spec.skip_keys:
+                yield {"key": key, "meta": item["meta"], "placeholder": True}
+                continue
             try:
+                if key in spec.bad_keys:
+                    raise ShardDataError("failed to decode before the checkpoint this run resumed from")
                 yield decode_sample(item, spec)
             except Exception as exc:  # noqa: BLE001 - any undecodable member is bad data, reported and skipped
-                yield {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}")}
+                yield {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}",
+                                      sample_key=key)}
 
 
 # -- batches (main process) ----------------------------------------------------------------------------
@@ -316,6 +327,7 @@ class DataStats:
 
     bad_records: int = 0
     padded_samples: int = 0
+    placeholders: int = 0  # samples passed undecoded because they were consumed before a resume
     logged: set[tuple[str, str]] = field(default_factory=set)
 
     def bad(self, item: BadData) -> None:
@@ -326,8 +338,32 @@ class DataStats:
 
 
 def _shape_key(sample: dict[str, Any]) -> tuple[int, ...]:
+    # From the record, not the tensor, so that resume placeholders (never decoded) group alike.
+    bucket = sample["meta"].get("bucket")
+    if bucket is not None:
+        return tuple(bucket)
     tensor = sample["latent_mean"] if "latent_mean" in sample else sample["pixels"]
     return tuple(tensor.shape)
+
+
+@dataclass
+class EpochProgress:
+    """Where a rank's loader stands in an epoch; saved in checkpoints so a resume decodes nothing twice."""
+
+    epoch: int = 0
+    batches: int = 0  # batches yielded
+    consumed: list[str] = field(default_factory=list)  # real sample keys of those batches but the last one
+    last: list[str] = field(default_factory=list)  # real sample keys of the last batch with any
+    bad: list[str] = field(default_factory=list)  # sample keys that failed to decode
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "last": self.last,
+                "bad": sorted(set(self.bad))}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EpochProgress:
+        return cls(int(data["epoch"]), int(data["batches"]), list(data["consumed"]), list(data["last"]),
+                   list(data["bad"]))
 
 
 class ShardLoader:
@@ -349,54 +385,108 @@ class ShardLoader:
             raise ShardDataError(f"'{self.manifest.root}' holds no cached text-encoder outputs.")
         self.urls = self.manifest.urls(shard_urls)
         self.stats = DataStats()
+        self.progress = EpochProgress()
+        self._template: Batch | None = None
         self.plan(0)  # raises ShardDataError now, before any model loads
 
     def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
                           batch_size=self.batch_size, num_workers=self.num_workers, multiple_of=self.multiple_of)
 
-    def stream(self, epoch: int, shard_indices: list[int]) -> RankShardStream:
+    def stream(self, epoch: int, shard_indices: list[int], resume: EpochProgress | None = None) -> RankShardStream:
+        skip = frozenset(resume.consumed) if resume else frozenset()
+        bad = frozenset(resume.bad) if resume else frozenset()
         spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.captions, self.use_latents,
-                          self.use_text)
+                          self.use_text, skip, bad)
         shards = [(self.urls[i], self.manifest.shards[i]["file"], int(self.manifest.shards[i]["samples"]))
                   for i in shard_indices]
         return RankShardStream(shards, spec)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, resume: EpochProgress | None = None) -> Iterator[Batch]:
+        """The epoch's batches; with ``resume`` (saved by ``progress`` at a checkpoint), the batches after
+        those already consumed, identical to the uninterrupted epoch's.
+
+        Consumed samples still pass through the workers, as undecoded placeholders, so every worker's
+        sequence, and with it the interleaving and the bucket grouping, is the same as before."""
         plan = self.plan(epoch)
+        resume = resume if resume is not None and resume.epoch == epoch and resume.batches > 0 else None
+        skip = resume.batches if resume else 0
+        self.progress = EpochProgress(epoch, skip, list(resume.consumed) if resume else [],
+                                      list(resume.last) if resume else [], list(resume.bad) if resume else [])
         workers = min(self.num_workers, len(plan.shard_indices))
-        loader = DataLoader(self.stream(epoch, plan.shard_indices), batch_size=None, num_workers=workers,
+        loader = DataLoader(self.stream(epoch, plan.shard_indices, resume), batch_size=None, num_workers=workers,
                             persistent_workers=False, prefetch_factor=4 if workers else None)
+        produced = 0
+        for batch in self._batches(loader, skip):
+            produced += 1
+            if produced > plan.steps:
+                raise ShardDataError(f"rank {self.rank} read more than the {plan.steps} batches planned for epoch "
+                                     f"{epoch}; the shards in '{self.manifest.root}' do not match {MANIFEST_NAME}.")
+            if produced <= skip:
+                continue  # consumed before the checkpoint: placeholders, or the last consumed batch
+            self._record(batch)
+            yield batch
+        template = self._template  # the last real batch: fillers copy it with weight 0
+        while produced < plan.steps:  # this rank had fewer batches than the busiest rank
+            if template is None:
+                raise ShardDataError(f"rank {self.rank} could read no sample of its shards in epoch {epoch}; see "
+                                     f"the warnings above for the damaged shards.")
+            produced += 1
+            self.stats.padded_samples += self.batch_size
+            if produced > skip:
+                self.progress.batches += 1
+                yield Batch([f"pad:{k.removeprefix('pad:')}" for k in template.keys], template.captions,
+                            template.metas, torch.zeros_like(template.weights), template.pixels,
+                            template.latent_mean, template.latent_std, template.hidden, template.pooled)
+
+    def _record(self, batch: Batch) -> None:
+        progress = self.progress
+        progress.batches += 1
+        real = batch.real_keys
+        if real:
+            progress.consumed += progress.last
+            progress.last = real
+
+    def _batches(self, loader: DataLoader, skip: int) -> Iterator[Batch]:  # type: ignore[type-arg]
+        """Single-bucket batches in arrival order, then each bucket's last one completed with padding.
+
+        Batches of placeholders (consumed before a resume) come out as an empty marker batch that the
+        caller drops; the last consumed batch is decoded, so a padding template exists after a resume."""
         pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-        produced, last = 0, None
+        self._template = None
+        count = 0
+
+        def emit(group: list[dict[str, Any]], padded: bool) -> Batch:
+            nonlocal count
+            count += 1
+            placeholders = [s for s in group if s.get("placeholder")]
+            if placeholders:
+                if count > skip:
+                    raise ShardDataError(f"rank {self.rank}: the checkpoint's data position does not match the "
+                                         f"shards (sample {placeholders[0]['key']} was consumed before the resume but "
+                                         f"falls in batch {count}); resume with the same data and world size.")
+                return _PLACEHOLDER_BATCH
+            batch = _padded(group, self.batch_size) if padded else collate(group, [1.0] * len(group))
+            if padded:
+                self.stats.padded_samples += int((batch.weights == 0).sum())
+            self._template = batch
+            return batch
+
         for sample in loader:
             if "bad" in sample:
                 self.stats.bad(sample["bad"])
+                if sample["bad"].sample_key:
+                    self.progress.bad.append(sample["bad"].sample_key)
                 continue
+            self.stats.placeholders += bool(sample.get("placeholder"))
             group = pending.setdefault(_shape_key(sample), [])
             group.append(sample)
             if len(group) == self.batch_size:
-                last = collate(group, [1.0] * len(group))
                 pending[_shape_key(sample)] = []
-                produced += 1
-                yield last
+                yield emit(group, padded=False)
         for group in pending.values():  # the last, incomplete batch of each bucket
             if group:
-                last = _padded(group, self.batch_size)
-                self.stats.padded_samples += int((last.weights == 0).sum())
-                produced += 1
-                yield last
-        if produced > plan.steps:
-            raise ShardDataError(f"rank {self.rank} read {produced} batches in epoch {epoch} but planned "
-                                 f"{plan.steps}; the shards in '{self.manifest.root}' do not match {MANIFEST_NAME}.")
-        if produced < plan.steps and last is None:
-            raise ShardDataError(f"rank {self.rank} could read no sample of its shards in epoch {epoch}; see the "
-                                 f"warnings above for the damaged shards.")
-        while produced < plan.steps:  # this rank had fewer batches than the busiest rank
-            assert last is not None
-            filler = Batch([f"pad:{k.removeprefix('pad:')}" for k in last.keys], last.captions, last.metas,
-                           torch.zeros_like(last.weights), last.pixels, last.latent_mean, last.latent_std,
-                           last.hidden, last.pooled)
-            self.stats.padded_samples += self.batch_size
-            produced += 1
-            yield filler
+                yield emit(group, padded=True)
+
+
+_PLACEHOLDER_BATCH = Batch([], [], [], torch.zeros(0))

@@ -21,6 +21,7 @@ class BadData:
     shard: str
     key: str
     reason: str
+    sample_key: str = ""  # the expanded sample key (``key#repeat``) when one sample failed to decode
 
 
 def _split_name(name: str) -> tuple[str, str]:

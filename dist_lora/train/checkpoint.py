@@ -26,6 +26,7 @@ from dist_lora.train import parallel
 from dist_lora.utils.files import write_text_atomic
 
 COMPLETE = "COMPLETE"
+DATA_PROGRESS = "data_progress.json"  # every rank's loader position, in rank order
 _PREFIX = "step-"
 
 
@@ -74,8 +75,11 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any, trained: nn.Module,
-             position: TrainPosition) -> Path:
-        """Collective: every rank calls it. Returns the completed folder."""
+             position: TrainPosition, data_progress: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. Returns the completed folder.
+
+        ``data_progress`` is this rank's loader position (which samples it consumed this epoch), so a
+        resume skips them without decoding them again."""
         final = self.root / f"{_PREFIX}{position.step:08d}"
         staging = self.root / f".tmp-{final.name}"
         is_main = accelerator.is_main_process
@@ -83,6 +87,7 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         rng_states = parallel.gather_to_all(torch.get_rng_state())
+        data_states = parallel.gather_to_all(data_progress)
         parallel.barrier(accelerator)
         parallel.save_engine_state(accelerator, model, optimizer, str(staging))
         params = [p for _, p in _adapter_params(trained)]
@@ -96,6 +101,7 @@ class CheckpointManager:
             torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
             save_file({f"rank{r}": s for r, s in enumerate(rng_states)}, str(staging / "rng.safetensors"))
             (staging / "position.json").write_text(json.dumps(asdict(position)))
+            (staging / DATA_PROGRESS).write_text(json.dumps(data_states, ensure_ascii=False))
             _fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an earlier crash
             staging.rename(final)
@@ -104,6 +110,15 @@ class CheckpointManager:
                 shutil.rmtree(old)
         parallel.barrier(accelerator)
         return final
+
+    @staticmethod
+    def data_progress(folder: Path, rank: int) -> dict[str, Any] | None:
+        """This rank's saved loader position, if the checkpoint has one for it."""
+        path = folder / DATA_PROGRESS
+        if not path.is_file():
+            return None
+        states = json.loads(path.read_text(encoding="utf-8"))
+        return states[rank] if rank < len(states) else None
 
     @staticmethod
     def load(folder: Path, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dist_lora.config import Config
-from dist_lora.data.shards import Batch, ShardLoader
+from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
 from dist_lora.train import parallel
 from dist_lora.train.checkpoint import CheckpointManager, TrainPosition, resolve_resume
 from dist_lora.train.guards import NanInjection, NonFiniteRunError, Preempted, StopSignals, gradients_finite
@@ -45,6 +45,7 @@ class TrainingLoop:
         self.state = LoopState()
         self.nan_injection = NanInjection(world.rank)
         self.accum = cfg.training.gradient_accumulation_steps
+        self.resume_progress: EpochProgress | None = None
 
     # -- resume and checkpoints --------------------------------------------------------------------
     def resume(self) -> None:
@@ -56,12 +57,15 @@ class TrainingLoop:
                                                      parallel.unwrap(self.acc, s.model))
         self.state.last_checkpoint_step = self.state.position.step
         self.state.resumed_from = str(folder)
+        saved = CheckpointManager.data_progress(folder, self.world.rank)
+        self.resume_progress = EpochProgress.from_json(saved) if saved else None
         self.metrics.advance(self.state.position.step)
 
     def checkpoint(self) -> Path:
         s = self.setup
         folder = self.checkpoints.save(self.acc, s.model, s.optimizer, s.lr_scheduler,
-                                       parallel.unwrap(self.acc, s.model), self.state.position)
+                                       parallel.unwrap(self.acc, s.model), self.state.position,
+                                       self.loader.progress.to_json())
         self.state.last_checkpoint_step = self.state.position.step
         return folder
 
@@ -72,11 +76,15 @@ class TrainingLoop:
         self._step_started = time.perf_counter()
         for epoch in range(start.epoch, len(self.micro_per_epoch)):
             already = start.batch_in_epoch if epoch == start.epoch else 0
-            for index, batch in enumerate(self.loader.epoch(epoch)):
+            progress = self.resume_progress if epoch == start.epoch else None
+            if progress is not None and (progress.epoch, progress.batches) != (epoch, already):
+                progress = None  # not the checkpoint's own position: replay the epoch's start instead
+            first = already if progress is not None else 0
+            for index, batch in enumerate(self.loader.epoch(epoch, resume=progress), start=first):
                 if index == self.micro_per_epoch[epoch]:
                     break
                 if index < already:
-                    continue  # consumed before the checkpoint we resumed from
+                    continue  # consumed before the checkpoint (replayed: the checkpoint has no data position)
                 synced = self._micro_step(batch, epoch, index)
                 if synced:
                     self._end_of_step(epoch, signals)

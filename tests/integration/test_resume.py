@@ -73,6 +73,9 @@ def test_exact_resume_single_process(tiny_models: dict[str, Path], shapes_shards
     # Older checkpoints are pruned only down to `keep`, and each is marked complete.
     steps = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert steps == ["step-00000003", "step-00000006"]
+    # The data position went into the checkpoint: the resume skipped the consumed samples undecoded.
+    progress = json.loads((tmp_path / "split" / "checkpoints" / "step-00000003" / "data_progress.json").read_text())
+    assert progress[0]["epoch"] == 0 and progress[0]["batches"] == 3 and len(progress[0]["consumed"]) == 4
 
 
 @pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml"])

@@ -8,7 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
+from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.shards import (
     Manifest,
     ShardDataError,
@@ -140,3 +142,46 @@ def test_brace_and_pipe_urls_read_the_same_samples(uneven_shards: Path) -> None:
     with pytest.raises(ShardDataError, match="does not name shard"):
         ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=2, seed=1,
                     shard_urls=f"{uneven_shards}/x-{{000000..{n - 1:06d}}}.tar")
+
+
+def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: Path) -> None:
+    """A loader resumed from a saved position yields exactly the rest of the epoch, and the samples
+    consumed before the stop pass the workers undecoded."""
+    import shutil
+
+    from dist_lora.data.shards import EpochProgress
+
+    damaged = tmp_path / "damaged"  # one undecodable member, so the resume must also replay bad data
+    shutil.copytree(uneven_shards, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    shard = damaged / manifest["shards"][2]["file"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    with tarfile.open(shard, "w") as tar:
+        for i, (member, data) in enumerate(members):
+            data = b"broken" if i == 0 else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+    def loader() -> ShardLoader:
+        return ShardLoader(damaged, rank=1, world_size=2, batch_size=2, seed=3, num_workers=2, shuffle_buffer=4,
+                           captions=CaptionTransform(shuffle=True))
+
+    full = list(loader().epoch(1))
+    assert len(full) == loader().plan(1).steps
+    for stop in (1, 3, len(full) - 1, len(full)):
+        first = loader()
+        for _ in zip(range(stop), first.epoch(1), strict=False):
+            pass
+        saved = json.loads(json.dumps(first.progress.to_json()))  # as the checkpoint stores it
+        resumed = loader()
+        rest = list(resumed.epoch(1, resume=EpochProgress.from_json(saved)))
+        assert [b.keys for b in rest] == [b.keys for b in full[stop:]]
+        assert [b.captions for b in rest] == [b.captions for b in full[stop:]]
+        for got, want in zip(rest, full[stop:], strict=True):
+            assert got.pixels is not None and want.pixels is not None and torch.equal(got.pixels, want.pixels)
+            assert torch.equal(got.weights, want.weights)
+        consumed_real = sum(len(b.real_keys) for b in full[:stop])
+        last_real = next(len(b.real_keys) for b in reversed(full[:stop]) if b.real_keys)
+        assert resumed.stats.placeholders == consumed_real - last_real  # only the last consumed batch decoded
+        assert resumed.progress.batches == len(full)
