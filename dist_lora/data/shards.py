@@ -355,15 +355,16 @@ class EpochProgress:
     consumed: list[str] = field(default_factory=list)  # real sample keys of those batches but the last one
     last: list[str] = field(default_factory=list)  # real sample keys of the last batch with any
     bad: list[str] = field(default_factory=list)  # sample keys that failed to decode
+    layout: list[int] = field(default_factory=list)  # [world size, workers, batch size, seed] it holds for
 
     def to_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "last": self.last,
-                "bad": sorted(set(self.bad))}
+                "bad": sorted(set(self.bad)), "layout": self.layout}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EpochProgress:
         return cls(int(data["epoch"]), int(data["batches"]), list(data["consumed"]), list(data["last"]),
-                   list(data["bad"]))
+                   list(data["bad"]), list(data.get("layout", [])))
 
 
 class ShardLoader:
@@ -385,8 +386,16 @@ class ShardLoader:
             raise ShardDataError(f"'{self.manifest.root}' holds no cached text-encoder outputs.")
         self.urls = self.manifest.urls(shard_urls)
         self.stats = DataStats()
-        self.progress = EpochProgress()
+        self.progress = EpochProgress(layout=self.layout)
         self._template: Batch | None = None
+
+    @property
+    def layout(self) -> list[int]:
+        return [self.world_size, self.num_workers, self.batch_size, self.seed]
+
+    def can_resume(self, progress: EpochProgress, epoch: int, batches: int) -> bool:
+        """Whether ``progress`` describes this loader at (epoch, batches): same ranks, workers, batch, seed."""
+        return (progress.epoch, progress.batches, progress.layout) == (epoch, batches, self.layout)
         self.plan(0)  # raises ShardDataError now, before any model loads
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -409,10 +418,13 @@ class ShardLoader:
         Consumed samples still pass through the workers, as undecoded placeholders, so every worker's
         sequence, and with it the interleaving and the bucket grouping, is the same as before."""
         plan = self.plan(epoch)
-        resume = resume if resume is not None and resume.epoch == epoch and resume.batches > 0 else None
+        if resume is not None and not self.can_resume(resume, epoch, resume.batches):
+            raise ShardDataError(f"rank {self.rank}: the saved data position (epoch {resume.epoch}, layout "
+                                 f"{resume.layout}) is not for epoch {epoch} of this loader (layout {self.layout}).")
         skip = resume.batches if resume else 0
         self.progress = EpochProgress(epoch, skip, list(resume.consumed) if resume else [],
-                                      list(resume.last) if resume else [], list(resume.bad) if resume else [])
+                                      list(resume.last) if resume else [], list(resume.bad) if resume else [],
+                                      self.layout)
         workers = min(self.num_workers, len(plan.shard_indices))
         loader = DataLoader(self.stream(epoch, plan.shard_indices, resume), batch_size=None, num_workers=workers,
                             persistent_workers=False, prefetch_factor=4 if workers else None)

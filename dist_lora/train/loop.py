@@ -77,8 +77,10 @@ class TrainingLoop:
         for epoch in range(start.epoch, len(self.micro_per_epoch)):
             already = start.batch_in_epoch if epoch == start.epoch else 0
             progress = self.resume_progress if epoch == start.epoch else None
-            if progress is not None and (progress.epoch, progress.batches) != (epoch, already):
-                progress = None  # not the checkpoint's own position: replay the epoch's start instead
+            if progress is not None and not self.loader.can_resume(progress, epoch, already):
+                # Another layout (ranks, workers, batch size, seed) than the stopped run: the sample order
+                # differs anyway, so replay the epoch's start instead.
+                progress = None
             first = already if progress is not None else 0
             for index, batch in enumerate(self.loader.epoch(epoch, resume=progress), start=first):
                 if index == self.micro_per_epoch[epoch]:

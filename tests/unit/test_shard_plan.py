@@ -185,3 +185,9 @@ def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: P
         last_real = next(len(b.real_keys) for b in reversed(full[:stop]) if b.real_keys)
         assert resumed.stats.placeholders == consumed_real - last_real  # only the last consumed batch decoded
         assert resumed.progress.batches == len(full)
+    # A position saved under another layout (here: 1 worker instead of 2) is not used for a skip.
+    other = ShardLoader(damaged, rank=1, world_size=2, batch_size=2, seed=3, num_workers=1, shuffle_buffer=4)
+    saved_progress = EpochProgress.from_json(saved)
+    assert not other.can_resume(saved_progress, 1, saved_progress.batches)
+    with pytest.raises(ShardDataError, match="not for epoch 1 of this loader"):
+        next(iter(other.epoch(1, resume=saved_progress)))
