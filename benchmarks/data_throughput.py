@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_lora.data.prepare import MANIFEST_NAME  # noqa: E402
-from dist_lora.data.shards import LATENT_MEMBER, TEXT_MEMBER, ShardLoader  # noqa: E402
+from dist_lora.data.shards import ShardLoader  # noqa: E402
+from dist_lora.data.stream import LATENT_MEMBER, TEXT_MEMBER  # noqa: E402
 
 H100_SDXL_IMG_PER_S = {"no_gradient_checkpointing": 55.6, "gradient_checkpointing": 37.7}
 BATCH = 4

@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 from dist_lora.adapters.network import attach_network  # noqa: E402
 from dist_lora.config import NetworkConfig, config_from_dict, to_toml  # noqa: E402
 from dist_lora.data.prepare import PrepareOptions, prepare_dataset  # noqa: E402
-from dist_lora.data.shards import ShardLoader, pixels_to_unit_range  # noqa: E402
+from dist_lora.data.shards import ShardLoader  # noqa: E402
+from dist_lora.data.stream import pixels_to_unit_range  # noqa: E402
 from dist_lora.data.synthetic import write_shapes_dataset  # noqa: E402
 from dist_lora.models.load import load_components  # noqa: E402
 from dist_lora.models.text import encode_prompts, tokenize  # noqa: E402

@@ -26,14 +26,8 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from dist_lora.data.prepare import MANIFEST_NAME, REPORT_NAME, bucket_counts
-from dist_lora.data.shards import (
-    LATENT_MEMBER,
-    TEXT_MEMBER,
-    Manifest,
-    ShardDataError,
-    decode_image,
-    pixels_to_unit_range,
-)
+from dist_lora.data.shards import Manifest, ShardDataError
+from dist_lora.data.stream import LATENT_MEMBER, TEXT_MEMBER, decode_image, pixels_to_unit_range
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.models.load import Components, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
@@ -76,7 +70,6 @@ def _check(src: Path, out: Path, opts: CacheOptions) -> Manifest:
         raise FileExistsError(f"cache output '{out}' exists; choose another folder or pass --overwrite.")
     check_writable_dir(out.parent)
     inspect_model_source(opts.model, opts.config_dir)  # a bad model path fails before any loading
-    manifest.urls()
     return manifest
 
 
@@ -176,6 +169,7 @@ def _claim(staging: Path, src: Path, opts: CacheOptions) -> None:
 def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> CacheReport:
     src, out = Path(src), Path(out)
     manifest = _check(src, out, opts)  # every input checked before the models load
+    urls = manifest.urls()  # raises for missing shard files
     world = parallel.process_world()
     staging = out.with_name(f".{out.name}.partial")
     if world.is_main:
@@ -188,7 +182,6 @@ def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> Cache
                              f"it or repeat those settings.")
 
     report = CacheReport()
-    urls = manifest.urls()
     mine = [i for i in range(len(manifest.shards)) if i % world.size == world.rank]
     todo = [i for i in mine if not (staging / f".{manifest.shards[i]['file']}.done.json").is_file()
             or not (staging / manifest.shards[i]["file"]).is_file()]

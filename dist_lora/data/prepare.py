@@ -332,7 +332,6 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
             tags = [t.strip() for t in caption.split(",") if t.strip()]
             tag_frequency.setdefault(image.folder, Counter()).update(tags)
         sink.close()
-        previous.close()
         assert report.found == report.accepted + len(report.rejected)
         if report.accepted == 0:
             raise DatasetFolderError(f"dataset folder '{src}': no image could be used; see the reasons: "

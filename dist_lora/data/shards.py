@@ -13,7 +13,6 @@ Batches are assembled in the main process (workers only read and decode), so the
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -23,22 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load as load_safetensors_bytes
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.prepare import MANIFEST_FORMAT, MANIFEST_NAME
-from dist_lora.data.tar_samples import BadData, tar_samples
+from dist_lora.data.stream import RankShardStream, StreamSpec
+from dist_lora.data.tar_samples import BadData
 from dist_lora.errors import DistLoraError
 
 log = logging.getLogger(__name__)
-
-LATENT_MEMBER = "vae.safetensors"  # cached VAE posterior: "mean" and "std", unscaled
-TEXT_MEMBER = "te.safetensors"  # cached text-encoder outputs: "hidden" (and "pooled" for SDXL)
 
 
 class ShardDataError(DistLoraError):
@@ -169,118 +163,6 @@ def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_si
     steps = math.ceil(most / multiple_of) * multiple_of
     samples = sum(int(manifest.shards[i]["samples_with_repeats"]) for i in assigned[rank])
     return EpochPlan(steps, assigned[rank], samples, steps * batch_size - samples)
-
-
-# -- reading and decoding (runs in DataLoader workers) -------------------------------------------------
-
-def _expand_repeats(items: Iterator[dict[str, Any] | BadData]) -> Iterator[dict[str, Any] | BadData]:
-    for item in items:
-        if isinstance(item, BadData):
-            yield item
-            continue
-        try:
-            meta = json.loads(item["json"])
-            repeats = int(meta.get("repeats", 1))
-        except (KeyError, ValueError, TypeError) as exc:
-            yield BadData(item["__shard__"], item["__key__"], f"unreadable json member: {exc}")
-            continue
-        for r in range(repeats):
-            yield {**item, "__key__": f"{item['__key__']}#{r}", "__source_key__": item["__key__"], "meta": meta}
-
-
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    buffer: list[Any] = []
-    for item in items:
-        if isinstance(item, BadData) or size <= 1:
-            yield item
-            continue
-        buffer.append(item)
-        if len(buffer) >= size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """PNG/JPEG bytes -> uint8 tensor [3, H, W].
-
-    Pixels stay 8-bit until they reach the device (see ``pixels_to_unit_range``): a quarter of the
-    bytes a float tensor would need to cross from a DataLoader worker to the training process."""
-    with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def pixels_to_unit_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [0, 255] -> ``dtype`` in [-1, 1] on ``device``, the VAE's input range."""
-    return pixels.to(device).to(dtype).div(127.5).sub(1.0)
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    seed: int
-    epoch: int
-    rank: int
-    shuffle_buffer: int
-    captions: CaptionTransform = CaptionTransform()
-    use_latents: bool = False  # read cached VAE posteriors instead of decoding images
-    use_text: bool = False  # read cached text-encoder outputs instead of captions for encoding
-    # On resume: samples consumed before the checkpoint pass as placeholders (nothing decoded), and
-    # samples that failed to decode then are reported bad again without a second try.
-    skip_keys: frozenset[str] = frozenset()
-    bad_keys: frozenset[str] = frozenset()
-
-
-def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
-    key = sample["__key__"]
-    caption = sample["txt"].decode("utf-8")
-    out: dict[str, Any] = {"key": key, "meta": sample["meta"], "shard": sample["__shard__"],
-                           "caption": spec.captions(caption, CaptionTransform.rng(spec.seed, spec.epoch, key))}
-    if spec.use_latents:
-        cached = load_safetensors_bytes(sample[LATENT_MEMBER])
-        out["latent_mean"], out["latent_std"] = cached["mean"].float(), cached["std"].float()
-    else:
-        image_bytes = sample.get("png") or sample.get("jpg")
-        if image_bytes is None:
-            raise ShardDataError("no png/jpg member")
-        out["pixels"] = decode_image(image_bytes)
-    if spec.use_text:
-        text = load_safetensors_bytes(sample[TEXT_MEMBER])
-        out["hidden"] = text["hidden"].float()
-        if "pooled" in text:
-            out["pooled"] = text["pooled"].float()
-    return out
-
-
-class RankShardStream(IterableDataset):  # type: ignore[type-arg]
-    """One rank's samples for one epoch; DataLoader workers split the rank's shards between them."""
-
-    def __init__(self, shards: list[tuple[str, str, int]], spec: StreamSpec) -> None:
-        super().__init__()
-        self.shards, self.spec = shards, spec  # (url, shard file name, samples in the manifest)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.shards[worker::workers]
-        spec = self.spec
-        rng = random.Random(f"samples/{spec.seed}/{spec.epoch}/{spec.rank}/{worker}")
-        raw = (item for url, name, expected in mine for item in tar_samples(url, name, expected))
-        for item in _buffer_shuffle(_expand_repeats(raw), spec.shuffle_buffer, rng):
-            if isinstance(item, BadData):
-                yield {"bad": item}
-                continue
-            key = item["__key__"]
-            if key in spec.skip_keys:
-                yield {"key": key, "meta": item["meta"], "placeholder": True}
-                continue
-            try:
-                if key in spec.bad_keys:
-                    raise ShardDataError("failed to decode before the checkpoint this run resumed from")
-                yield decode_sample(item, spec)
-            except Exception as exc:  # noqa: BLE001 - any undecodable member is bad data, reported and skipped
-                yield {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}",
-                                      sample_key=key)}
 
 
 # -- batches (main process) ----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, sav
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
-from dist_lora.data.shards import Batch, Manifest, ShardLoader, pixels_to_unit_range, plan_epoch
+from dist_lora.data.shards import Batch, Manifest, ShardLoader, plan_epoch
+from dist_lora.data.stream import pixels_to_unit_range
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import Components, ModelSource, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
