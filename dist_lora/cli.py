@@ -54,7 +54,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     opts = CacheOptions(model=args.model, config_dir=args.config_dir, text=not args.no_text, dtype=args.dtype,
                         batch_size=args.batch_size, overwrite=args.overwrite)
-    report = cache_dataset(args.src, args.out, opts)
+    from dist_lora.train.parallel import shutdown
+
+    try:
+        report = cache_dataset(args.src, args.out, opts)
+    finally:
+        shutdown()
     print(f"rank {os.environ.get('RANK', '0')}: cached {report.samples} samples in {report.shards_done} shards "
           f"({report.shards_resumed} already done), {len(report.bad)} bad samples left out")
     for bad in report.bad:
@@ -66,9 +71,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dist_lora.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from dist_lora.train.parallel import shutdown
     from dist_lora.train.trainer import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    finally:
+        shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"adapter: {result.adapter_path}\nconfig: {result.config_path}\nmetrics: {result.metrics_path}\n"
               f"loss: {result.first_loss:.4f} -> {result.last_loss:.4f} over {result.steps} steps")

@@ -73,6 +73,14 @@ def process_world() -> World:
                  state.device)
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter teardown, gloo's
+    threads can be destroyed while joinable, and the C++ runtime aborts the process (SIGABRT) after a
+    clean stop."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 
