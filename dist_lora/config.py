@@ -190,7 +190,8 @@ class OutputConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = _field(1, "Write metrics every this many optimizer steps.", minimum=1)
+    log_every: int = _field(10, "Write metrics (and reduce the data counters across ranks) every this many "
+                            "optimizer steps; skipped steps and the last step are always written.", minimum=1)
     progress_bar: bool = _field(True, "Show a progress bar (loss, lr, speed) on the main process.")
     record_sample_keys: bool = _field(False, "Write sample_keys.jsonl: which rank consumed which sample "
                                       "at which step (for audits and tests).")

@@ -56,15 +56,20 @@ def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int]
     return [*original_size, *crop_top_left, *target_size]
 
 
-def sample_generators(seed: int, step: int, global_indices: list[int]) -> list[torch.Generator]:
+def sample_generators(seed: int, step: int, global_indices: list[int],
+                      device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per sample, seeded from (seed, optimizer step, the sample's position in the global
     batch). The noise a sample gets is then the same however the global batch is split over ranks and
-    accumulation micro-steps, and a resumed run draws exactly what the uninterrupted one drew."""
-    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + i) for i in global_indices]
+    accumulation micro-steps, and a resumed run draws exactly what the uninterrupted one drew.
+
+    The generators live on ``device`` so the draws are made where they are used (no host-to-device copy
+    of the noise each step); CUDA's generator gives other numbers than the CPU's, the same on every GPU."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 65_537 + i)
+            for i in global_indices]
 
 
 def per_sample_normal(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
 
 
 def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator],
@@ -78,4 +83,4 @@ def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator],
 
 
 def per_sample_timesteps(num_train_timesteps: int, generators: list[torch.Generator]) -> torch.Tensor:
-    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
+    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=g.device) for g in generators])

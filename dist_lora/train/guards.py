@@ -7,7 +7,6 @@ import signal
 from types import FrameType
 
 import torch
-from torch import nn
 
 # Exit status of a run that checkpointed and stopped early (preemption or checkpoint.stop_at_step):
 # EX_TEMPFAIL, "try again": start the same command again to resume.
@@ -51,21 +50,39 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
-def gradients_finite(params: list[nn.Parameter]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; backward turns the incoming gradient into +inf (a simulated overflow)."""
+
+    @staticmethod
+    def forward(ctx: object, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.full_like(grad, float("inf"))
 
 
-class NanInjection:
-    """Test hook: ``DIST_LORA_INJECT_NAN="RANK:STEP[,STEP...]"`` makes that rank's loss NaN at those
-    optimizer steps, to exercise the non-finite guard on real processes."""
+def _steps_for_rank(variable: str, rank: int) -> set[int]:
+    spec = os.environ.get(variable, "")
+    if not spec:
+        return set()
+    target, _, steps = spec.partition(":")
+    return {int(s) for s in steps.split(",") if s} if int(target) == rank else set()
+
+
+class FaultInjection:
+    """Test hooks that exercise the non-finite guard and the loss scaler on real processes:
+    ``DIST_LORA_INJECT_NAN="RANK:STEP[,STEP...]"`` makes that rank's loss NaN at those optimizer steps;
+    ``DIST_LORA_INJECT_INF_GRAD="RANK:STEP[,...]"`` keeps the loss finite but makes its gradients inf
+    (what an fp16 overflow in the backward pass looks like)."""
 
     def __init__(self, rank: int) -> None:
-        spec = os.environ.get("DIST_LORA_INJECT_NAN", "")
-        self.steps: set[int] = set()
-        if spec:
-            target, _, steps = spec.partition(":")
-            if int(target) == rank:
-                self.steps = {int(s) for s in steps.split(",") if s}
+        self.nan_steps = _steps_for_rank("DIST_LORA_INJECT_NAN", rank)
+        self.inf_grad_steps = _steps_for_rank("DIST_LORA_INJECT_INF_GRAD", rank)
 
     def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        return loss * float("nan") if step in self.steps else loss
+        if step in self.nan_steps:
+            return loss * float("nan")
+        if step in self.inf_grad_steps:
+            return _InfiniteGradient.apply(loss)  # type: ignore[no-any-return]
+        return loss

@@ -1,11 +1,25 @@
 """The step loop: micro-batches, accumulation, the non-finite guard, checkpoints, resume and stops.
 
-Every decision that changes control flow (skip a step, stop the run) is agreed across ranks with one
-small all-reduce, so no rank ever waits in a collective that another rank skipped.
+Host synchronisation budget: each optimizer step makes one small all-reduce and one device-to-host read
+(a 3-value tensor: the summed loss, a "gradients not finite" flag taken from the norm that clipping
+computes, and a stop request). Every control-flow decision (skip the update, stop the run) is taken from
+that one reduced tensor, so no rank waits in a collective that another rank skipped, and nothing else in
+the step waits for the GPU. The loss stays on the device until then.
+
+Non-finite values:
+- bf16 / fp32: a step whose loss or gradient norm is not finite on any rank is skipped on every rank.
+- fp16: the loss scaler owns overflow. Gradients are unscaled before clipping, the scaler skips the update
+  and halves its scale; those skips are counted (``loss_scale_skips``). The loop itself skips a step only
+  for a non-finite loss, which no scale cures.
+- DeepSpeed: the engine steps inside backward() and skips a non-finite step itself (clearing its
+  gradient buffers, so nothing leaks into the next accumulation window); the loop counts it.
+A skipped step still counts as a step: the position, the keyed noise and the LR schedule all advance, on
+every path alike, so the schedule ends with max_steps however many steps overflowed.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +31,7 @@ from dist_lora.config import Config
 from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
 from dist_lora.train import parallel
 from dist_lora.train.checkpoint import CheckpointManager, TrainPosition, resolve_resume
-from dist_lora.train.guards import NanInjection, NonFiniteRunError, Preempted, StopSignals, gradients_finite
+from dist_lora.train.guards import FaultInjection, NonFiniteRunError, Preempted, StopSignals
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 
 
@@ -25,12 +39,19 @@ from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 class LoopState:
     position: TrainPosition = field(default_factory=lambda: TrainPosition(0, 0, 0, 0))
     losses: list[float] = field(default_factory=list)
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # updates not applied, for any reason
+    loss_scale_skips: int = 0  # of which the fp16 loss scaler skipped for an overflow
     consecutive_skips: int = 0
-    step_is_bad: bool = False
-    accum_loss: float = 0.0
     last_checkpoint_step: int = -1
     resumed_from: str = ""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    mean_loss: float
+    applied: bool
+    scaler_skipped: bool  # an overflow the fp16 loss scaler handled (not a non-finite loss)
+    stop_requested: bool  # a stop signal reached some rank
 
 
 class TrainingLoop:
@@ -43,7 +64,10 @@ class TrainingLoop:
         self.metrics, self.key_log = metrics, key_log
         self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
         self.state = LoopState()
-        self.nan_injection = NanInjection(world.rank)
+        self.faults = FaultInjection(world.rank)
+        self.signals = StopSignals()
+        self._loss_sum: torch.Tensor | None = None  # this window's summed loss, on the device
+        self._outcome = StepOutcome(float("nan"), True, False, False)
         self.accum = cfg.training.gradient_accumulation_steps
         self.resume_progress: EpochProgress | None = None
 
@@ -71,6 +95,7 @@ class TrainingLoop:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, signals: StopSignals) -> None:
+        self.signals = signals
         self.setup.model.train()
         start = self.state.position
         self._step_started = time.perf_counter()
@@ -89,7 +114,7 @@ class TrainingLoop:
                     continue  # consumed before the checkpoint (replayed: the checkpoint has no data position)
                 synced = self._micro_step(batch, epoch, index)
                 if synced:
-                    self._end_of_step(epoch, signals)
+                    self._end_of_step(epoch)
         if self.cfg.checkpoint.every_steps and self.state.last_checkpoint_step != self.state.position.step:
             self.checkpoint()
 
@@ -100,56 +125,86 @@ class TrainingLoop:
             self.key_log.write(epoch, position.micro_step, parallel.gather_to_all(batch.keys))
         with self.acc.accumulate(s.model):
             loss = self.runner.loss(batch, position.step, position.micro_step % self.accum)
-            loss = self.nan_injection.apply(loss, position.step + 1)
-            if parallel.all_ranks_any(self.acc, not bool(torch.isfinite(loss.detach()).all())):
-                st.step_is_bad = True
-            if not st.step_is_bad:
-                self.acc.backward(loss)
+            loss = self.faults.apply(loss, position.step + 1)
+            # Always backward, even a non-finite loss: under DDP every rank must join the gradient
+            # all-reduce, and DeepSpeed's micro-step counter must stay aligned with ours. Its gradients
+            # are discarded below.
+            self.acc.backward(loss)
+            detached = loss.detach().float()
+            self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
             synced = self.acc.sync_gradients
-            if synced and not st.step_is_bad and not parallel.uses_deepspeed(self.acc):
-                # DeepSpeed steps inside backward(); there the loss check above is the guard.
-                st.step_is_bad = parallel.all_ranks_any(self.acc, not gradients_finite(s.trainable_params))
-            if synced and not st.step_is_bad:
-                parallel.clip_gradients(self.acc, s.trainable_params, self.cfg.optimizer.max_grad_norm)
-                s.optimizer.step()
+            if synced:
+                self._outcome = self._optimizer_step()
             s.optimizer.zero_grad(set_to_none=True)
         position.micro_step += 1
         position.epoch, position.batch_in_epoch = epoch, index + 1
-        st.accum_loss += float(loss.detach().float().item()) / self.accum
         return synced
 
-    def _end_of_step(self, epoch: int, signals: StopSignals) -> None:
+    def _optimizer_step(self) -> StepOutcome:
+        """At the end of an accumulation window: one all-reduce and one read decide the update."""
+        s = self.setup
+        assert self._loss_sum is not None
+        deepspeed = parallel.uses_deepspeed(self.acc)
+        if deepspeed:
+            grads_bad = torch.zeros((), device=self._loss_sum.device)
+        else:
+            norm = parallel.gradient_norm(self.acc, s.trainable_params, self.cfg.optimizer.max_grad_norm)
+            grads_bad = (~torch.isfinite(norm)).float().to(self._loss_sum.device)
+        stop = torch.tensor(1.0 if self.signals.received else 0.0).to(self._loss_sum.device, non_blocking=True)
+        local = torch.stack([self._loss_sum, grads_bad, stop])
+        self._loss_sum = None
+        loss_sum, grads_bad_count, stop_count = parallel.sum_tensor_across_ranks(self.acc, local).tolist()
+        loss_ok = math.isfinite(loss_sum)
+        scaler = self.acc.scaler is not None
+        if deepspeed:
+            applied = parallel.engine_step_applied(self.acc, s.model)
+        elif not loss_ok or (grads_bad_count > 0 and not scaler):
+            parallel.discard_step(self.acc)
+            applied = False
+        else:
+            applied = parallel.optimizer_step(s.optimizer)
+        return StepOutcome(loss_sum / (self.world.size * self.accum), applied,
+                           scaler_skipped=not applied and loss_ok and self.acc.mixed_precision == "fp16",
+                           stop_requested=stop_count > 0)
+
+    def _end_of_step(self, epoch: int) -> None:
         s, st, cfg = self.setup, self.state, self.cfg
+        outcome = self._outcome
         s.lr_scheduler.step()
         st.position.step += 1
         step = st.position.step
-        bad, st.step_is_bad = st.step_is_bad, False
-        mean_loss = parallel.mean_across_ranks(self.acc, torch.tensor(st.accum_loss))
-        st.accum_loss = 0.0
-        if bad:
+        if outcome.applied:
+            st.consecutive_skips = 0
+            st.losses.append(outcome.mean_loss)
+        else:
             st.skipped_steps += 1
-            st.consecutive_skips += 1
+            st.loss_scale_skips += int(outcome.scaler_skipped)
+            # Overflows are the loss scaler's to cure by backing off; they count toward a stop only once
+            # the scale has fallen below 1, where backing off no longer helps.
+            scale = parallel.loss_scale(self.acc, s.model) if outcome.scaler_skipped else None
+            if scale is None or scale < 1.0:
+                st.consecutive_skips += 1
             if st.consecutive_skips >= cfg.training.max_consecutive_skips:
                 raise NonFiniteRunError(
                     f"{st.consecutive_skips} optimizer steps in a row (up to step {step}) had a non-finite loss or "
                     f"gradient and were skipped. Lower optimizer.lr, use training.mixed_precision = 'bf16' or 'no', "
                     f"check the data for broken images; the last checkpoint is intact.")
-        else:
-            st.consecutive_skips = 0
-            st.losses.append(mean_loss)
-        self._log(step, epoch, mean_loss, bad)
+        self._log(step, epoch, outcome.mean_loss, not outcome.applied)
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.checkpoint()
         if step < self.total_steps:
-            self._maybe_stop(step, signals)
+            self._maybe_stop(step, outcome.stop_requested)
 
-    def _maybe_stop(self, step: int, signals: StopSignals) -> None:
-        reason = signals.received or ("checkpoint.stop_at_step" if step == self.cfg.checkpoint.stop_at_step else "")
-        if not parallel.all_ranks_any(self.acc, bool(reason)):
+    def _maybe_stop(self, step: int, stop_requested: bool) -> None:
+        # Both inputs agree on every rank: the stop flag went through the step's all-reduce, and
+        # stop_at_step is configuration.
+        at_step = step == self.cfg.checkpoint.stop_at_step
+        if not (stop_requested or at_step):
             return
+        reason = self.signals.received or ("checkpoint.stop_at_step" if at_step else "another rank was signalled")
         folder = self.checkpoint() if self.state.last_checkpoint_step != step else \
             self.checkpoints.root / f"step-{step:08d}"
-        raise Preempted(step, str(folder), reason or "another rank was signalled")
+        raise Preempted(step, str(folder), reason)
 
     def _comm_metrics(self) -> dict[str, int]:
         if self.setup.comm is None:
@@ -168,6 +223,7 @@ class TrainingLoop:
                                     "lr": self.setup.lr_scheduler.get_last_lr()[0],
                                     "steps_per_s": 1.0 / elapsed, "samples_per_s": samples / elapsed,
                                     "skipped_steps": self.state.skipped_steps,
+                                    "loss_scale_skips": self.state.loss_scale_skips,
                                     "data_bad_records": bad, "data_padded_samples": padded,
                                     "optimizer": self.setup.optimizer_choice.used, **self._comm_metrics()})
         self.metrics.advance()

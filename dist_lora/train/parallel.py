@@ -105,6 +105,11 @@ def make_accelerator(shape: TrainingShape) -> Accelerator:
         ds_config["train_micro_batch_size_per_gpu"] = shape.micro_batch_size
         ds_config["gradient_accumulation_steps"] = shape.gradient_accumulation_steps
         ds_config["gradient_clipping"] = shape.max_grad_norm
+        if shape.mixed_precision == "bf16":
+            # Skip (and clear) a step whose gradients are not finite, as the fp16 loss scaler does; older
+            # DeepSpeed releases default to applying it.
+            bf16 = ds_config.get("bf16") if isinstance(ds_config.get("bf16"), dict) else {}
+            ds_config["bf16"] = {**bf16, "enabled": True, "check_grad_overflow": True}
         ds_config.pop("train_batch_size", None)
         return accelerator
     # Without CUDA, accelerate only picks its multi-process CPU mode (gloo) when told cpu=True.
@@ -167,10 +172,50 @@ def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     return accelerator.unwrap_model(model)
 
 
-def clip_gradients(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float) -> None:
-    """DDP: clip here. DeepSpeed clips inside its engine step (gradient_clipping in its config)."""
-    if max_norm > 0 and not uses_deepspeed(accelerator):
-        accelerator.clip_grad_norm_(params, max_norm)
+def gradient_norm(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Unscale (fp16), clip when ``max_norm`` > 0, and return the total gradient norm as a device tensor,
+    never read back here: a non-finite norm is the one fused "gradients not finite" flag of the step.
+    Not for DeepSpeed, whose engine unscales, clips and checks inside its own step."""
+    accelerator.unscale_gradients()
+    # clip_grad_norm_ computes the norm with foreach kernels and scales by min(1, max/norm) on the
+    # device; with max_norm = inf the scale is exactly 1.
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def optimizer_step(optimizer: Any) -> bool:
+    """Step the optimizer; under fp16 the loss scaler skips a step whose gradients overflowed and halves
+    its scale. Returns whether the update was applied."""
+    optimizer.step()
+    return not bool(getattr(optimizer, "step_was_skipped", False))
+
+
+def discard_step(accelerator: Accelerator) -> None:
+    """Drop this step's gradients without an update. Under fp16 the loss scaler's bookkeeping for the
+    step (begun by unscaling) is closed: it backs off if the gradients overflowed."""
+    if accelerator.scaler is not None:
+        accelerator.scaler.update()
+
+
+def engine_step_applied(accelerator: Accelerator, model: Any) -> bool:
+    """DeepSpeed steps inside backward() and skips a step whose gradients overflowed or are not finite
+    (fp16 loss scaling; bf16 with check_grad_overflow; an invalid norm otherwise), clearing its
+    gradient buffers. True elsewhere: there the loop decides."""
+    return bool(model.was_step_applied()) if uses_deepspeed(accelerator) else True
+
+
+def loss_scale(accelerator: Accelerator, model: Any) -> float | None:
+    """The current fp16 loss scale (a device-to-host read: call only when a step was skipped)."""
+    if uses_deepspeed(accelerator):
+        scale = getattr(getattr(model, "optimizer", None), "loss_scale", None)
+        return float(scale) if scale is not None and accelerator.mixed_precision == "fp16" else None
+    return float(accelerator.scaler.get_scale()) if accelerator.scaler is not None else None
+
+
+def sum_tensor_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """One all-reduce (sum) of a small device tensor; the caller reads it back once."""
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor, reduction="sum")
 
 
 @contextlib.contextmanager

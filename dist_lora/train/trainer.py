@@ -220,34 +220,41 @@ class StepRunner:
     def _latents(self, batch: Batch, generators: list[torch.Generator]) -> torch.Tensor:
         """A draw from the VAE posterior of each image, scaled; from the cache when the batch carries it."""
         if batch.latent_mean is not None and batch.latent_std is not None:
-            mean, std = batch.latent_mean.to(self.acc.device), batch.latent_std.to(self.acc.device)
+            mean, std = self._to_device(batch.latent_mean), self._to_device(batch.latent_std)
             scaling = self.scaling_factor
         else:
             vae = self.c.vae
             assert vae is not None and batch.pixels is not None
-            pixels = pixels_to_unit_range(batch.pixels, self.acc.device, next(vae.parameters()).dtype)
+            pixels = pixels_to_unit_range(self._to_device(batch.pixels), self.acc.device, next(vae.parameters()).dtype)
             dist = vae.encode(pixels).latent_dist
             mean, std, scaling = dist.mean, dist.std, vae.config.scaling_factor
-        eps = per_sample_normal(tuple(mean.shape[1:]), generators).to(mean.device, mean.dtype)
+        eps = per_sample_normal(tuple(mean.shape[1:]), generators).to(mean.dtype)
         return ((mean + std * eps) * scaling).to(self.setup.weight_dtype)
 
     def _noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         noise = per_sample_noise(tuple(latents.shape[1:]), generators, self.cfg.training.noise_offset)
-        return noise.to(latents.device, latents.dtype)
+        return noise.to(latents.dtype)
+
+    def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Host-to-device copy that does not make the host wait for the GPU: from pinned memory and
+        non_blocking (the kernels that read it are queued on the same stream after the copy)."""
+        if self.acc.device.type == "cuda" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.acc.device, dtype, non_blocking=True)
 
     def loss(self, batch: Any, step: int, micro_in_step: int) -> torch.Tensor:
         generators = sample_generators(self.cfg.training.seed, step,
-                                       self.global_indices(micro_in_step, len(batch.keys)))
+                                       self.global_indices(micro_in_step, len(batch.keys)), self.acc.device)
         num_t = self.c.noise_scheduler.config.num_train_timesteps
-        timesteps = per_sample_timesteps(num_t, generators).to(self.acc.device)
+        timesteps = per_sample_timesteps(num_t, generators)
         latents = self._latents(batch, generators)
         noise = self._noise(latents, generators)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         kwargs: dict[str, Any] = {}
         if batch.hidden is not None:
             dtype = self.setup.weight_dtype
-            pooled = batch.pooled.to(self.acc.device, dtype) if batch.pooled is not None else None
-            kwargs.update(hidden_states=batch.hidden.to(self.acc.device, dtype), pooled=pooled)
+            pooled = self._to_device(batch.pooled, dtype) if batch.pooled is not None else None
+            kwargs.update(hidden_states=self._to_device(batch.hidden, dtype), pooled=pooled)
         elif self.setup.frozen_text_encoders:
             input_ids = tokenize(self.c.tokenizers, batch.captions)
             with torch.no_grad(), self.acc.autocast():
@@ -255,11 +262,11 @@ class StepRunner:
             kwargs.update(hidden_states=hidden, pooled=pooled)
         else:
             input_ids = tokenize(self.c.tokenizers, batch.captions)
-            kwargs["input_ids"] = [ids.to(self.acc.device) for ids in input_ids]
+            kwargs["input_ids"] = [self._to_device(ids) for ids in input_ids]
         if self.c.family == "sdxl":
             rows = [sdxl_time_ids(tuple(m["original_size"]), tuple(m["crop_top_left"]), tuple(m["target_size"]))
                     for m in batch.metas]
-            kwargs["time_ids"] = torch.tensor(rows, device=latents.device, dtype=self.setup.weight_dtype)
+            kwargs["time_ids"] = self._to_device(torch.tensor(rows), self.setup.weight_dtype)
         prediction = self.setup.model(noisy, timesteps, **kwargs)
         target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)
         # Padding samples weigh 0 and regularization images prior_loss_weight; the mean stays over the
@@ -269,7 +276,7 @@ class StepRunner:
         for i, meta in enumerate(batch.metas):
             if meta.get("is_reg"):
                 weights[i] *= prior
-        weights = weights.to(latents.device)
+        weights = self._to_device(weights)
         if self.cfg.training.min_snr_gamma > 0:
             weights = weights * min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
                                                  self.c.prediction_type)
