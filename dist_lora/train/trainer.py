@@ -159,7 +159,10 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for encoder in trained_encoders:
-            encoder.gradient_checkpointing_enable()
+            # Reentrant checkpointing (the default of transformers 4.x) passes no gradient to adapters
+            # inside a checkpointed block whose input does not require grad (frozen embeddings): the
+            # text-encoder adapters would silently never train.
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # When any encoder is trained, all of them run inside the wrapped module (prompt encoding needs
     # every encoder); otherwise they stay outside and run under no_grad.
     inside = components.text_encoders if trained_encoders else []

@@ -31,11 +31,14 @@ def identical_samples_shards(root: Path, count: int = 16, shard_size: int = 4) -
 
 
 def run_training(raw: dict, tmp: Path, *, launch: str | None = None, env: dict[str, str] | None = None,
-                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Write ``raw`` as a recipe and train: in one process, or with ``launch`` (a file in launch/) on 2."""
+                 timeout: int = 600, check: bool = True, script: Path | None = None
+                 ) -> subprocess.CompletedProcess[str]:
+    """Write ``raw`` as a recipe and train: in one process, or with ``launch`` (a file in launch/) on 2.
+    ``script`` runs that file instead of `python -m dist_lora.train` (with the same arguments)."""
     recipe = tmp / f"recipe_{len(list(tmp.glob('recipe_*.toml')))}.toml"
     recipe.write_text(to_toml(config_from_dict(raw)))
-    train_args = ["-m", "dist_lora.train", "--config", str(recipe)]
+    entry = [str(script)] if script is not None else ["-m", "dist_lora.train"]
+    train_args = [*entry, "--config", str(recipe)]
     if launch is None:
         cmd = [sys.executable, *train_args]
     else:

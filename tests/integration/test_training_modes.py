@@ -112,3 +112,33 @@ def test_adamw8bit_without_bitsandbytes_trains_with_adamw(monkeypatch: pytest.Mo
                for x in (result.run_dir / "metrics.jsonl").read_text().splitlines())
     with safe_open(str(result.adapter_path), framework="pt") as f:
         assert f.metadata()["ss_optimizer"] == "torch.optim.AdamW"
+
+
+def test_text_encoder_adapters_train_under_gradient_checkpointing(tiny_models: dict[str, Path],
+                                                                  shapes_shards: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 4.x checkpoints reentrantly unless told otherwise and makes the embeddings' output
+    require grad only for models it loaded adapters into itself, so adapters inside the checkpointed
+    encoder layers get no gradient. Emulate those defaults and check the encoders still train, exactly
+    as without checkpointing."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.gradient_checkpointing_enable
+
+    def reentrant_by_default(self, gradient_checkpointing_kwargs=None):  # type: ignore[no-untyped-def]
+        return original(self, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": True})
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", reentrant_by_default)
+    monkeypatch.setattr(PreTrainedModel, "enable_input_require_grads", lambda self: None)
+    adapters = []
+    for gc in (False, True):
+        raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / f"te_gc_{gc}",
+                                network={"train_text_encoder": True},
+                                training={"gradient_checkpointing": gc, "max_steps": 2})
+        adapters.append(load_file(str(train(config_from_dict(raw)).adapter_path)))
+    text_up = [k for k in adapters[0] if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert text_up
+    for key in text_up:  # lora_up starts at zero: a non-zero one received gradients
+        assert adapters[1][key].abs().sum() > 0, key
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=1e-6, rtol=0)
