@@ -54,10 +54,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     opts = CacheOptions(model=args.model, config_dir=args.config_dir, text=not args.no_text, dtype=args.dtype,
                         batch_size=args.batch_size, overwrite=args.overwrite)
+    import torch
+
+    from dist_lora.train.memory import OutOfMemory, cache_out_of_memory_advice
     from dist_lora.train.parallel import shutdown
 
     try:
         report = cache_dataset(args.src, args.out, opts)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(cache_out_of_memory_advice(args.batch_size)) from exc
     finally:
         shutdown()
     print(f"rank {os.environ.get('RANK', '0')}: cached {report.samples} samples in {report.shards_done} shards "
@@ -189,13 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 done; 2 bad input; 3 stopped on non-finite values; 75 checkpointed and stopped early
+    """Exit status: 0 done; 2 bad input; 3 stopped on non-finite values; 4 out of device memory (with
+    advice); 75 checkpointed and stopped early
     (preemption signal or checkpoint.stop_at_step): run the same command again to resume."""
     from dist_lora.train.guards import PREEMPTED_EXIT_CODE, NonFiniteRunError, Preempted
+    from dist_lora.train.memory import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except OutOfMemory as exc:
+        print(f"dist-lora {args.command}: {exc}", file=sys.stderr)
+        return OUT_OF_MEMORY_EXIT_CODE
     except _USER_ERRORS as exc:
         print(f"dist-lora {args.command}: error: {exc}", file=sys.stderr)
         return 2

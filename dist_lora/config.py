@@ -145,8 +145,10 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.", minimum=1)
     max_steps: int = _field(0, "Stop after this many optimizer steps; 0 trains for `epochs`.", minimum=0)
     epochs: int = _field(1, "Epochs over the data when max_steps is 0.", minimum=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _field(
-        "no", "Autocast precision of the forward pass; frozen weights are stored in it too (fp16 needs CUDA).")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _field(
+        "auto", "Autocast precision of the forward pass; frozen weights are loaded in it too. auto: bf16 on GPUs "
+        "that support it, fp16 (with loss scaling) on older CUDA GPUs, no (fp32) on CPU/MPS. Adapters and "
+        "their optimizer state stay fp32 whatever this says; TF32 is allowed for fp32 work on CUDA.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
     attention: Literal["sdpa", "xformers"] = _field(
         "sdpa", "Attention kernel: PyTorch scaled_dot_product_attention, or xformers (CUDA, package installed).")

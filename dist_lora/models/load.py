@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from dist_lora.errors import DistLoraError
@@ -114,7 +115,16 @@ def inspect_model_source(pretrained: str, config_dir: str = "") -> ModelSource:
         f"hub id such as 'stabilityai/stable-diffusion-xl-base-1.0'.")
 
 
-def _load_pipeline(source: ModelSource, config_dir: str, skip: tuple[str, ...] = ()) -> Any:
+def _dtype_keyword() -> str:
+    """diffusers 0.42 renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def _load_pipeline(source: ModelSource, config_dir: str, skip: tuple[str, ...] = (),
+                   dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     # A component passed as None is not loaded at all (its weights are never read).
@@ -123,7 +133,16 @@ def _load_pipeline(source: ModelSource, config_dir: str, skip: tuple[str, ...] =
         cls = StableDiffusionXLPipeline if source.family == "sdxl" else StableDiffusionPipeline
         if config_dir:
             kwargs.update(config=config_dir, local_files_only=True)
-        return cls.from_single_file(source.location, **kwargs)
+        if dtype is not None:
+            kwargs[_dtype_keyword()] = dtype
+        pipe = cls.from_single_file(source.location, **kwargs)
+        if vae_dtype is not None and getattr(pipe, "vae", None) is not None:
+            pipe.vae.to(dtype=vae_dtype)
+        return pipe
+    if dtype is not None:
+        # Each component is cast tensor by tensor as it loads: a rank never holds an fp32 copy of a
+        # model it will run in bf16 (14 GB of host memory for SDXL).
+        kwargs[_dtype_keyword()] = {"default": dtype, "vae": vae_dtype or dtype}
     return DiffusionPipeline.from_pretrained(source.location, **kwargs)
 
 
@@ -140,17 +159,19 @@ def pipeline_text_encoders(pipe: Any, family: str) -> list[nn.Module]:
 
 
 def load_components(pretrained: str, *, config_dir: str = "", family: str = "auto",
-                    prediction_type: str = "auto", load_vae: bool = True, load_text: bool = True) -> Components:
+                    prediction_type: str = "auto", load_vae: bool = True, load_text: bool = True,
+                    dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> Components:
     """Load tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler sharing the model's betas.
 
     With ``load_vae`` / ``load_text`` false (training from cached latents / text-encoder outputs) those
-    components are not read from disk; ``vae`` is then None and the encoder lists are empty."""
+    components are not read from disk; ``vae`` is then None and the encoder lists are empty. ``dtype``
+    (and ``vae_dtype`` for the VAE) load the weights directly in that precision."""
     from diffusers import DDPMScheduler
 
     source = inspect_model_source(pretrained, config_dir)
     skip = ([] if load_vae else ["vae"]) + ([] if load_text else
                                             ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])
-    pipe = _load_pipeline(source, config_dir, tuple(skip))
+    pipe = _load_pipeline(source, config_dir, tuple(skip), dtype, vae_dtype)
     detected: Family = source.family or ("sdxl" if "text_encoder_2" in pipe.components else "sd1")
     resolved_family: Family = detected if family == "auto" else family  # type: ignore[assignment]
     tokenizers, encoders = [], []

@@ -28,8 +28,13 @@ def set_attention(unet: nn.Module, backend: str, fallback: bool) -> str:
     if backend == "xformers":
         reason = xformers_unavailable()
         if not reason:
-            unet.enable_xformers_memory_efficient_attention()  # type: ignore[operator]
-            return "xformers"
+            try:
+                # diffusers runs a small test kernel here, which fails on GPUs or builds xformers does
+                # not support even when the import worked.
+                unet.enable_xformers_memory_efficient_attention()  # type: ignore[operator]
+                return "xformers"
+            except Exception as exc:
+                reason = f"xformers' test kernel failed ({type(exc).__name__}: {exc})"
         if not fallback:
             raise DistLoraError(f"training.attention = 'xformers' but {reason}; install xformers for this torch and "
                                 f"CUDA, use 'sdpa', or set training.attention_fallback = true.")
@@ -61,5 +66,14 @@ def out_of_memory_advice(cfg: Config, world_size: int, zero_stage: int) -> str:
     return "CUDA ran out of memory. Try, in this order:\n  - " + "\n  - ".join(tips)
 
 
+# Exit status of a run that ran out of device memory (2 is bad input, 3 non-finite values).
+OUT_OF_MEMORY_EXIT_CODE = 4
+
+
 class OutOfMemory(DistLoraError):
     """CUDA out of memory, with advice computed from the config; the last checkpoint is untouched."""
+
+
+def cache_out_of_memory_advice(batch_size: int) -> str:
+    return (f"CUDA ran out of memory while caching. Try --batch-size {max(1, batch_size // 2)} (now {batch_size}); "
+            f"shards already cached are kept and the next run resumes after them.")

@@ -62,6 +62,19 @@ def check_launch(shape: TrainingShape) -> None:
                             "config without offload.")
 
 
+def launched_world_size() -> int:
+    """Processes the launcher started (torchrun, accelerate, srun via RANK/WORLD_SIZE), before any
+    process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def requested_zero_stage() -> int:
+    """The ZeRO stage the launch asks for (0 without DeepSpeed), before the accelerator exists."""
+    if not deepspeed_requested():
+        return 0
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
 def process_world() -> World:
     """Rank and world of a job that trains nothing (`dist-lora cache`), from the launcher's environment.
 

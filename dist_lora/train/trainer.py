@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,9 @@ from dist_lora.train.optim import (
     build_optimizer,
     param_groups,
 )
+from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class RunSetupError(DistLoraError):
@@ -109,7 +107,7 @@ def preflight(cfg: Config) -> Preflight:
     # need the encoders at every step, so the cache's text part is then ignored.
     use_text = bool(cache and cache.text) and not captions.active and not cfg.network.train_text_encoder
     # The data plan is checked here, before any model loads (too few shards, bad shard_urls).
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = parallel.launched_world_size()
     manifest.urls(d.shard_urls)
     plan_epoch(manifest, seed=cfg.training.seed, epoch=0, rank=0, world_size=world_size,
                batch_size=cfg.training.batch_size, num_workers=d.num_workers)
@@ -323,12 +321,30 @@ def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator,
 
 def train(cfg: Config) -> TrainResult:
     pre = preflight(cfg)
+    # 'auto' is resolved once, here, and the resolved value is what the run directory's config.toml and
+    # the adapter's metadata record.
+    cfg = replace(cfg, training=replace(cfg.training,
+                                        mixed_precision=device_mixed_precision(cfg.training.mixed_precision)))
+    try:
+        return _train(cfg, pre)
+    except torch.OutOfMemoryError as exc:
+        # Anywhere: loading, resume, the loop, export. Checkpoints are written to a staging folder and
+        # renamed, so the last complete one is intact.
+        raise OutOfMemory(out_of_memory_advice(cfg, parallel.launched_world_size(),
+                                               parallel.requested_zero_stage())) from exc
+
+
+def _train(cfg: Config, pre: Preflight) -> TrainResult:
+    if torch.cuda.is_available():
+        allow_tf32()
+    weight_dtype = WEIGHT_DTYPES[cfg.training.mixed_precision]
     # Models load before the accelerator exists: under DeepSpeed ZeRO-3 transformers would otherwise
     # partition every model at load time (zero.Init), frozen encoders included. Only the trained
     # module is handed to DeepSpeed, in prepare().
     components = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir, family=cfg.model.base,
                                  prediction_type=cfg.model.prediction_type, load_vae=not pre.use_latents,
-                                 load_text=not pre.use_text)
+                                 load_text=not pre.use_text, dtype=weight_dtype,
+                                 vae_dtype=torch.float32 if cfg.training.vae_fp32 else weight_dtype)
     accelerator = parallel.make_accelerator(parallel.TrainingShape(
         cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps, cfg.training.batch_size,
         cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS))
@@ -362,8 +378,6 @@ def train(cfg: Config) -> TrainResult:
         with StopSignals() as signals:
             try:
                 loop.run(signals)
-            except torch.OutOfMemoryError as exc:
-                raise OutOfMemory(out_of_memory_advice(cfg, w.size, parallel.zero_stage(accelerator))) from exc
             except Preempted as stop:
                 # Launchers such as torchrun report any non-zero worker status as a plain failure; the
                 # marker tells a job script that this run stopped on purpose and can be resumed.

@@ -64,3 +64,41 @@ def test_vae_in_training_precision_when_asked(tiny_models: dict[str, Path], shap
                             training={"max_steps": 1, "mixed_precision": "bf16", "vae_fp32": False})
     result = trainer.train(config_from_dict(raw))
     assert result.steps == 1 and torch.isfinite(torch.tensor(result.losses)).all()
+
+
+def test_xformers_test_kernel_failure_errors_or_falls_back(tiny_models: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """xformers imports but its kernel cannot run on this GPU/build: handled like a failed import."""
+    from dist_lora.train import memory
+
+    unet = load_components(str(tiny_models["sd15"])).unet
+
+    def kernel_fails() -> None:
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    monkeypatch.setattr(memory, "xformers_unavailable", lambda: "")
+    monkeypatch.setattr(unet, "enable_xformers_memory_efficient_attention", kernel_fails)
+    with pytest.raises(DistLoraError, match="test kernel failed.*No operator found.*attention_fallback"):
+        set_attention(unet, "xformers", fallback=False)
+    with pytest.warns(UserWarning, match="test kernel failed"):
+        assert set_attention(unet, "xformers", fallback=True) == "sdpa"
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_out_of_memory_while_loading_exits_with_its_own_status(monkeypatch: pytest.MonkeyPatch,
+                                                              tiny_models: dict[str, Path], shapes_shards: Path,
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_lora.cli import main
+    from dist_lora.config import to_toml
+    from dist_lora.train.memory import OUT_OF_MEMORY_EXIT_CODE
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr(trainer, "load_components", exhausted)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(to_toml(config_from_dict(tiny_train_config(tiny_models["sd15"], shapes_shards,
+                                                                 tmp_path / "run"))))
+    assert main(["train", "--config", str(recipe)]) == OUT_OF_MEMORY_EXIT_CODE == 4
+    assert "ran out of memory" in capsys.readouterr().err
