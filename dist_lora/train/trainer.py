@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from dist_lora.adapters.diffusers_format import save_diffusers_lora
-from dist_lora.adapters.inject import lora_parameters
+from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters
 from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
@@ -154,6 +154,9 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     text_params = [p for e in trained_encoders for p in lora_parameters(e)]
     for p in unet_params + text_params:
         p.data = p.data.float()  # adapters train in fp32 whatever the autocast precision
+    if cfg.training.mixed_precision != "no":
+        for module in [unet, *trained_encoders]:
+            compute_in_input_dtype(module)
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for encoder in trained_encoders:

@@ -124,7 +124,9 @@ def test_step_skipped_inside_accumulation_leaves_nothing_behind_under_zero2(
 
 def test_bf16_zero2_equals_bf16_ddp(tiny_models: dict[str, Path], same_shards: Path, tmp_path: Path) -> None:
     """Adapters keep fp32 master weights under DeepSpeed bf16 as under DDP autocast; the two agree to
-    bf16 rounding of the forward pass."""
+    bf16 rounding (DeepSpeed computes the adapters' forward and gradients in bf16, autocast only the
+    matmuls). Adam normalises each element's step, so elements whose gradient is near zero can differ by
+    up to a step: the tolerance is on each tensor's relative norm (measured: at most 1.3%)."""
     results = {}
     for launch in ("cpu_2proc.yaml", "zero2.yaml"):
         run = tmp_path / launch
@@ -132,6 +134,8 @@ def test_bf16_zero2_equals_bf16_ddp(tiny_models: dict[str, Path], same_shards: P
                      tmp_path, launch=launch)
         results[launch] = load_file(str(run / "adapter.safetensors"))
     ddp, zero = results["cpu_2proc.yaml"], results["zero2.yaml"]
-    for key in ddp:
-        scale = ddp[key].abs().max().item()
-        assert (zero[key] - ddp[key]).abs().max().item() <= 0.02 * scale + 1e-6, key
+    moved = max(ddp[k].abs().max().item() for k in ddp if "lora_up" in k)
+    assert moved > 1e-4
+    errors = {k: ((zero[k] - ddp[k]).norm() / ddp[k].norm()).item() for k in ddp if ddp[k].norm() > 0}
+    print("bf16 ZeRO-2 vs DDP, largest relative errors:", sorted(errors.values())[-3:])
+    assert max(errors.values()) <= 0.05, max(errors.items(), key=lambda kv: kv[1])

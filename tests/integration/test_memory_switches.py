@@ -102,3 +102,41 @@ def test_out_of_memory_while_loading_exits_with_its_own_status(monkeypatch: pyte
                                                                  tmp_path / "run"))))
     assert main(["train", "--config", str(recipe)]) == OUT_OF_MEMORY_EXIT_CODE == 4
     assert "ran out of memory" in capsys.readouterr().err
+
+
+def test_adapted_layers_keep_the_autocast_dtype(tiny_models: dict[str, Path]) -> None:
+    """With fp32 adapters under bf16 autocast, peft would cast every adapted layer's input up to fp32
+    first; after compute_in_input_dtype no such copy is made and the output is unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dist_lora.adapters.inject import add_lora, compute_in_input_dtype, lora_parameters
+
+    class Fp32Copies(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float32 \
+                    and args[0].dtype == torch.bfloat16 and args[0].dim() > 1:
+                self.count += 1
+            return func(*args, **kwargs)
+
+    unet = load_components(str(tiny_models["sd15"])).unet.to(torch.bfloat16).requires_grad_(False)
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=4, alpha=4.0)
+    for p in lora_parameters(unet):
+        p.data = torch.randn_like(p.data).float() * 0.1
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
+    outputs, copies = [], []
+    for disable in (False, True):
+        if disable:
+            assert compute_in_input_dtype(unet) > 0
+        mode = Fp32Copies()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), mode:
+            outputs.append(unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample)
+        copies.append(mode.count)
+    assert copies[0] > 0 and copies[1] == 0, copies
+    torch.testing.assert_close(outputs[1].float(), outputs[0].float(), atol=2e-2, rtol=2e-2)
