@@ -89,6 +89,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from dist_lora.config import load_config
+    from dist_lora.planning.estimate import format_plan
+    from dist_lora.planning.from_config import device_memory, parse_memory, plan_for_config
+
+    cfg = load_config(args.config, args.overrides)
+    budget = parse_memory(args.gpu_memory) if args.gpu_memory else device_memory()
+    result = plan_for_config(cfg, gpus=args.gpus, zero_stage=args.zero_stage, budget=budget,
+                             resolution=args.resolution)
+    if args.json:
+        print(json.dumps({"settings": asdict(result.plan.settings), "image_size": result.sizes.image_size,
+                          "components": {c.name: c.bytes for c in result.plan.components},
+                          "allocated": result.plan.allocated, "device_total": result.plan.device_total,
+                          "budget": budget, "fits": None if budget is None else result.plan.device_total <= budget,
+                          "suggestions": [{"change": a.change, "device_total": a.device_total}
+                                          for a in result.advice]}, indent=1))
+    else:
+        height, width = result.sizes.image_size
+        print(f"{result.sizes.family} at {width}x{height}, {result.sizes.unet_adapter_params / 1e6:.1f}M UNet adapter "
+              f"parameters")
+        print(format_plan(result.plan, budget, result.advice))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -172,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default=None, help="TOML recipe, e.g. configs/tiny_sdxl.toml")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
     tr.set_defaults(func=_cmd_train)
+
+    plan = sub.add_parser("plan", help="estimate peak GPU memory per component from the config alone, and what "
+                          "to change when it does not fit")
+    plan.add_argument("--config", default=None, help="TOML recipe")
+    plan.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    plan.add_argument("--gpu-memory", default="", help="memory per GPU, e.g. 24GiB (default: this machine's GPU)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over")
+    plan.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=0,
+                      help="DeepSpeed ZeRO stage of the launch (0: DDP)")
+    plan.add_argument("--resolution", type=int, default=0,
+                      help="plan for resolution^2 images (default: the largest bucket of data.shards, else 512/1024)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=_cmd_plan)
 
     insp = sub.add_parser("inspect", help="describe an adapter file (type, ranks, blocks, base model, metadata)")
     insp.add_argument("file")

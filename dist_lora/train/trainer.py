@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -328,6 +329,7 @@ def train(cfg: Config) -> TrainResult:
     # the adapter's metadata record.
     cfg = replace(cfg, training=replace(cfg.training,
                                         mixed_precision=device_mixed_precision(cfg.training.mixed_precision)))
+    warn_if_plan_exceeds_device(cfg)
     try:
         return _train(cfg, pre)
     except torch.OutOfMemoryError as exc:
@@ -335,6 +337,25 @@ def train(cfg: Config) -> TrainResult:
         # renamed, so the last complete one is intact.
         raise OutOfMemory(out_of_memory_advice(cfg, parallel.launched_world_size(),
                                                parallel.requested_zero_stage())) from exc
+
+
+def warn_if_plan_exceeds_device(cfg: Config) -> None:
+    """On a GPU, estimate the run's peak memory from the configs (meta device, seconds) and warn early."""
+    from dist_lora.planning.from_config import device_memory, plan_for_config
+
+    budget = device_memory()
+    if budget is None:
+        return
+    try:
+        result = plan_for_config(cfg, gpus=parallel.launched_world_size(), zero_stage=parallel.requested_zero_stage(),
+                                 budget=budget)
+    except DistLoraError:
+        return  # no config folder to plan from (hub id without model.config_dir): nothing to warn about
+    if result.plan.device_total > budget:
+        changes = "; ".join(a.change for a in result.advice) or "a lower resolution or a larger GPU"
+        warnings.warn(f"the memory plan for this run needs about {result.plan.device_total / 2**30:.1f} GiB per GPU "
+                      f"but the GPU has {budget / 2**30:.1f} GiB; `dist-lora plan --config ...` shows why. "
+                      f"Cheapest changes: {changes}.", stacklevel=2)
 
 
 def _train(cfg: Config, pre: Preflight) -> TrainResult:
