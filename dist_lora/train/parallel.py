@@ -37,6 +37,7 @@ class TrainingShape:
     micro_batch_size: int
     max_grad_norm: float
     bitsandbytes_optimizer: bool
+    gradient_checkpointing: bool = False
 
 
 def deepspeed_requested() -> bool:
@@ -56,6 +57,8 @@ def check_launch(shape: TrainingShape) -> None:
     if shape.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DistLoraError("training.mixed_precision = 'fp16' needs a CUDA GPU (fp16 autocast with loss scaling); "
                             "use 'bf16' or 'no' on CPU.")
+    if requested_zero_stage() == 3 and shape.gradient_checkpointing:
+        check_zero3_checkpointing(_installed_deepspeed())
     if deepspeed_requested() and _offload_requested() and shape.bitsandbytes_optimizer:
         raise DistLoraError("a bitsandbytes optimizer cannot run with DeepSpeed optimizer offload (accelerate would "
                             "silently replace it by DeepSpeedCPUAdam); use optimizer.type = 'adamw' or a launch "
@@ -73,6 +76,27 @@ def requested_zero_stage() -> int:
     if not deepspeed_requested():
         return 0
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+# ZeRO-3 partitioned frozen parameters again during a non-reentrant checkpoint's recompute, which then
+# failed its shape check, until DeepSpeed 0.19.4 (deepspeedai/DeepSpeed#8148).
+ZERO3_CHECKPOINTING_MIN_DEEPSPEED = "0.19.4"
+
+
+def _installed_deepspeed() -> str:
+    from importlib.metadata import version
+
+    return version("deepspeed")
+
+
+def check_zero3_checkpointing(deepspeed_version: str) -> None:
+    from packaging.version import Version
+
+    if Version(deepspeed_version) < Version(ZERO3_CHECKPOINTING_MIN_DEEPSPEED):
+        raise DistLoraError(
+            f"ZeRO-3 with training.gradient_checkpointing = true needs deepspeed >= "
+            f"{ZERO3_CHECKPOINTING_MIN_DEEPSPEED} (installed: {deepspeed_version}); older releases fail in the "
+            f"backward pass on frozen weights. Upgrade deepspeed, use launch/zero2.yaml, or turn checkpointing off.")
 
 
 def process_world() -> World:

@@ -371,7 +371,8 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                                  vae_dtype=torch.float32 if cfg.training.vae_fp32 else weight_dtype)
     accelerator = parallel.make_accelerator(parallel.TrainingShape(
         cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps, cfg.training.batch_size,
-        cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS))
+        cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS,
+        cfg.training.gradient_checkpointing))
     w = parallel.world(accelerator)
     set_seed(cfg.training.seed)
     loader = ShardLoader(cfg.data.shards, rank=w.rank, world_size=w.size, batch_size=cfg.training.batch_size,

@@ -48,7 +48,7 @@ def test_out_of_range() -> None:
 
 
 def test_bad_choice_suggests() -> None:
-    expected = r"training.mixed_precision.*one of 'no', 'fp16', 'bf16'.*Did you mean 'bf16'"
+    expected = r"training.mixed_precision.*one of 'auto', 'no', 'fp16', 'bf16'.*Did you mean 'bf16'"
     with pytest.raises(ConfigError, match=expected):
         config_from_dict(_raw(training={"mixed_precision": "bf61"}))
 
