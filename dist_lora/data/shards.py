@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from webdataset.shardlists import expand_urls
 
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.prepare import MANIFEST_FORMAT, MANIFEST_NAME
-from dist_lora.data.stream import RankShardStream, StreamSpec
+from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec
 from dist_lora.data.tar_samples import BadData
 from dist_lora.errors import DistLoraError
 
@@ -270,6 +272,8 @@ class ShardLoader:
         self.stats = DataStats()
         self.progress = EpochProgress(layout=self.layout)
         self._template: Batch | None = None
+        self._loader: DataLoader | None = None  # type: ignore[type-arg]
+        self._mailbox: EpochMailbox | None = None
 
     @property
     def layout(self) -> list[int]:
@@ -308,8 +312,8 @@ class ShardLoader:
                                       list(resume.last) if resume else [], list(resume.bad) if resume else [],
                                       self.layout)
         workers = min(self.num_workers, len(plan.shard_indices))
-        loader = DataLoader(self.stream(epoch, plan.shard_indices, resume), batch_size=None, num_workers=workers,
-                            persistent_workers=False, prefetch_factor=4 if workers else None)
+        stream = self.stream(epoch, plan.shard_indices, resume)
+        loader = self._worker_loader(stream, workers) if workers else DataLoader(stream, batch_size=None)
         produced = 0
         for batch in self._batches(loader, skip):
             produced += 1
@@ -332,6 +336,24 @@ class ShardLoader:
                 yield Batch([f"pad:{k.removeprefix('pad:')}" for k in template.keys], template.captions,
                             template.metas, torch.zeros_like(template.weights), template.pixels,
                             template.latent_mean, template.latent_std, template.hidden, template.pooled)
+
+    def _worker_loader(self, stream: RankShardStream, workers: int) -> DataLoader:  # type: ignore[type-arg]
+        """A DataLoader whose worker processes live across epochs (no start-up cost per epoch); each
+        epoch's shards and settings reach them through the mailbox."""
+        if self._mailbox is None:
+            self._mailbox = EpochMailbox(Path(tempfile.mkdtemp(prefix="dist_lora_loader_")))
+        self._mailbox.post(stream)
+        if self._loader is None or self._loader.num_workers != workers:
+            self._loader = DataLoader(MailboxStream(self._mailbox), batch_size=None, num_workers=workers,
+                                      persistent_workers=True, prefetch_factor=4)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the worker processes and remove the mailbox."""
+        self._loader = None  # its iterator shuts the workers down when collected
+        if self._mailbox is not None:
+            shutil.rmtree(self._mailbox.path.parent, ignore_errors=True)
+            self._mailbox = None
 
     def _record(self, batch: Batch) -> None:
         progress = self.progress

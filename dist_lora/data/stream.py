@@ -11,7 +11,8 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch.utils.data import IterableDataset
 
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.tar_samples import BadData, tar_samples
+from dist_lora.utils.files import write_text_atomic
 
 LATENT_MEMBER = "vae.safetensors"  # cached VAE posterior: "mean" and "std", unscaled
 TEXT_MEMBER = "te.safetensors"  # cached text-encoder outputs: "hidden" (and "pooled" for SDXL)
@@ -135,3 +137,37 @@ class RankShardStream(IterableDataset):  # type: ignore[type-arg]
             except Exception as exc:  # noqa: BLE001 - any undecodable member is bad data, reported and skipped
                 yield {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}",
                                       sample_key=key)}
+
+
+class EpochMailbox:
+    """Where the training process leaves the next epoch's shards and stream settings for workers that
+    persist across epochs (they read it when the next epoch's iteration starts). A JSON file in a
+    private temporary folder: plain data, nothing executable crosses."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "epoch.json"
+
+    def post(self, stream: RankShardStream) -> None:
+        spec = stream.spec
+        record = {"shards": [list(s) for s in stream.shards],
+                  "spec": {**asdict(spec), "captions": asdict(spec.captions), "skip_keys": sorted(spec.skip_keys),
+                           "bad_keys": sorted(spec.bad_keys)}}
+        write_text_atomic(self.path, json.dumps(record, ensure_ascii=False))
+
+    def read(self) -> RankShardStream:
+        record = json.loads(self.path.read_text(encoding="utf-8"))
+        raw = record["spec"]
+        spec = StreamSpec(**{**raw, "captions": CaptionTransform(**raw["captions"]),
+                             "skip_keys": frozenset(raw["skip_keys"]), "bad_keys": frozenset(raw["bad_keys"])})
+        return RankShardStream([(url, name, int(n)) for url, name, n in record["shards"]], spec)
+
+
+class MailboxStream(IterableDataset):  # type: ignore[type-arg]
+    """The dataset of a persistent-worker DataLoader: each epoch's iteration reads the mailbox anew."""
+
+    def __init__(self, mailbox: EpochMailbox) -> None:
+        super().__init__()
+        self.mailbox = mailbox
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.mailbox.read()

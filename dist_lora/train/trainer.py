@@ -418,6 +418,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     finally:
         metrics.close()
         key_log.close()
+        loader.close()
     losses = loop.state.losses or [float("nan")]
     step = loop.state.position.step
     summary = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(pre.adapter_path),

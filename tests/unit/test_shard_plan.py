@@ -191,3 +191,32 @@ def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: P
     assert not other.can_resume(saved_progress, 1, saved_progress.batches)
     with pytest.raises(ShardDataError, match="not for epoch 1 of this loader"):
         next(iter(other.epoch(1, resume=saved_progress)))
+
+
+def test_workers_persist_across_epochs_and_read_each_epoch_as_a_fresh_loader(uneven_shards: Path) -> None:
+    kept = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=3, seed=5, num_workers=2, shuffle_buffer=4,
+                       captions=CaptionTransform(shuffle=True, tag_dropout=0.3))
+    pids = []
+    try:
+        for epoch in range(3):
+            fresh = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=3, seed=5, num_workers=2,
+                                shuffle_buffer=4, captions=CaptionTransform(shuffle=True, tag_dropout=0.3))
+            want = list(fresh.epoch(epoch))
+            fresh.close()
+            got = list(kept.epoch(epoch))
+            assert [b.keys for b in got] == [b.keys for b in want]
+            assert [b.captions for b in got] == [b.captions for b in want]
+            assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(got, want, strict=True))  # type: ignore[arg-type]
+            pids.append(sorted(w.pid for w in kept._loader._iterator._workers))  # type: ignore[union-attr]
+        assert pids[0] == pids[1] == pids[2]
+        # A stop mid-epoch (max_steps) leaves the workers able to start the next epoch cleanly.
+        partial = kept.epoch(3)
+        next(partial)
+        fresh = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=3, seed=5, num_workers=2,
+                            shuffle_buffer=4, captions=CaptionTransform(shuffle=True, tag_dropout=0.3))
+        assert [b.keys for b in kept.epoch(4)] == [b.keys for b in fresh.epoch(4)]
+        fresh.close()
+    finally:
+        mailbox = kept._mailbox
+        kept.close()
+    assert mailbox is not None and not mailbox.path.parent.exists()
