@@ -91,7 +91,7 @@ class CheckpointManager:
         parallel.barrier(accelerator)
         parallel.save_engine_state(accelerator, model, optimizer, str(staging))
         params = [p for _, p in _adapter_params(trained)]
-        with parallel.full_parameters(accelerator, params):
+        with parallel.master_weights(accelerator, params):
             if is_main:
                 save_file({n: p.detach().float().cpu().contiguous() for n, p in _adapter_params(trained)},
                           str(staging / "adapter_state.safetensors"))

@@ -267,6 +267,33 @@ def full_parameters(accelerator: Accelerator, params: list[nn.Parameter]) -> Ite
         yield
 
 
+@contextlib.contextmanager
+def master_weights(accelerator: Accelerator, params: list[nn.Parameter]) -> Iterator[None]:
+    """Make ``params`` whole on every rank and hold their full-precision values for the duration; call on
+    all ranks (a collective under ZeRO-3).
+
+    Under DeepSpeed bf16/fp16 the module runs on a low-precision copy and the trained fp32 values live
+    in the optimizer: exports and checkpoints read those. Elsewhere the adapters are fp32 already."""
+    if not uses_deepspeed(accelerator):
+        yield
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = [safe_get_full_fp32_param(p) for p in params]
+    if any(m is None for m in masters):  # fp32 engine: the module holds the values itself
+        with full_parameters(accelerator, params):
+            yield
+        return
+    kept = [p.data for p in params]
+    for param, master in zip(params, masters, strict=True):
+        param.data = master
+    try:
+        yield
+    finally:
+        for param, data in zip(params, kept, strict=True):
+            param.data = data
+
+
 def mean_across_ranks(accelerator: Accelerator, value: torch.Tensor) -> float:
     return float(accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device),
                                     reduction="mean").item())

@@ -411,7 +411,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                                                           "reason": stop.reason, "exit_code": PREEMPTED_EXIT_CODE}))
                 raise
         parallel.barrier(accelerator)
-        with parallel.full_parameters(accelerator, setup.trainable_params):
+        with parallel.master_weights(accelerator, setup.trainable_params):
             if w.is_main:
                 _export(cfg, pre, setup, accelerator, loop.state.position.step, started_at)
         parallel.barrier(accelerator)

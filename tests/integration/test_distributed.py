@@ -134,6 +134,8 @@ def test_bf16_zero2_equals_bf16_ddp(tiny_models: dict[str, Path], same_shards: P
                      tmp_path, launch=launch)
         results[launch] = load_file(str(run / "adapter.safetensors"))
     ddp, zero = results["cpu_2proc.yaml"], results["zero2.yaml"]
+    # Exported from DeepSpeed's fp32 master weights, not its bf16 module copy.
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in zero.values())
     moved = max(ddp[k].abs().max().item() for k in ddp if "lora_up" in k)
     assert moved > 1e-4
     errors = {k: ((zero[k] - ddp[k]).norm() / ddp[k].norm()).item() for k in ddp if ddp[k].norm() > 0}
