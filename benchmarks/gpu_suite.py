@@ -12,7 +12,8 @@ weights, directly on the device in the compute dtype: nothing is downloaded. Row
      gradient checkpointing off and on. The ratio dist_lora / bare is the headline.
   b  peak memory at batch 1 with checkpointing: cached vs online latents; adamw, adamw8bit, paged_adamw8bit.
   c  switches on the bare loop: SDPA vs xformers (when installed), channels_last, regional torch.compile
-     (compile time reported apart), fused AdamW.
+     (compile time reported apart), fused AdamW, and without peft's fp32 copy of each adapted layer's
+     input (what dist_lora does under autocast).
   d  SD 1.5 512^2 at batch 8 and 32 from JPEG shards through the real loader with 1 and 4 workers,
      against the same step fed from memory: is the loader the limit?
   e  fp16 overflow recovery: inf gradients injected at two steps; the loss scale halves twice and training
@@ -47,7 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_lora.adapters.inject import lora_parameters  # noqa: E402
+from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters  # noqa: E402
 from dist_lora.adapters.network import attach_network  # noqa: E402
 from dist_lora.config import Config, NetworkConfig, config_from_dict  # noqa: E402
 from dist_lora.data.shards import Batch  # noqa: E402
@@ -234,13 +235,16 @@ def with_mfu(suite: Suite, result: dict[str, Any], flops: int) -> dict[str, Any]
 
 # -- the two loops ------------------------------------------------------------------------------------------
 def bare_step(suite: Suite, c: Components, batch: Batch, *, checkpointing: bool, fused: bool = False,
-              channels_last: bool = False, compile_blocks: bool = False, xformers: bool = False
-              ) -> Callable[[], None]:
-    """The plainest correct LoRA step: batch-level draws, autocast, AdamW; no checks, no syncs."""
+              channels_last: bool = False, compile_blocks: bool = False, xformers: bool = False,
+              no_input_cast: bool = False) -> Callable[[], None]:
+    """The plainest correct LoRA step: batch-level draws, autocast, AdamW; no checks, no syncs. peft
+    casts each adapted layer's input to fp32 as it does by default, unless ``no_input_cast``."""
     unet = c.unet.requires_grad_(False)
     if xformers:
         unet.enable_xformers_memory_efficient_attention()
     attach_network(unet, [], c.family, NetworkConfig(rank=16, alpha=16.0, preset="attn_ff"))
+    if no_input_cast:
+        compute_in_input_dtype(unet)
     params = lora_parameters(unet)
     for p in params:
         p.data = p.data.float()
@@ -364,6 +368,7 @@ def row_c(suite: Suite) -> list[dict[str, Any]]:
     results = []
     switches: list[tuple[str, dict[str, bool]]] = [("sdpa", {}), ("channels_last", {"channels_last": True}),
                                                    ("fused_adamw", {"fused": True}),
+                                                   ("no_peft_input_cast", {"no_input_cast": True}),
                                                    ("compile_blocks", {"compile_blocks": True})]
     try:
         import xformers.ops  # noqa: F401

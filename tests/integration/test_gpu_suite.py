@@ -36,4 +36,5 @@ def test_suite_rows_run_at_tiny_size(tmp_path: Path) -> None:
     overflow = rows["e_sdxl_fp16_overflow"]
     assert overflow["scales"][2] == overflow["scales"][1] / 2 and overflow["scales"][3] == overflow["scales"][1] / 4
     assert overflow["loss_scale_skips"] == 2 and overflow["adapters_finite"]
-    assert {"d_sd15_b4_w1_jpeg", "d_sd15_b4_w4_jpeg", "f_sdxl_zero2_gc1", "f_sdxl_zero3_gc1"} <= rows.keys()
+    assert {"c_sdxl_b4_sdpa", "c_sdxl_b4_no_peft_input_cast", "d_sd15_b4_w1_jpeg", "d_sd15_b4_w4_jpeg",
+            "f_sdxl_zero2_gc1", "f_sdxl_zero3_gc1"} <= rows.keys()
