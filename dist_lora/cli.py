@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dist_lora.train.memory import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
 
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "cache"):
+        from dist_lora.utils.stop_signals import StopSignals
+
+        StopSignals.install()  # from here to exit, a stop signal is remembered, never fatal
     try:
         return int(args.func(args))
     except OutOfMemory as exc:
@@ -250,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dist-lora {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Preempted as stop:
-        print(f"dist-lora {args.command}: {stop}; resume with checkpoint.resume=latest", file=sys.stderr)
+        hint = "; resume with checkpoint.resume=latest" if args.command == "train" else ""
+        print(f"dist-lora {args.command}: {stop}{hint}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except NonFiniteRunError as exc:
         print(f"dist-lora {args.command}: stopped: {exc}", file=sys.stderr)

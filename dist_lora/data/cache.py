@@ -32,7 +32,9 @@ from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.models.load import Components, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
 from dist_lora.train import parallel
+from dist_lora.train.guards import Preempted
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
+from dist_lora.utils.stop_signals import StopSignals, signal_hook
 
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -191,11 +193,23 @@ def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> Cache
     for module in [components.vae, *components.text_encoders]:
         module.requires_grad_(False).eval().to(world.device)
     encoder = _Encoder(components, world.device, CACHE_DTYPES[opts.dtype], opts.text)
-    for i in todo:
-        counts = _cache_shard(urls[i], manifest.shards[i], staging, encoder, opts.batch_size)
-        report.shards_done += 1
-        report.samples += counts["samples"]
-        report.bad += counts["bad"]
+    signals = StopSignals.current()
+    # Rounds of one shard per rank, the same count on every rank, so that after each round all ranks can
+    # agree whether a stop signal arrived: a finished shard is kept and the next run resumes after it.
+    rounds = -(-len(manifest.shards) // world.size)
+    for round_index in range(rounds):
+        if round_index < len(mine) and mine[round_index] in todo:
+            i = mine[round_index]
+            counts = _cache_shard(urls[i], manifest.shards[i], staging, encoder, opts.batch_size)
+            report.shards_done += 1
+            report.samples += counts["samples"]
+            report.bad += counts["bad"]
+            signal_hook(f"cache_shard:{report.shards_done}")
+        if parallel.any_process(bool(signals.received)) and round_index < rounds - 1:
+            raise Preempted(0, str(staging), signals.received or "another rank was signalled",
+                            message=f"caching stopped ({signals.received or 'another rank was signalled'}) after "
+                                    f"{report.shards_done} shard(s) of this rank; finished shards are kept in "
+                                    f"'{staging}', run the same command again to continue")
     parallel.wait_for_everyone()
 
     if world.is_main:

@@ -33,6 +33,7 @@ from dist_lora.data.prepare import MANIFEST_FORMAT, MANIFEST_NAME
 from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec
 from dist_lora.data.tar_samples import BadData
 from dist_lora.errors import DistLoraError
+from dist_lora.utils.stop_signals import ignore_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ class ShardLoader:
         self._mailbox.post(stream)
         if self._loader is None or self._loader.num_workers != workers:
             self._loader = DataLoader(MailboxStream(self._mailbox), batch_size=None, num_workers=workers,
-                                      persistent_workers=True, prefetch_factor=4)
+                                      persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_in_worker)
         return self._loader
 
     def close(self) -> None:

@@ -24,9 +24,11 @@ from torch import nn
 from dist_lora.errors import DistLoraError
 from dist_lora.train import parallel
 from dist_lora.utils.files import write_text_atomic
+from dist_lora.utils.stop_signals import signal_hook
 
 COMPLETE = "COMPLETE"
 DATA_PROGRESS = "data_progress.json"  # every rank's loader position, in rank order
+RUN_STATE = "run_state.json"  # first loss and earlier resumes, so the summary covers the whole run
 _PREFIX = "step-"
 
 
@@ -75,7 +77,8 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any, trained: nn.Module,
-             position: TrainPosition, data_progress: dict[str, Any] | None = None) -> Path:
+             position: TrainPosition, data_progress: dict[str, Any] | None = None,
+             run_state: dict[str, Any] | None = None) -> Path:
         """Collective: every rank calls it. Returns the completed folder.
 
         ``data_progress`` is this rank's loader position (which samples it consumed this epoch), so a
@@ -96,12 +99,14 @@ class CheckpointManager:
                 save_file({n: p.detach().float().cpu().contiguous() for n, p in _adapter_params(trained)},
                           str(staging / "adapter_state.safetensors"))
         parallel.barrier(accelerator)
+        signal_hook(f"checkpoint:{position.step}")
         if is_main:
             _crash_hook(position.step)
             torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
             save_file({f"rank{r}": s for r, s in enumerate(rng_states)}, str(staging / "rng.safetensors"))
             (staging / "position.json").write_text(json.dumps(asdict(position)))
             (staging / DATA_PROGRESS).write_text(json.dumps(data_states, ensure_ascii=False))
+            (staging / RUN_STATE).write_text(json.dumps(run_state or {}))
             _fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an earlier crash
             staging.rename(final)
@@ -110,6 +115,12 @@ class CheckpointManager:
                 shutil.rmtree(old)
         parallel.barrier(accelerator)
         return final
+
+    @staticmethod
+    def run_state(folder: Path) -> dict[str, Any]:
+        """The run's history up to the checkpoint (first loss, earlier resumes); {} for older checkpoints."""
+        path = folder / RUN_STATE
+        return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
 
     @staticmethod
     def data_progress(folder: Path, rank: int) -> dict[str, Any] | None:

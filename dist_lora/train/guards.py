@@ -1,10 +1,8 @@
-"""What can stop a training step or a run: non-finite values, and preemption signals."""
+"""What can stop a training step or a run: non-finite values, and preemption (see utils/stop_signals.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
-from types import FrameType
 
 import torch
 
@@ -19,35 +17,13 @@ PREEMPTED_MARKER = "preempted.json"
 class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
     """The run checkpointed and stopped; starting it again with checkpoint.resume = 'latest' continues."""
 
-    def __init__(self, step: int, checkpoint: str, reason: str) -> None:
-        super().__init__(f"stopped at step {step} ({reason}); checkpoint {checkpoint}")
+    def __init__(self, step: int, checkpoint: str, reason: str, message: str = "") -> None:
+        super().__init__(message or f"stopped at step {step} ({reason}); checkpoint {checkpoint or 'none yet'}")
         self.step, self.checkpoint, self.reason = step, checkpoint, reason
 
 
 class NonFiniteRunError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class StopSignals:
-    """Remembers SIGTERM / SIGUSR1 (Slurm's warning signal, a pod's stop) until the next step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: str = ""
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum).name
 
 
 class _InfiniteGradient(torch.autograd.Function):

@@ -118,6 +118,16 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (a collective without an accelerator: caching)."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=state.device)
+    torch.distributed.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 def wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dist_lora.utils.files import write_text_atomic
+
 
 class MetricsLog:
     """Only the main process holds a real one; other ranks get ``enabled=False`` and write nothing."""
@@ -22,6 +24,18 @@ class MetricsLog:
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, config=run_config, dir=str(run_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step``: a run resumed from an older checkpoint replays them, and a
+        fresh start (step 0) in a reused run directory drops another run's records."""
+        if self._file is None:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict[str, float | int | str]) -> None:
         if not self.enabled:

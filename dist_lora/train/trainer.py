@@ -38,7 +38,7 @@ from dist_lora.train.diffusion import (
     sdxl_time_ids,
     training_target,
 )
-from dist_lora.train.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted, StopSignals
+from dist_lora.train.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted
 from dist_lora.train.loop import TrainingLoop
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice, set_attention
 from dist_lora.train.model import AdaptedDenoiser
@@ -52,6 +52,7 @@ from dist_lora.train.optim import (
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
+from dist_lora.utils.stop_signals import StopSignals, signal_hook
 
 
 class RunSetupError(DistLoraError):
@@ -400,30 +401,35 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
         marker.unlink(missing_ok=True)
     try:
         loop.resume()
-        with StopSignals() as signals:
-            try:
-                loop.run(signals)
-            except Preempted as stop:
-                # Launchers such as torchrun report any non-zero worker status as a plain failure; the
-                # marker tells a job script that this run stopped on purpose and can be resumed.
-                if w.is_main:
-                    write_text_atomic(marker, json.dumps({"step": stop.step, "checkpoint": stop.checkpoint,
-                                                          "reason": stop.reason, "exit_code": PREEMPTED_EXIT_CODE}))
-                raise
+        try:
+            loop.run(StopSignals.current())
+        except Preempted as stop:
+            # Launchers such as torchrun report any non-zero worker status as a plain failure; the
+            # marker tells a job script that this run stopped on purpose and can be resumed.
+            if w.is_main:
+                write_text_atomic(marker, json.dumps({"step": stop.step, "checkpoint": stop.checkpoint,
+                                                      "reason": stop.reason, "exit_code": PREEMPTED_EXIT_CODE}))
+            parallel.barrier(accelerator)  # no rank exits before the marker is written
+            raise
+        # From here the run is complete: a stop signal is remembered and ignored, the exit status stays 0.
         parallel.barrier(accelerator)
+        signal_hook("export")
         with parallel.master_weights(accelerator, setup.trainable_params):
             if w.is_main:
                 _export(cfg, pre, setup, accelerator, loop.state.position.step, started_at)
         parallel.barrier(accelerator)
+        signal_hook("after_export")
     finally:
         metrics.close()
         key_log.close()
         loader.close()
     losses = loop.state.losses or [float("nan")]
     step = loop.state.position.step
-    summary = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(pre.adapter_path),
-               "skipped_steps": loop.state.skipped_steps, "resumed_from": loop.state.resumed_from}
+    first_loss = loop.state.first_loss if loop.state.first_loss is not None else losses[0]
+    summary = {"steps": step, "first_loss": first_loss, "last_loss": losses[-1], "adapter": str(pre.adapter_path),
+               "skipped_steps": loop.state.skipped_steps, "resumed_from": loop.state.resumed_from,
+               "resumes": loop.state.resumes}
     if w.is_main:
         write_text_atomic(pre.run_dir / "summary.json", json.dumps(summary, indent=1))
     return TrainResult(pre.run_dir, pre.adapter_path, pre.run_dir / "config.toml", pre.run_dir / "metrics.jsonl",
-                       step, losses[0], losses[-1], losses, parallel.unwrap(accelerator, setup.model))
+                       step, first_loss, losses[-1], losses, parallel.unwrap(accelerator, setup.model))
