@@ -254,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dist-lora {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Preempted as stop:
+        stop_file = os.environ.get("DIST_LORA_PREEMPTED_FILE", "")
+        if stop_file and os.environ.get("RANK", "0") == "0":
+            # For job scripts: launchers and srun may report another status than 75 once they have
+            # ended the other ranks; this file says the stop was on purpose.
+            from dist_lora.utils.files import write_text_atomic
+
+            write_text_atomic(stop_file, f"{stop}\n")
         hint = "; resume with checkpoint.resume=latest" if args.command == "train" else ""
         print(f"dist-lora {args.command}: {stop}{hint}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
