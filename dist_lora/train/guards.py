@@ -50,13 +50,17 @@ class FaultInjection:
     """Test hooks that exercise the non-finite guard and the loss scaler on real processes:
     ``DIST_LORA_INJECT_NAN="RANK:STEP[,STEP...]"`` makes that rank's loss NaN at those optimizer steps;
     ``DIST_LORA_INJECT_INF_GRAD="RANK:STEP[,...]"`` keeps the loss finite but makes its gradients inf
-    (what an fp16 overflow in the backward pass looks like)."""
+    (what an fp16 overflow in the backward pass looks like); ``DIST_LORA_INJECT_OOM="RANK:STEP"`` makes
+    that rank run out of device memory there (one rank dying while the others wait in a collective)."""
 
     def __init__(self, rank: int) -> None:
         self.nan_steps = _steps_for_rank("DIST_LORA_INJECT_NAN", rank)
         self.inf_grad_steps = _steps_for_rank("DIST_LORA_INJECT_INF_GRAD", rank)
+        self.oom_steps = _steps_for_rank("DIST_LORA_INJECT_OOM", rank)
 
     def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if step in self.oom_steps:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {step})")
         if step in self.nan_steps:
             return loss * float("nan")
         if step in self.inf_grad_steps:

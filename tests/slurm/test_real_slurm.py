@@ -188,3 +188,20 @@ def test_plain_sbatch_outside_the_repository_fails_clearly(tiny_models: dict[str
     info = _wait(job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED"), what="the end")
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
     assert "is not the dist_lora repository" in _log(tmp_path, job) and "slurm/submit.sh" in _log(tmp_path, job)
+
+
+def test_a_rank_that_dies_ends_the_step_at_once(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                tmp_path: Path) -> None:
+    """Rank 1 runs out of memory at step 3; rank 0 is then waiting in that step's all-reduce. The step
+    ends at once (srun --kill-on-bad-exit) instead of after the collective's time-out (30 minutes)."""
+    run = tmp_path / "run"
+    job = _submit(_recipe(tmp_path, tiny_models["sd15"], shapes_shards, run), tmp_path,
+                  env={"DIST_LORA_INJECT_OOM": "1:3"})
+    _wait(job, lambda i: _started_training(run, lines=2), what="training")
+    started = time.time()
+    info = _wait(job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED"), timeout=120, what="the end")
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log[-3000:]
+    assert time.time() - started < 60
+    assert "ran out of memory" in log and "requeueing" not in log
+    assert not (run / "adapter.safetensors").exists()
