@@ -78,6 +78,7 @@ class Suite:
     work: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     tiny_models: dict[str, Path] = field(default_factory=dict)
+    zero_stages: tuple[int, ...] = (2, 3)
 
     @property
     def cuda(self) -> bool:
@@ -491,7 +492,7 @@ def row_e(suite: Suite) -> list[dict[str, Any]]:
 
 def row_f(suite: Suite) -> list[dict[str, Any]]:
     results = []
-    for stage in (2, 3):
+    for stage in suite.zero_stages:
         env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
                "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + stage)}
@@ -531,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per measurement (default 20 full, 3 tiny)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 5 full, 1 tiny)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--zero-stages", default="2,3", help="ZeRO stages of row f")
     parser.add_argument("--child-zero", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -539,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         full = args.size == "full"
         suite = Suite(args.size, device, out, time.time() + args.time_limit, args.steps or (20 if full else 3),
-                      args.warmup or (5 if full else 1), Path(args.work or scratch))
+                      args.warmup or (5 if full else 1), Path(args.work or scratch),
+                      zero_stages=tuple(int(x) for x in args.zero_stages.split(",")))
         if args.child_zero:
             print(json.dumps(zero_child(suite, args.child_zero)))
             return 0

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.slow
 def test_suite_rows_run_at_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "suite.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--size", "tiny", "--device",
-                           "cpu", "--out", str(out), "--rows", "a,b,c,d,e,f", "--steps", "1", "--warmup", "1"],
+                           "cpu", "--out", str(out), "--rows", "a,b,c,d,e,f", "--steps", "1", "--warmup", "1",
+                           # single-process ZeRO-3 takes about 20 s a step on CPU; it is tested on 2
+                           # processes in test_distributed
+                           "--zero-stages", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,4 +40,4 @@ def test_suite_rows_run_at_tiny_size(tmp_path: Path) -> None:
     assert overflow["scales"][2] == overflow["scales"][1] / 2 and overflow["scales"][3] == overflow["scales"][1] / 4
     assert overflow["loss_scale_skips"] == 2 and overflow["adapters_finite"]
     assert {"c_sdxl_b4_sdpa", "c_sdxl_b4_no_peft_input_cast", "d_sd15_b4_w1_jpeg", "d_sd15_b4_w4_jpeg",
-            "f_sdxl_zero2_gc1", "f_sdxl_zero3_gc1"} <= rows.keys()
+            "f_sdxl_zero2_gc1"} <= rows.keys()
