@@ -53,7 +53,7 @@ from dist_lora.adapters.network import attach_network  # noqa: E402
 from dist_lora.config import Config, NetworkConfig, config_from_dict  # noqa: E402
 from dist_lora.data.shards import Batch  # noqa: E402
 from dist_lora.models.load import Components, load_components  # noqa: E402
-from dist_lora.models.reference import FULL_SIZE  # noqa: E402
+from dist_lora.models.reference import FULL_SIZE, sdxl_pooled_width  # noqa: E402
 from dist_lora.models.tiny import write_tiny_pipeline  # noqa: E402
 from dist_lora.train import parallel  # noqa: E402
 from dist_lora.train.checkpoint import TrainPosition  # noqa: E402
@@ -149,8 +149,7 @@ def cached_batch(suite: Suite, arch: str, batch: int, *, pixels: bool = False) -
     hidden = torch.randn(batch, 77, unet_cfg["cross_attention_dim"], generator=generator)
     pooled = None
     if arch == "sdxl":
-        pooled_dim = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
-        pooled = torch.randn(batch, pooled_dim, generator=generator)
+        pooled = torch.randn(batch, sdxl_pooled_width(unet_cfg), generator=generator)
     metas = [{"original_size": [side, side], "crop_top_left": [0, 0], "target_size": [side, side]}] * batch
     common = {"keys": [f"s{i}" for i in range(batch)], "captions": [""] * batch, "metas": metas,
               "weights": torch.ones(batch), "hidden": hidden, "pooled": pooled}

@@ -255,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Preempted as stop:
         stop_file = os.environ.get("DIST_LORA_PREEMPTED_FILE", "")
-        if stop_file and os.environ.get("RANK", "0") == "0":
+        from dist_lora.train.parallel import launched_rank
+
+        if stop_file and launched_rank() == 0:
             # For job scripts: launchers and srun may report another status than 75 once they have
             # ended the other ranks; this file says the stop was on purpose.
             from dist_lora.utils.files import write_text_atomic

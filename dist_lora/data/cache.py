@@ -205,7 +205,7 @@ def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> Cache
             report.samples += counts["samples"]
             report.bad += counts["bad"]
             signal_hook(f"cache_shard:{report.shards_done}")
-        if parallel.any_process(bool(signals.received)) and round_index < rounds - 1:
+        if parallel.any_rank(bool(signals.received)) and round_index < rounds - 1:
             raise Preempted(0, str(staging), signals.received or "another rank was signalled",
                             message=f"caching stopped ({signals.received or 'another rank was signalled'}) after "
                                     f"{report.shards_done} shard(s) of this rank; finished shards are kept in "

@@ -48,6 +48,12 @@ FULL_SIZE: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+def sdxl_pooled_width(unet_config: Any) -> int:
+    """Width of the pooled text embedding an SDXL UNet expects: its added-condition input less the six
+    micro-conditioning ids (sizes and crop), each embedded to addition_time_embed_dim."""
+    return int(unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"])
+
+
 # Parameter counts of the released checkpoints, to check the configs above against.
 PUBLISHED_PARAMS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},

@@ -23,6 +23,7 @@ from dist_lora.adapters.inject import lora_parameters
 from dist_lora.adapters.network import attach_network
 from dist_lora.config import NetworkConfig
 from dist_lora.errors import DistLoraError
+from dist_lora.models.reference import sdxl_pooled_width
 
 # Modules that diffusers (ResnetBlock2D, BasicTransformerBlock) and transformers (CLIPEncoderLayer) run
 # under activation checkpointing when it is enabled.
@@ -198,8 +199,8 @@ def _unet_forward(unet: nn.Module, family: str, height: int, width: int, dtype: 
     context = torch.empty(1, 77, config.cross_attention_dim, dtype=dtype)
     added = None
     if family == "sdxl":
-        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        added = {"text_embeds": torch.empty(1, pooled_dim, dtype=dtype), "time_ids": torch.empty(1, 6, dtype=dtype)}
+        added = {"text_embeds": torch.empty(1, sdxl_pooled_width(config), dtype=dtype),
+                 "time_ids": torch.empty(1, 6, dtype=dtype)}
     unet(latents, torch.empty(1, dtype=torch.long), encoder_hidden_states=context, added_cond_kwargs=added)
 
 

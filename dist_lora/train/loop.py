@@ -112,7 +112,7 @@ class TrainingLoop:
         start = self.state.position
         # A signal during start-up (loading, resume): every rank agrees, and the run stops before its first
         # step with nothing new to checkpoint.
-        if start.step < self.total_steps and parallel.all_ranks_any(self.acc, bool(signals.received)):
+        if start.step < self.total_steps and parallel.any_rank(bool(signals.received)):
             latest = self.state.resumed_from
             raise Preempted(start.step, latest, signals.received or "another rank was signalled")
         self._step_started = time.perf_counter()
@@ -214,7 +214,7 @@ class TrainingLoop:
             self.checkpoint()
             # A signal that arrived while the checkpoint was written stops right here, on the checkpoint
             # just made, instead of one step later (one more small all-reduce, on checkpoint steps only).
-            stop = stop or (step < self.total_steps and parallel.all_ranks_any(self.acc, bool(self.signals.received)))
+            stop = stop or (step < self.total_steps and parallel.any_rank(bool(self.signals.received)))
         if step < self.total_steps:
             self._maybe_stop(step, stop)
 

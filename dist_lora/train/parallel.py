@@ -65,6 +65,11 @@ def check_launch(shape: TrainingShape) -> None:
                             "config without offload.")
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it, before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_world_size() -> int:
     """Processes the launcher started (torchrun, accelerate, srun via RANK/WORLD_SIZE), before any
     process group exists."""
@@ -118,8 +123,9 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process if ``flag`` is true on any (a collective without an accelerator: caching)."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (a collective: call on all ranks). Works with or
+    without an accelerator (caching has none), on the process group accelerate set up."""
     state = PartialState()
     if state.num_processes == 1:
         return flag
@@ -304,11 +310,6 @@ def master_weights(accelerator: Accelerator, params: list[nn.Parameter]) -> Iter
             param.data = data
 
 
-def mean_across_ranks(accelerator: Accelerator, value: torch.Tensor) -> float:
-    return float(accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device),
-                                    reduction="mean").item())
-
-
 def sum_across_ranks(accelerator: Accelerator, values: list[int]) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return [int(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
@@ -321,12 +322,6 @@ def gather_to_all(value: Any) -> list[Any]:
 
 def barrier(accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
-
-
-def all_ranks_any(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (a collective: call on all ranks)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def save_engine_state(accelerator: Accelerator, model: Any, optimizer: Any, folder: str) -> None:

@@ -341,12 +341,13 @@ def train(cfg: Config) -> TrainResult:
 
 
 def warn_if_plan_exceeds_device(cfg: Config) -> None:
-    """On a GPU, estimate the run's peak memory from the configs (meta device, seconds) and warn early."""
+    """On a GPU, estimate the run's peak memory from the configs (meta device, seconds) and warn early;
+    every rank plans the same, so only rank 0 does it."""
     from dist_lora.planning.from_config import device_memory, plan_for_config
 
     budget = device_memory()
-    if budget is None:
-        return
+    if budget is None or parallel.launched_rank() != 0:
+        return  # one warning per job, from rank 0
     try:
         result = plan_for_config(cfg, gpus=parallel.launched_world_size(), zero_stage=parallel.requested_zero_stage(),
                                  budget=budget)
