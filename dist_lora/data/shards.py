@@ -124,24 +124,35 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def assign_shards(manifest: Manifest, seed: int, epoch: int, world_size: int) -> list[list[int]]:
-    """Each rank's shards for an epoch, in reading order: largest shards first to the least-loaded rank."""
+def shard_sizes(manifest: Manifest, used: dict[str, int] | None = None) -> list[int]:
+    """Samples (with repeats) each shard offers in an epoch, less the ``used`` ones (per shard file)."""
+    used = used or {}
+    return [int(s["samples_with_repeats"]) - used.get(s["file"], 0) for s in manifest.shards]
+
+
+def assign_shards(manifest: Manifest, seed: int, epoch: int, world_size: int,
+                  sizes: list[int] | None = None) -> list[list[int]]:
+    """Each rank's shards for an epoch, in reading order: largest shards first to the least-loaded rank.
+
+    ``sizes`` (what each shard still offers) defaults to the manifest's counts; shards with nothing
+    left are not assigned."""
     order = epoch_shard_order(len(manifest.shards), seed, epoch)
     position = {shard: i for i, shard in enumerate(order)}
-    sizes = [int(s["samples_with_repeats"]) for s in manifest.shards]
+    sizes = sizes if sizes is not None else shard_sizes(manifest)
     loads, assigned = [0] * world_size, [[] for _ in range(world_size)]  # type: list[int], list[list[int]]
-    for shard in sorted(order, key=lambda i: (-sizes[i], position[i])):
+    for shard in sorted((i for i in order if sizes[i] > 0), key=lambda i: (-sizes[i], position[i])):
         rank = min(range(world_size), key=lambda r: (loads[r], len(assigned[r]), r))
         assigned[rank].append(shard)
         loads[rank] += sizes[shard]
     return [sorted(shards, key=position.__getitem__) for shards in assigned]
 
 
-def rank_batches(manifest: Manifest, shards: list[int], batch_size: int) -> int:
+def rank_batches(manifest: Manifest, shards: list[int], batch_size: int, sizes: list[int] | None = None) -> int:
+    sizes = sizes if sizes is not None else shard_sizes(manifest)
     per_bucket: dict[tuple[int, ...], int] = {}
     for i in shards:
         bucket = tuple(manifest.shards[i].get("bucket", (manifest.resolution, manifest.resolution)))
-        per_bucket[bucket] = per_bucket.get(bucket, 0) + int(manifest.shards[i]["samples_with_repeats"])
+        per_bucket[bucket] = per_bucket.get(bucket, 0) + sizes[i]
     return sum(math.ceil(n / batch_size) for n in per_bucket.values())
 
 
@@ -154,17 +165,20 @@ class EpochPlan:
 
 
 def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-               num_workers: int = 0, multiple_of: int = 1) -> EpochPlan:
+               num_workers: int = 0, multiple_of: int = 1, used: dict[str, int] | None = None) -> EpochPlan:
+    """One rank's share of an epoch. ``used``: samples per shard file already trained on in this epoch by
+    another layout of ranks (a resume on another world size); the plan covers the rest."""
     readers = world_size * max(1, num_workers)
-    if len(manifest.shards) < readers:
+    if not used and len(manifest.shards) < readers:
         raise ShardDataError(
             f"'{manifest.root}' has {len(manifest.shards)} shard(s) but {world_size} rank(s) x "
             f"{max(1, num_workers)} worker(s) = {readers} readers need one each. Re-run `dist-lora prepare` with a "
             f"smaller --shard-size, or lower data.num_workers.")
-    assigned = assign_shards(manifest, seed, epoch, world_size)
-    most = max(rank_batches(manifest, shards, batch_size) for shards in assigned)
+    sizes = shard_sizes(manifest, used)
+    assigned = assign_shards(manifest, seed, epoch, world_size, sizes)
+    most = max(rank_batches(manifest, shards, batch_size, sizes) for shards in assigned)
     steps = math.ceil(most / multiple_of) * multiple_of
-    samples = sum(int(manifest.shards[i]["samples_with_repeats"]) for i in assigned[rank])
+    samples = sum(sizes[i] for i in assigned[rank])
     return EpochPlan(steps, assigned[rank], samples, steps * batch_size - samples)
 
 
@@ -181,10 +195,16 @@ class Batch:
     latent_std: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    shards: list[str] = field(default_factory=list)  # the shard file of each sample
 
     @property
     def real_keys(self) -> list[str]:
         return [k for k in self.keys if not k.startswith("pad:")]
+
+    @property
+    def real_samples(self) -> list[tuple[str, str]]:
+        """(shard file, key) of each real sample."""
+        return [(shard, key) for shard, key in zip(self.shards, self.keys, strict=True) if not key.startswith("pad:")]
 
 
 def _stack(samples: list[dict[str, Any]], name: str) -> torch.Tensor | None:
@@ -195,7 +215,7 @@ def collate(samples: list[dict[str, Any]], weights: list[float]) -> Batch:
     return Batch([s["key"] for s in samples], [s["caption"] for s in samples], [s["meta"] for s in samples],
                  torch.tensor(weights, dtype=torch.float32), _stack(samples, "pixels"),
                  _stack(samples, "latent_mean"), _stack(samples, "latent_std"), _stack(samples, "hidden"),
-                 _stack(samples, "pooled"))
+                 _stack(samples, "pooled"), [s["shard"] for s in samples])
 
 
 def _padded(samples: list[dict[str, Any]], batch_size: int) -> Batch:
@@ -233,23 +253,53 @@ def _shape_key(sample: dict[str, Any]) -> tuple[int, ...]:
 
 @dataclass
 class EpochProgress:
-    """Where a rank's loader stands in an epoch; saved in checkpoints so a resume decodes nothing twice."""
+    """Where a rank's loader stands in an epoch; saved in checkpoints.
+
+    A resume with the same layout (ranks, workers, batch size, seed, accumulation) continues bit for bit
+    and decodes nothing twice (``consumed``, ``last``, ``bad``). A resume on another layout continues at
+    the sample: ``used`` holds, per shard file, every sample key this epoch no longer offers (trained on,
+    failed to decode, or used by an earlier layout), and the new ranks share out the rest."""
 
     epoch: int = 0
     batches: int = 0  # batches yielded
     consumed: list[str] = field(default_factory=list)  # real sample keys of those batches but the last one
     last: list[str] = field(default_factory=list)  # real sample keys of the last batch with any
     bad: list[str] = field(default_factory=list)  # sample keys that failed to decode
-    layout: list[int] = field(default_factory=list)  # [world size, workers, batch size, seed] it holds for
+    layout: list[int] = field(default_factory=list)  # [world size, workers, batch size, seed, accumulation]
+    used: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "last": self.last,
-                "bad": sorted(set(self.bad)), "layout": self.layout}
+                "bad": sorted(set(self.bad)), "layout": self.layout,
+                "used": {shard: sorted(keys) for shard, keys in sorted(self.used.items())}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EpochProgress:
         return cls(int(data["epoch"]), int(data["batches"]), list(data["consumed"]), list(data["last"]),
-                   list(data["bad"]), list(data.get("layout", [])))
+                   list(data["bad"]), list(data.get("layout", [])),
+                   {str(k): list(v) for k, v in data.get("used", {}).items()})
+
+    def mark_used(self, shard: str, key: str) -> None:
+        self.used.setdefault(shard, []).append(key)
+
+    def inherited(self) -> dict[str, set[str]]:
+        """Per shard file, the keys an earlier layout used: in ``used`` but not in this layout's batches."""
+        own = set(self.consumed) | set(self.last) | set(self.bad)
+        found = {shard: set(keys) - own for shard, keys in self.used.items()}
+        return {shard: keys for shard, keys in found.items() if keys}
+
+
+def merge_progress(saved: list[dict[str, Any]], epoch: int, layout: list[int]) -> EpochProgress | None:
+    """A start for ``layout`` at the stopped run's sample position, from every old rank's saved position:
+    nothing consumed yet in the new layout, and everything any old rank used left out. None when a rank's
+    position is missing, is for another epoch, or predates ``used`` (the epoch is then replayed)."""
+    if not saved or any(not s or "used" not in s or int(s["epoch"]) != epoch for s in saved):
+        return None
+    used: dict[str, set[str]] = {}
+    for state in saved:
+        for shard, keys in state["used"].items():
+            used.setdefault(shard, set()).update(keys)
+    return EpochProgress(epoch, 0, layout=list(layout), used={shard: sorted(keys) for shard, keys in used.items()})
 
 
 class ShardLoader:
@@ -278,22 +328,41 @@ class ShardLoader:
 
     @property
     def layout(self) -> list[int]:
-        return [self.world_size, self.num_workers, self.batch_size, self.seed]
+        return [self.world_size, self.num_workers, self.batch_size, self.seed, self.multiple_of]
 
     def can_resume(self, progress: EpochProgress, epoch: int, batches: int) -> bool:
         """Whether ``progress`` describes this loader at (epoch, batches): same ranks, workers, batch, seed."""
         return (progress.epoch, progress.batches, progress.layout) == (epoch, batches, self.layout)
-        self.plan(0)  # raises ShardDataError now, before any model loads
 
-    def plan(self, epoch: int) -> EpochPlan:
+    def continuation(self, saved: list[dict[str, Any] | None], epoch: int, batches: int) -> EpochProgress | None:
+        """Where this rank resumes epoch ``epoch`` from every rank's saved position (``batches``: this
+        layout's batches done, as the checkpoint counts them).
+
+        The same layout resumes its own position exactly. Another layout (more or fewer ranks or
+        workers, another batch size) starts at the stopped run's sample position: the samples any old
+        rank used are left out and the new ranks share out the rest. None: replay the epoch (positions
+        from before ``used`` existed)."""
+        mine = saved[self.rank] if self.rank < len(saved) else None
+        if mine is not None:
+            progress = EpochProgress.from_json(mine)
+            if self.can_resume(progress, epoch, batches):
+                return progress
+        complete = [state for state in saved if state is not None]
+        return merge_progress(complete, epoch, self.layout) if len(complete) == len(saved) else None
+
+    def plan(self, epoch: int, progress: EpochProgress | None = None) -> EpochPlan:
+        """This rank's plan for ``epoch``; with ``progress``, of the part an earlier layout left over."""
+        used = {shard: len(keys) for shard, keys in progress.inherited().items()} if progress else None
         return plan_epoch(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
-                          batch_size=self.batch_size, num_workers=self.num_workers, multiple_of=self.multiple_of)
+                          batch_size=self.batch_size, num_workers=self.num_workers, multiple_of=self.multiple_of,
+                          used=used)
 
     def stream(self, epoch: int, shard_indices: list[int], resume: EpochProgress | None = None) -> RankShardStream:
         skip = frozenset(resume.consumed) if resume else frozenset()
         bad = frozenset(resume.bad) if resume else frozenset()
+        drop = frozenset(k for keys in resume.inherited().values() for k in keys) if resume else frozenset()
         spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.captions, self.use_latents,
-                          self.use_text, skip, bad)
+                          self.use_text, skip, bad, drop)
         shards = [(self.urls[i], self.manifest.shards[i]["file"], int(self.manifest.shards[i]["samples"]))
                   for i in shard_indices]
         return RankShardStream(shards, spec)
@@ -304,14 +373,14 @@ class ShardLoader:
 
         Consumed samples still pass through the workers, as undecoded placeholders, so every worker's
         sequence, and with it the interleaving and the bucket grouping, is the same as before."""
-        plan = self.plan(epoch)
+        plan = self.plan(epoch, resume)
         if resume is not None and not self.can_resume(resume, epoch, resume.batches):
             raise ShardDataError(f"rank {self.rank}: the saved data position (epoch {resume.epoch}, layout "
                                  f"{resume.layout}) is not for epoch {epoch} of this loader (layout {self.layout}).")
         skip = resume.batches if resume else 0
         self.progress = EpochProgress(epoch, skip, list(resume.consumed) if resume else [],
                                       list(resume.last) if resume else [], list(resume.bad) if resume else [],
-                                      self.layout)
+                                      self.layout, {k: list(v) for k, v in resume.used.items()} if resume else {})
         workers = min(self.num_workers, len(plan.shard_indices))
         stream = self.stream(epoch, plan.shard_indices, resume)
         loader = self._worker_loader(stream, workers) if workers else DataLoader(stream, batch_size=None)
@@ -326,6 +395,8 @@ class ShardLoader:
             self._record(batch)
             yield batch
         template = self._template  # the last real batch: fillers copy it with weight 0
+        if template is None and not plan.shard_indices and produced < plan.steps:
+            template = self._filler_template(epoch)  # a resume left this rank nothing to read
         while produced < plan.steps:  # this rank had fewer batches than the busiest rank
             if template is None:
                 raise ShardDataError(f"rank {self.rank} could read no sample of its shards in epoch {epoch}; see "
@@ -336,7 +407,16 @@ class ShardLoader:
                 self.progress.batches += 1
                 yield Batch([f"pad:{k.removeprefix('pad:')}" for k in template.keys], template.captions,
                             template.metas, torch.zeros_like(template.weights), template.pixels,
-                            template.latent_mean, template.latent_std, template.hidden, template.pooled)
+                            template.latent_mean, template.latent_std, template.hidden, template.pooled,
+                            template.shards)
+
+    def _filler_template(self, epoch: int) -> Batch | None:
+        """A batch to copy as weight-0 filler, decoded in this process from the epoch's first readable sample."""
+        for index in epoch_shard_order(len(self.manifest.shards), self.seed, epoch):
+            for sample in self.stream(epoch, [index]):
+                if "bad" not in sample:
+                    return _padded([sample], self.batch_size)
+        return None
 
     def _worker_loader(self, stream: RankShardStream, workers: int) -> DataLoader:  # type: ignore[type-arg]
         """A DataLoader whose worker processes live across epochs (no start-up cost per epoch); each
@@ -359,10 +439,12 @@ class ShardLoader:
     def _record(self, batch: Batch) -> None:
         progress = self.progress
         progress.batches += 1
-        real = batch.real_keys
+        real = batch.real_samples
         if real:
             progress.consumed += progress.last
-            progress.last = real
+            progress.last = [key for _, key in real]
+            for shard, key in real:
+                progress.mark_used(shard, key)
 
     def _batches(self, loader: DataLoader, skip: int) -> Iterator[Batch]:  # type: ignore[type-arg]
         """Single-bucket batches in arrival order, then each bucket's last one completed with padding.
@@ -392,8 +474,10 @@ class ShardLoader:
         for sample in loader:
             if "bad" in sample:
                 self.stats.bad(sample["bad"])
-                if sample["bad"].sample_key:
-                    self.progress.bad.append(sample["bad"].sample_key)
+                bad = sample["bad"]
+                if bad.sample_key and bad.sample_key not in self.progress.bad:
+                    self.progress.bad.append(bad.sample_key)
+                    self.progress.mark_used(bad.shard, bad.sample_key)
                 continue
             self.stats.placeholders += bool(sample.get("placeholder"))
             group = pending.setdefault(_shape_key(sample), [])

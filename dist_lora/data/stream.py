@@ -85,6 +85,8 @@ class StreamSpec:
     # samples that failed to decode then are reported bad again without a second try.
     skip_keys: frozenset[str] = frozenset()
     bad_keys: frozenset[str] = frozenset()
+    # On a resume on another layout of ranks: samples the stopped run trained on this epoch, left out.
+    drop_keys: frozenset[str] = frozenset()
 
 
 def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
@@ -127,8 +129,10 @@ class RankShardStream(IterableDataset):  # type: ignore[type-arg]
                 yield {"bad": item}
                 continue
             key = item["__key__"]
+            if key in spec.drop_keys:
+                continue
             if key in spec.skip_keys:
-                yield {"key": key, "meta": item["meta"], "placeholder": True}
+                yield {"key": key, "meta": item["meta"], "shard": item["__shard__"], "placeholder": True}
                 continue
             try:
                 if key in spec.bad_keys:
@@ -151,14 +155,15 @@ class EpochMailbox:
         spec = stream.spec
         record = {"shards": [list(s) for s in stream.shards],
                   "spec": {**asdict(spec), "captions": asdict(spec.captions), "skip_keys": sorted(spec.skip_keys),
-                           "bad_keys": sorted(spec.bad_keys)}}
+                           "bad_keys": sorted(spec.bad_keys), "drop_keys": sorted(spec.drop_keys)}}
         write_text_atomic(self.path, json.dumps(record, ensure_ascii=False))
 
     def read(self) -> RankShardStream:
         record = json.loads(self.path.read_text(encoding="utf-8"))
         raw = record["spec"]
         spec = StreamSpec(**{**raw, "captions": CaptionTransform(**raw["captions"]),
-                             "skip_keys": frozenset(raw["skip_keys"]), "bad_keys": frozenset(raw["bad_keys"])})
+                             "skip_keys": frozenset(raw["skip_keys"]), "bad_keys": frozenset(raw["bad_keys"]),
+                             "drop_keys": frozenset(raw["drop_keys"])})
         return RankShardStream([(url, name, int(n)) for url, name, n in record["shards"]], spec)
 
 

@@ -123,13 +123,14 @@ class CheckpointManager:
         return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
 
     @staticmethod
-    def data_progress(folder: Path, rank: int) -> dict[str, Any] | None:
-        """This rank's saved loader position, if the checkpoint has one for it."""
+    def all_data_progress(folder: Path) -> list[dict[str, Any] | None]:
+        """Every rank's saved loader position, in rank order ([] for checkpoints without one)."""
         path = folder / DATA_PROGRESS
-        if not path.is_file():
-            return None
-        states = json.loads(path.read_text(encoding="utf-8"))
-        return states[rank] if rank < len(states) else None
+        return list(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else []
+
+    @staticmethod
+    def position(folder: Path) -> TrainPosition:
+        return TrainPosition(**json.loads((folder / "position.json").read_text()))
 
     @staticmethod
     def load(folder: Path, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any,
@@ -149,7 +150,7 @@ class CheckpointManager:
         key = f"rank{accelerator.process_index}"
         if key in rng:
             torch.set_rng_state(rng[key])
-        return TrainPosition(**json.loads((folder / "position.json").read_text()))
+        return CheckpointManager.position(folder)
 
 
 def _adapter_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

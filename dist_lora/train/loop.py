@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ import torch
 from dist_lora.config import Config
 from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
 from dist_lora.train import parallel
-from dist_lora.train.checkpoint import CheckpointManager, TrainPosition, resolve_resume
+from dist_lora.train.checkpoint import CheckpointManager, TrainPosition
 from dist_lora.train.guards import FaultInjection, NonFiniteRunError, Preempted
+from dist_lora.train.run_plan import ResumePoint, RunPlan
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.stop_signals import StopSignals
 
@@ -60,11 +61,11 @@ class StepOutcome:
 
 class TrainingLoop:
     def __init__(self, cfg: Config, run_dir: Path, setup: Any, runner: Any, accelerator: Any,
-                 world: parallel.World, loader: ShardLoader, micro_per_epoch: list[int], total_steps: int,
-                 metrics: MetricsLog, key_log: SampleKeyLog) -> None:
+                 world: parallel.World, loader: ShardLoader, plan: RunPlan, metrics: MetricsLog,
+                 key_log: SampleKeyLog) -> None:
         self.cfg, self.run_dir, self.setup, self.runner = cfg, run_dir, setup, runner
         self.acc, self.world, self.loader = accelerator, world, loader
-        self.micro_per_epoch, self.total_steps = micro_per_epoch, total_steps
+        self.epoch_ends, self.total_steps = plan.epoch_ends, plan.total_steps
         self.metrics, self.key_log = metrics, key_log
         self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
         self.state = LoopState()
@@ -76,18 +77,23 @@ class TrainingLoop:
         self.resume_progress: EpochProgress | None = None
 
     # -- resume and checkpoints --------------------------------------------------------------------
-    def resume(self) -> None:
-        folder = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
-        if folder is None:
+    def resume(self, point: ResumePoint | None) -> None:
+        if point is None:
             self.metrics.truncate_after(0)
+            self.key_log.truncate_from(0)
             return
-        s = self.setup
-        self.state.position = CheckpointManager.load(folder, self.acc, s.model, s.optimizer, s.lr_scheduler,
-                                                     parallel.unwrap(self.acc, s.model))
-        self.state.last_checkpoint_step = self.state.position.step
+        s, folder = self.setup, point.folder
+        position = CheckpointManager.load(folder, self.acc, s.model, s.optimizer, s.lr_scheduler,
+                                          parallel.unwrap(self.acc, s.model))
+        self.key_log.truncate_from(position.micro_step)
+        # In this layout's terms: its index into the resumed epoch, and micro-steps counted with this run's
+        # accumulation (a checkpoint is always at a step boundary).
+        position.batch_in_epoch = point.first_batch
+        position.micro_step = position.step * self.accum
+        self.state.position = position
+        self.state.last_checkpoint_step = position.step
         self.state.resumed_from = str(folder)
-        saved = CheckpointManager.data_progress(folder, self.world.rank)
-        self.resume_progress = EpochProgress.from_json(saved) if saved else None
+        self.resume_progress = point.progress
         history = CheckpointManager.run_state(folder)
         self.state.first_loss = history.get("first_loss")
         self.state.resumes = [*history.get("resumes", []),
@@ -109,23 +115,19 @@ class TrainingLoop:
     def run(self, signals: StopSignals) -> None:
         self.signals = signals
         self.setup.model.train()
-        start = self.state.position
+        start = replace(self.state.position)
         # A signal during start-up (loading, resume): every rank agrees, and the run stops before its first
         # step with nothing new to checkpoint.
         if start.step < self.total_steps and parallel.any_rank(bool(signals.received)):
             latest = self.state.resumed_from
             raise Preempted(start.step, latest, signals.received or "another rank was signalled")
         self._step_started = time.perf_counter()
-        for epoch in range(start.epoch, len(self.micro_per_epoch)):
+        for epoch in range(start.epoch, len(self.epoch_ends)):
             already = start.batch_in_epoch if epoch == start.epoch else 0
             progress = self.resume_progress if epoch == start.epoch else None
-            if progress is not None and not self.loader.can_resume(progress, epoch, already):
-                # Another layout (ranks, workers, batch size, seed) than the stopped run: the sample order
-                # differs anyway, so replay the epoch's start instead.
-                progress = None
             first = already if progress is not None else 0
             for index, batch in enumerate(self.loader.epoch(epoch, resume=progress), start=first):
-                if index == self.micro_per_epoch[epoch]:
+                if index >= self.epoch_ends[epoch]:
                     break
                 if index < already:
                     continue  # consumed before the checkpoint (replayed: the checkpoint has no data position)

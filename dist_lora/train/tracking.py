@@ -73,6 +73,17 @@ class SampleKeyLog:
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self._file = open(run_dir / "sample_keys.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
 
+    def truncate_from(self, micro_step: int) -> None:
+        """Drop records of micro-steps from ``micro_step`` on: a resume from an older checkpoint replays them."""
+        if self._file is None:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["micro_step"] < micro_step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
     def write(self, epoch: int, micro_step: int, per_rank_keys: list[list[str]]) -> None:
         if self._file is None:
             return

@@ -50,6 +50,7 @@ from dist_lora.train.optim import (
     param_groups,
 )
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
+from dist_lora.train.run_plan import find_resume_point, plan_run
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
 from dist_lora.utils.stop_signals import StopSignals, signal_hook
@@ -179,28 +180,6 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     frozen = [] if trained_encoders else list(components.text_encoders)
     return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
                  comm)
-
-
-def plan_total_steps(cfg: Config, loader: ShardLoader) -> tuple[int, list[int]]:
-    """Optimizer steps for the run, and micro-batches used in each epoch (a multiple of accumulation)."""
-    accum = cfg.training.gradient_accumulation_steps
-    per_epoch: list[int] = []
-    total = 0
-    epoch = 0
-    while True:
-        micro = loader.plan(epoch).steps  # planned as a multiple of accum, padded where needed
-        if cfg.training.max_steps:
-            take = min(micro, (cfg.training.max_steps - total) * accum)
-            per_epoch.append(take)
-            total += take // accum
-            if total >= cfg.training.max_steps:
-                return total, per_epoch
-        else:
-            per_epoch.append(micro)
-            total += micro // accum
-            if len(per_epoch) == cfg.training.epochs:
-                return total, per_epoch
-        epoch += 1
 
 
 class StepRunner:
@@ -382,7 +361,9 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                          shuffle_buffer=cfg.data.shuffle_buffer, captions=pre.captions,
                          shard_urls=cfg.data.shard_urls, use_latents=pre.use_latents, use_text=pre.use_text,
                          multiple_of=cfg.training.gradient_accumulation_steps)
-    total_steps, micro_per_epoch = plan_total_steps(cfg, loader)
+    start = find_resume_point(cfg, pre.run_dir, loader)
+    run_plan = plan_run(cfg, loader, start)
+    total_steps = run_plan.total_steps
     if w.is_main:
         pre.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(pre.run_dir / "config.toml", to_toml(cfg))
@@ -395,13 +376,13 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
     loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, accelerator, w,
                                                                      _scaling_factor(pre)), accelerator, w, loader,
-                        micro_per_epoch, total_steps, metrics, key_log)
+                        run_plan, metrics, key_log)
     started_at = str(int(time.time()))
     marker = pre.run_dir / PREEMPTED_MARKER
     if w.is_main:
         marker.unlink(missing_ok=True)
     try:
-        loop.resume()
+        loop.resume(start)
         try:
             loop.run(StopSignals.current())
         except Preempted as stop:

@@ -133,6 +133,25 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(how: str, straight: dic
     assert len(json.loads((run / "summary.json").read_text())["resumes"]) == 1
 
 
+def test_accelerate_launch_per_node_trains_stops_and_resumes_exactly(straight: dict[str, object],
+                                                                     tiny_models: dict[str, Path],
+                                                                     shapes_shards: Path, tmp_path: Path) -> None:
+    """DIST_LORA_LAUNCHER=accelerate: one task per node runs `accelerate launch --num_machines 2
+    --machine_rank $SLURM_NODEID` with the default launch config; a signal to the batch shell still
+    checkpoints, requeues and resumes to the same tensors as the srun-launched run."""
+    run = tmp_path / "run"
+    recipe = _recipe(tmp_path, tiny_models["sd15"], shapes_shards, run)
+    job = _submit(recipe, tmp_path, env={"DIST_LORA_LAUNCHER": "accelerate"})
+    _wait(job, lambda i: _started_training(run), what="training")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    info = _finish(job, restarts=1)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "requeueing" in log and "--machine_rank" not in log  # the launcher ran, with no usage error
+    _assert_same_run(run, straight)
+    assert len(json.loads((run / "summary.json").read_text())["resumes"]) == 1
+
+
 def test_preemption_by_a_higher_priority_partition(tiny_models: dict[str, Path], shapes_shards: Path,
                                                    tmp_path: Path) -> None:
     """Long enough (200 steps) that the preemption always lands while it trains; exactness after a

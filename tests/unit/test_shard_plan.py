@@ -5,6 +5,7 @@ import json
 import logging
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,86 @@ def test_workers_persist_across_epochs_and_read_each_epoch_as_a_fresh_loader(une
         mailbox = kept._mailbox
         kept.close()
     assert mailbox is not None and not mailbox.path.parent.exists()
+
+
+_OPEN_LOADERS: list[ShardLoader] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_loaders() -> Iterator[None]:
+    """Worker processes of every loader a test made end with the test, failed or not."""
+    yield
+    while _OPEN_LOADERS:
+        _OPEN_LOADERS.pop().close()
+
+
+def _layout_loaders(shards: Path, world: int, workers: int, batch: int) -> list[ShardLoader]:
+    made = [ShardLoader(shards, rank=r, world_size=world, batch_size=batch, seed=5, num_workers=workers,
+                        shuffle_buffer=4) for r in range(world)]
+    _OPEN_LOADERS.extend(made)
+    return made
+
+
+def _stop_after(loaders: list[ShardLoader], epoch: int, stop: int, resume: list | None = None,
+                seen: Counter[str] | None = None) -> list[dict]:
+    """Every rank takes ``stop`` batches; returns the positions a checkpoint would save."""
+    for rank, loader in enumerate(loaders):
+        for _, batch in zip(range(stop), loader.epoch(epoch, resume=resume[rank] if resume else None), strict=False):
+            if seen is not None:
+                seen.update(batch.real_keys)
+    return [json.loads(json.dumps(loader.progress.to_json())) for loader in loaders]
+
+
+@pytest.mark.parametrize(("old", "new", "stops"), [
+    ((2, 2, 3), (1, 0, 2), (1, 3)),  # fewer ranks, no workers, smaller batches
+    ((1, 1, 2), (2, 2, 3), (1, 5)),  # more ranks and workers
+    ((1, 0, 3), (4, 0, 2), (3, 8)),  # more ranks than shards with samples left: a rank only pads
+])
+def test_resume_on_another_layout_uses_every_sample_once(uneven_shards: Path, old: tuple[int, int, int],
+                                                         new: tuple[int, int, int], stops: tuple[int, ...]) -> None:
+    """A position saved by one layout of ranks, workers and batch size, continued by another: over the
+    epoch, every sample (with repeats) exactly once, and equal steps on every new rank."""
+    for stop in stops:
+        seen: Counter[str] = Counter()
+        saved = _stop_after(_layout_loaders(uneven_shards, *old), 1, stop, seen=seen)
+        assert sum(seen.values()) > 0
+        steps = []
+        for loader in _layout_loaders(uneven_shards, *new):
+            progress = loader.continuation(saved, 1, stop)
+            assert progress is not None and progress.batches == 0 and progress.layout == loader.layout
+            batches = list(loader.epoch(1, resume=progress))
+            steps.append(len(batches))
+            assert len(batches) == loader.plan(1, progress).steps
+            for batch in batches:
+                seen.update(batch.real_keys)
+                assert batch.weights.tolist() == [0.0 if k.startswith("pad:") else 1.0 for k in batch.keys]
+        assert len(set(steps)) == 1
+        assert seen == expected_sample_keys(uneven_shards)
+
+
+def test_a_continued_epoch_resumes_exactly_and_moves_on_again(uneven_shards: Path) -> None:
+    """Stopped on 2 ranks, continued on 1, stopped again: the same layout resumes that position bit for
+    bit; yet another layout (3 ranks) still completes the epoch with every sample once."""
+    from dist_lora.data.shards import EpochProgress
+
+    seen: Counter[str] = Counter()
+    saved = _stop_after(_layout_loaders(uneven_shards, 2, 1, 2), 0, 2, seen=seen)
+    single = _layout_loaders(uneven_shards, 1, 1, 2)
+    continued = [single[0].continuation(saved, 0, 2)]
+    uninterrupted = list(_layout_loaders(uneven_shards, 1, 1, 2)[0].epoch(0, resume=continued[0]))
+    again = _stop_after(single, 0, 3, resume=continued, seen=seen)
+    same = _layout_loaders(uneven_shards, 1, 1, 2)[0]
+    own = same.continuation(again, 0, 3)
+    assert own is not None and own.batches == 3
+    assert [b.keys for b in same.epoch(0, resume=own)] == [b.keys for b in uninterrupted[3:]]
+    for loader in _layout_loaders(uneven_shards, 3, 0, 2):
+        progress = loader.continuation(again, 0, 3)
+        assert progress is not None
+        for batch in loader.epoch(0, resume=progress):
+            seen.update(batch.real_keys)
+    assert seen == expected_sample_keys(uneven_shards)
+    # Positions saved before sample positions existed, or of another epoch, replay the epoch (None).
+    legacy = [{k: v for k, v in state.items() if k != "used"} for state in again]
+    other = _layout_loaders(uneven_shards, 2, 0, 2)[0]
+    assert other.continuation(legacy, 0, 3) is None
+    assert other.continuation([EpochProgress(epoch=1, used={"x": ["y"]}).to_json()], 0, 3) is None
