@@ -38,7 +38,7 @@ from safetensors.torch import save as save_bytes
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_lora.data.prepare import MANIFEST_NAME  # noqa: E402
+from dist_lora.data.manifest import MANIFEST_NAME  # noqa: E402
 from dist_lora.data.shards import ShardLoader  # noqa: E402
 from dist_lora.data.stream import LATENT_MEMBER, TEXT_MEMBER  # noqa: E402
 

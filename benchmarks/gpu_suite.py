@@ -48,6 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dist_lora import parallel  # noqa: E402
 from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters  # noqa: E402
 from dist_lora.adapters.network import attach_network  # noqa: E402
 from dist_lora.config import Config, NetworkConfig, config_from_dict  # noqa: E402
@@ -55,7 +56,6 @@ from dist_lora.data.shards import Batch  # noqa: E402
 from dist_lora.models.load import Components, load_components  # noqa: E402
 from dist_lora.models.reference import FULL_SIZE, sdxl_pooled_width  # noqa: E402
 from dist_lora.models.tiny import write_tiny_pipeline  # noqa: E402
-from dist_lora.train import parallel  # noqa: E402
 from dist_lora.train.checkpoint import TrainPosition  # noqa: E402
 from dist_lora.train.loop import TrainingLoop  # noqa: E402
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog  # noqa: E402

@@ -56,8 +56,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, overwrite=args.overwrite)
     import torch
 
+    from dist_lora.parallel import launched_rank, shutdown
     from dist_lora.train.memory import OutOfMemory, cache_out_of_memory_advice
-    from dist_lora.train.parallel import shutdown
 
     try:
         report = cache_dataset(args.src, args.out, opts)
@@ -65,7 +65,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise OutOfMemory(cache_out_of_memory_advice(args.batch_size)) from exc
     finally:
         shutdown()
-    print(f"rank {os.environ.get('RANK', '0')}: cached {report.samples} samples in {report.shards_done} shards "
+    print(f"rank {launched_rank()}: cached {report.samples} samples in {report.shards_done} shards "
           f"({report.shards_resumed} already done), {len(report.bad)} bad samples left out")
     for bad in report.bad:
         print(f"  bad sample {bad['shard']}/{bad['key']}: {bad['reason']}")
@@ -76,14 +76,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dist_lora.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from dist_lora.train.parallel import shutdown
+    from dist_lora.parallel import launched_rank, shutdown
     from dist_lora.train.trainer import train
 
     try:
         result = train(cfg)
     finally:
         shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_rank() == 0:
         print(f"adapter: {result.adapter_path}\nconfig: {result.config_path}\nmetrics: {result.metrics_path}\n"
               f"loss: {result.first_loss:.4f} -> {result.last_loss:.4f} over {result.steps} steps")
     return 0
@@ -237,8 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done; 2 bad input; 3 stopped on non-finite values; 4 out of device memory (with
     advice); 75 checkpointed and stopped early
     (preemption signal or checkpoint.stop_at_step): run the same command again to resume."""
-    from dist_lora.train.guards import PREEMPTED_EXIT_CODE, NonFiniteRunError, Preempted
+    from dist_lora.train.guards import NonFiniteRunError
     from dist_lora.train.memory import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
+    from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 
     args = build_parser().parse_args(argv)
     if args.command in ("train", "cache"):
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Preempted as stop:
         stop_file = os.environ.get("DIST_LORA_PREEMPTED_FILE", "")
-        from dist_lora.train.parallel import launched_rank
+        from dist_lora.parallel import launched_rank
 
         if stop_file and launched_rank() == 0:
             # For job scripts: launchers and srun may report another status than 75 once they have

@@ -25,16 +25,15 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from dist_lora.data.prepare import MANIFEST_NAME, REPORT_NAME, bucket_counts
-from dist_lora.data.shards import Manifest, ShardDataError
+from dist_lora import parallel
+from dist_lora.data.manifest import CacheInfo, Manifest, ShardDataError, cached_manifest, shard_entry, write_manifest
+from dist_lora.data.prepare import REPORT_NAME
 from dist_lora.data.stream import LATENT_MEMBER, TEXT_MEMBER, decode_image, pixels_to_unit_range
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.models.load import Components, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
-from dist_lora.train import parallel
-from dist_lora.train.guards import Preempted
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
-from dist_lora.utils.stop_signals import StopSignals, signal_hook
+from dist_lora.utils.stop_signals import Preempted, StopSignals, signal_hook
 
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -135,8 +134,7 @@ def _cache_shard(url: str, entry: dict[str, Any], staging: Path, encoder: _Encod
     """Write one cached shard (atomically) and return its counts."""
     name = entry["file"]
     tmp = staging / f".{name}.tmp"
-    counts: dict[str, Any] = {"file": name, "bucket": entry.get("bucket"), "samples": 0,
-                              "samples_with_repeats": 0, "reg_samples": 0, "bad": []}
+    counts: dict[str, Any] = {**shard_entry(name, entry.get("bucket")), "bad": []}
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for batch in _batches(tar_samples(url, name, int(entry["samples"])), batch_size, counts["bad"]):
             for sample, added in zip(batch, encoder.encode(batch), strict=True):
@@ -233,19 +231,10 @@ def _finish(manifest: Manifest, staging: Path, out: Path, opts: CacheOptions, co
             (staging / entry["file"]).unlink()
         record.unlink()
     assert components.vae is not None
-    data = dict(manifest.raw)
-    data.update(
-        shards=shards,
-        num_samples=sum(s["samples"] for s in shards),
-        num_samples_with_repeats=sum(s["samples_with_repeats"] for s in shards),
-        cache={"latents": True, "text": opts.text, "model": opts.model, "family": components.family,
-               "dtype": opts.dtype, "scaling_factor": float(components.vae.config.scaling_factor)},
-    )
-    for shard in shards:
-        shard.setdefault("bucket", [manifest.resolution, manifest.resolution])
-    data["buckets"] = bucket_counts(shards)
+    cache = CacheInfo(latents=True, text=opts.text, model=opts.model, family=components.family, dtype=opts.dtype,
+                      scaling_factor=float(components.vae.config.scaling_factor))
     (staging / OPTIONS_NAME).unlink()
-    (staging / MANIFEST_NAME).write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_manifest(staging, cached_manifest(manifest, shards, cache))
     (staging / REPORT_NAME).write_text(json.dumps({"cache_bad_samples": bad}, indent=1, ensure_ascii=False),
                                        encoding="utf-8")
     if out.exists():

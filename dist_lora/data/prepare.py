@@ -33,12 +33,11 @@ from PIL import Image
 from dist_lora.data.buckets import Bucket, BucketSpec, bucket_set, nearest_bucket, place
 from dist_lora.data.images import DEFAULT_MAX_PIXELS, RejectedImage, open_image
 from dist_lora.data.kohya import IMAGE_EXTENSIONS, DatasetFolderError, SourceImage, read_caption, scan_images
+from dist_lora.data.manifest import new_manifest, shard_entry, write_manifest
 from dist_lora.utils.files import check_writable_dir
 
-MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 SOURCES_NAME = "sources.json"  # what each sample was made from; lets a re-run reuse unchanged images
-MANIFEST_FORMAT = "dist_lora.shards/2"
 PARALLEL_THRESHOLD = 32  # fewer images than this are decoded in-process (starting workers costs ~1 s)
 
 
@@ -169,8 +168,7 @@ class _BucketShardSink:
         if current is None or current[1]["samples"] >= self.shard_size:
             if current is not None:
                 current[0].close()
-            entry: dict[str, Any] = {"file": f"train-{len(self.shards):06d}.tar", "bucket": list(bucket),
-                                     "samples": 0, "samples_with_repeats": 0, "reg_samples": 0}
+            entry = shard_entry(f"train-{len(self.shards):06d}.tar", bucket)
             tar = tarfile.open(self.folder / entry["file"], "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
             self.shards.append(entry)
             current = self._open[bucket] = (tar, entry)
@@ -346,40 +344,17 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
     return report
 
 
-def bucket_counts(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """The manifest's per-bucket totals, from its per-shard entries (each shard holds one bucket)."""
-    per_bucket: dict[str, dict[str, int]] = {}
-    for shard in shards:
-        counts = per_bucket.setdefault(f"{shard['bucket'][0]}x{shard['bucket'][1]}",
-                                       {"samples": 0, "samples_with_repeats": 0, "shards": 0})
-        counts["samples"] += shard["samples"]
-        counts["samples_with_repeats"] += shard["samples_with_repeats"]
-        counts["shards"] += 1
-    return dict(sorted(per_bucket.items()))
-
-
 def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, Any]],
                     tag_frequency: dict[str, Counter[str]], sources: dict[str, dict[str, Any]],
                     fingerprint: dict[str, Any], report: PrepareReport, started: float) -> None:
-    per_bucket = bucket_counts(shards)
+    manifest = new_manifest(resolution=opts.resolution, bucket_spec=fingerprint["buckets"],
+                            image_format=opts.image_format, trigger=opts.trigger, num_samples=report.accepted,
+                            shards=shards, tag_frequency={k: dict(v) for k, v in tag_frequency.items()})
     report.shards = len(shards)
-    report.samples_with_repeats = sum(s["samples_with_repeats"] for s in shards)
-    report.buckets = {name: c["samples"] for name, c in sorted(per_bucket.items())}
+    report.samples_with_repeats = manifest["num_samples_with_repeats"]
+    report.buckets = {name: c["samples"] for name, c in manifest["buckets"].items()}
     report.seconds = time.perf_counter() - started
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "resolution": opts.resolution,
-        "bucket_spec": fingerprint["buckets"],
-        "image_format": opts.image_format,
-        "trigger": opts.trigger,
-        "num_samples": report.accepted,
-        "num_reg_samples": sum(s["reg_samples"] for s in shards),
-        "num_samples_with_repeats": report.samples_with_repeats,
-        "buckets": per_bucket,
-        "shards": shards,
-        "tag_frequency": {k: dict(v) for k, v in tag_frequency.items()},
-    }
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_manifest(staging, manifest)
     (staging / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False), encoding="utf-8")
     (staging / SOURCES_NAME).write_text(json.dumps({"fingerprint": fingerprint, "sources": sources},
                                                    ensure_ascii=False), encoding="utf-8")

@@ -13,7 +13,6 @@ Batches are assembled in the main process (workers only read and decode), so the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -26,95 +25,14 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from webdataset.shardlists import expand_urls
 
 from dist_lora.data.captions import CaptionTransform
-from dist_lora.data.prepare import MANIFEST_FORMAT, MANIFEST_NAME
+from dist_lora.data.manifest import MANIFEST_NAME, Manifest, ShardDataError
 from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec
 from dist_lora.data.tar_samples import BadData
-from dist_lora.errors import DistLoraError
 from dist_lora.utils.stop_signals import ignore_in_worker
 
 log = logging.getLogger(__name__)
-
-
-class ShardDataError(DistLoraError):
-    """The prepared data cannot be used; the message names the folder or file."""
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    """What `dist-lora cache` added to the shards, and from which model."""
-
-    latents: bool
-    text: bool
-    model: str
-    family: str
-    dtype: str
-    scaling_factor: float
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> CacheInfo | None:
-        if not data:
-            return None
-        return cls(bool(data["latents"]), bool(data["text"]), str(data["model"]), str(data["family"]),
-                   str(data["dtype"]), float(data["scaling_factor"]))
-
-
-@dataclass(frozen=True)
-class Manifest:
-    root: Path
-    resolution: int
-    shards: list[dict[str, Any]]
-    tag_frequency: dict[str, dict[str, int]]
-    trigger: str = ""
-    cache: CacheInfo | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, folder: str | Path) -> Manifest:
-        root = Path(folder)
-        path = root / MANIFEST_NAME
-        if not root.is_dir():
-            raise ShardDataError(f"data.shards '{root}' is not a folder; expected the output of `dist-lora prepare`.")
-        if not path.is_file():
-            raise ShardDataError(f"data.shards '{root}' has no {MANIFEST_NAME}; run `dist-lora prepare SRC {root}`.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ShardDataError(f"'{path}' is not valid JSON: {exc}") from exc
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ShardDataError(f"'{path}' has format {data.get('format')!r}; expected {MANIFEST_FORMAT!r}. "
-                                 f"Re-run `dist-lora prepare` to rebuild the shards.")
-        return cls(root, int(data["resolution"]), list(data["shards"]), dict(data.get("tag_frequency", {})),
-                   str(data.get("trigger", "")), CacheInfo.from_json(data.get("cache")), data)
-
-    @property
-    def num_samples_with_repeats(self) -> int:
-        return sum(int(s["samples_with_repeats"]) for s in self.shards)
-
-    def urls(self, pattern: str = "") -> list[str]:
-        """Where each manifest shard is read from: the folder, or ``pattern`` (brace-expanded, ``pipe:`` allowed).
-
-        With a pattern, the i-th URL must name the i-th shard's file, so a pattern that lists the shards
-        in another order, or misses some, is an error rather than silently wrong counts.
-        """
-        if not pattern:
-            urls = [str(self.root / s["file"]) for s in self.shards]
-            missing = [u for u in urls if not Path(u).is_file()]
-            if missing:
-                raise ShardDataError(f"'{self.root / MANIFEST_NAME}' lists shards that are missing: {missing[:3]}.")
-            return urls
-        urls = list(expand_urls(pattern))
-        if len(urls) != len(self.shards):
-            raise ShardDataError(f"data.shard_urls {pattern!r} expands to {len(urls)} URLs but "
-                                 f"'{self.root / MANIFEST_NAME}' lists {len(self.shards)} shards.")
-        for url, shard in zip(urls, self.shards, strict=True):
-            if shard["file"] not in url:
-                raise ShardDataError(f"data.shard_urls: URL {url!r} does not name shard {shard['file']!r} of the "
-                                     f"manifest; list the shards in the manifest's order, e.g. "
-                                     f"'.../train-{{000000..{len(self.shards) - 1:06d}}}.tar'.")
-        return urls
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 
 from dist_lora.config import Config
 from dist_lora.data.captions import CaptionTransform
-from dist_lora.data.shards import Manifest
+from dist_lora.data.manifest import Manifest
 from dist_lora.errors import DistLoraError
 from dist_lora.planning.estimate import GIB, Plan, RunSettings, Suggestion, estimate, suggestions
 from dist_lora.planning.shapes import ModelSizes, PlanInputError, measure_model

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dist_lora import parallel
 from dist_lora.errors import DistLoraError
-from dist_lora.train import parallel
 from dist_lora.utils.files import write_text_atomic
 from dist_lora.utils.stop_signals import signal_hook
 

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
+from dist_lora import parallel
 from dist_lora.config import Config
 from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
-from dist_lora.train import parallel
 from dist_lora.train.checkpoint import CheckpointManager, TrainPosition
-from dist_lora.train.guards import FaultInjection, NonFiniteRunError, Preempted
+from dist_lora.train.guards import FaultInjection, NonFiniteRunError
 from dist_lora.train.run_plan import ResumePoint, RunPlan
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
-from dist_lora.utils.stop_signals import StopSignals
+from dist_lora.utils.stop_signals import Preempted, StopSignals
 
 
 @dataclass
@@ -163,27 +163,18 @@ class TrainingLoop:
         """At the end of an accumulation window: one all-reduce and one read decide the update."""
         s = self.setup
         assert self._loss_sum is not None
-        deepspeed = parallel.uses_deepspeed(self.acc)
-        if deepspeed:
-            grads_bad = torch.zeros((), device=self._loss_sum.device)
-        else:
-            norm = parallel.gradient_norm(self.acc, s.trainable_params, self.cfg.optimizer.max_grad_norm)
-            grads_bad = (~torch.isfinite(norm)).float().to(self._loss_sum.device)
-        stop = torch.tensor(1.0 if self.signals.received else 0.0).to(self._loss_sum.device, non_blocking=True)
+        device = self._loss_sum.device
+        grads_bad = parallel.nonfinite_gradient_flag(self.acc, s.trainable_params, self.cfg.optimizer.max_grad_norm,
+                                                     device)
+        stop = torch.tensor(1.0 if self.signals.received else 0.0).to(device, non_blocking=True)
         local = torch.stack([self._loss_sum, grads_bad, stop])
         self._loss_sum = None
         loss_sum, grads_bad_count, stop_count = parallel.sum_tensor_across_ranks(self.acc, local).tolist()
         loss_ok = math.isfinite(loss_sum)
-        scaler = self.acc.scaler is not None
-        if deepspeed:
-            applied = parallel.engine_step_applied(self.acc, s.model)
-        elif not loss_ok or (grads_bad_count > 0 and not scaler):
-            parallel.discard_step(self.acc)
-            applied = False
-        else:
-            applied = parallel.optimizer_step(s.optimizer)
+        applied = parallel.finish_step(self.acc, s.model, s.optimizer, loss_finite=loss_ok,
+                                       gradients_finite=grads_bad_count == 0)
         return StepOutcome(loss_sum / (self.world.size * self.accum), applied,
-                           scaler_skipped=not applied and loss_ok and self.acc.mixed_precision == "fp16",
+                           scaler_skipped=not applied and loss_ok and parallel.loss_scaling(self.acc),
                            stop_requested=stop_count > 0)
 
     def _end_of_step(self, epoch: int) -> None:

@@ -15,18 +15,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from dist_lora import parallel
 from dist_lora.adapters.diffusers_format import save_diffusers_lora
 from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters
 from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
 from dist_lora.adapters.network import attach_network, network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
-from dist_lora.data.shards import Batch, Manifest, ShardLoader, plan_epoch
+from dist_lora.data.manifest import Manifest
+from dist_lora.data.shards import Batch, ShardLoader, plan_epoch
 from dist_lora.data.stream import pixels_to_unit_range
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import Components, ModelSource, inspect_model_source, load_components
 from dist_lora.models.text import encode_prompts, tokenize
-from dist_lora.train import parallel
 from dist_lora.train.diffusion import (
     add_noise,
     diffusion_loss,
@@ -38,7 +39,6 @@ from dist_lora.train.diffusion import (
     sdxl_time_ids,
     training_target,
 )
-from dist_lora.train.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted
 from dist_lora.train.loop import TrainingLoop
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice, set_attention
 from dist_lora.train.model import AdaptedDenoiser
@@ -53,7 +53,7 @@ from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_pr
 from dist_lora.train.run_plan import find_resume_point, plan_run
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
-from dist_lora.utils.stop_signals import StopSignals, signal_hook
+from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted, StopSignals, signal_hook
 
 
 class RunSetupError(DistLoraError):

@@ -5,6 +5,21 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
+# Exit status of a run that checkpointed and stopped early (preemption or checkpoint.stop_at_step):
+# EX_TEMPFAIL, "try again": start the same command again to resume.
+PREEMPTED_EXIT_CODE = 75
+# Written into the run directory by such a run (launchers like torchrun turn any non-zero worker status
+# into their own failure status, so job scripts look for this file).
+PREEMPTED_MARKER = "preempted.json"
+
+
+class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The run checkpointed and stopped; starting it again with checkpoint.resume = 'latest' continues."""
+
+    def __init__(self, step: int, checkpoint: str, reason: str, message: str = "") -> None:
+        super().__init__(message or f"stopped at step {step} ({reason}); checkpoint {checkpoint or 'none yet'}")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
 
 class StopSignals:
     """Remembers SIGTERM / SIGUSR1 / SIGINT (preemption, Slurm's time-limit warning, a pod's stop,

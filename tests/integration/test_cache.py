@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dist_lora.config import config_from_dict
 from dist_lora.data.cache import CacheOptions, cache_dataset
-from dist_lora.data.shards import ShardDataError
+from dist_lora.data.manifest import ShardDataError
 from dist_lora.train.trainer import train
 from tests.conftest import tiny_train_config
 from tests.integration.distributed_helpers import REPO

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_lora import parallel
 from dist_lora.config import config_from_dict
-from dist_lora.train import parallel
 from dist_lora.train.trainer import train
 from tests.conftest import tiny_train_config
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_lora.config import config_from_dict
-from dist_lora.train.guards import PREEMPTED_EXIT_CODE, Preempted
 from dist_lora.train.trainer import train
+from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 from tests.conftest import tiny_train_config
 from tests.integration.distributed_helpers import REPO, run_training
 

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dist_lora.config import config_from_dict, to_toml
-from dist_lora.train.guards import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from tests.conftest import tiny_train_config
 from tests.integration.distributed_helpers import REPO
 

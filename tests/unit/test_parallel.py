@@ -1,7 +1,7 @@
 import pytest
 
 from dist_lora.errors import DistLoraError
-from dist_lora.train.parallel import TrainingShape, check_launch
+from dist_lora.parallel import TrainingShape, check_launch
 
 
 def _shape(bnb: bool) -> TrainingShape:
@@ -24,7 +24,7 @@ def test_fp16_needs_cuda() -> None:
 
 
 def test_zero3_checkpointing_needs_a_fixed_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dist_lora.train import parallel
+    from dist_lora import parallel
 
     with pytest.raises(DistLoraError, match=r"deepspeed >= 0\.19\.4 \(installed: 0\.18\.2\).*zero2"):
         parallel.check_zero3_checkpointing("0.18.2")

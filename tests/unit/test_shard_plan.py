@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from dist_lora.data.captions import CaptionTransform
+from dist_lora.data.manifest import Manifest, ShardDataError
 from dist_lora.data.shards import (
-    Manifest,
-    ShardDataError,
     ShardLoader,
     assign_shards,
     epoch_shard_order,

@@ -235,6 +235,37 @@ def gradient_norm(accelerator: Accelerator, params: list[nn.Parameter], max_norm
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
+def nonfinite_gradient_flag(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float,
+                            device: torch.device) -> torch.Tensor:
+    """Unscale and clip this rank's gradients; 1.0 (a device tensor, not read back) when their norm is not
+    finite. 0.0 under DeepSpeed, whose engine clips and checks inside its own step."""
+    if uses_deepspeed(accelerator):
+        return torch.zeros((), device=device)
+    norm = gradient_norm(accelerator, params, max_norm)
+    return (~torch.isfinite(norm)).float().to(device)
+
+
+def loss_scaling(accelerator: Accelerator) -> bool:
+    """Whether an fp16 loss scaler (torch's or DeepSpeed's) handles gradient overflow."""
+    return accelerator.mixed_precision == "fp16"
+
+
+def finish_step(accelerator: Accelerator, model: Any, optimizer: Any, *, loss_finite: bool,
+                gradients_finite: bool) -> bool:
+    """Apply or skip the update of an accumulation window, alike on every rank (both flags are the
+    all-reduced values). Returns whether the update was applied.
+
+    DeepSpeed stepped inside backward() already and reports what it did. Elsewhere a non-finite loss
+    skips the step; non-finite gradients skip it too unless the fp16 loss scaler owns overflow (it
+    skips the update itself and halves its scale)."""
+    if uses_deepspeed(accelerator):
+        return engine_step_applied(accelerator, model)
+    if not loss_finite or (not gradients_finite and accelerator.scaler is None):
+        discard_step(accelerator)
+        return False
+    return optimizer_step(optimizer)
+
+
 def optimizer_step(optimizer: Any) -> bool:
     """Step the optimizer; under fp16 the loss scaler skips a step whose gradients overflowed and halves
     its scale. Returns whether the update was applied."""
