@@ -57,9 +57,12 @@ from dist_lora.models.load import Components, load_components  # noqa: E402
 from dist_lora.models.reference import FULL_SIZE, sdxl_pooled_width  # noqa: E402
 from dist_lora.models.tiny import write_tiny_pipeline  # noqa: E402
 from dist_lora.train.checkpoint import TrainPosition  # noqa: E402
+from dist_lora.train.conditioning import Conditioner  # noqa: E402
 from dist_lora.train.loop import TrainingLoop  # noqa: E402
+from dist_lora.train.run_plan import RunPlan  # noqa: E402
+from dist_lora.train.setup import build_setup  # noqa: E402
+from dist_lora.train.step import StepRunner  # noqa: E402
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog  # noqa: E402
-from dist_lora.train.trainer import StepRunner, build_setup  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
 PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -297,12 +300,13 @@ def dist_lora_step(suite: Suite, c: Components, batch: Batch, cfg: Config) -> Ca
     run_dir = suite.work / f"run_{len(suite.rows)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     scaling = 0.13025 if c.family == "sdxl" else 0.18215
-    loop = TrainingLoop(cfg, run_dir, setup, StepRunner(cfg, setup, accelerator, world, scaling), accelerator, world,
-                        _LoaderStub(), [total], total,  # type: ignore[arg-type]
+    conditioner = Conditioner(setup.components, accelerator.device, setup.weight_dtype, setup.frozen_text_encoders,
+                              accelerator.autocast, scaling)
+    loop = TrainingLoop(cfg, run_dir, setup, StepRunner(cfg, setup, conditioner, world), accelerator, world,
+                        _LoaderStub(), RunPlan(total, [total]),  # type: ignore[arg-type]
                         MetricsLog(run_dir, enabled=False, total_steps=total, progress_bar=False),
                         SampleKeyLog(run_dir, enabled=False))
     loop.state.position = TrainPosition(0, 0, 0, 0)
-    loop._step_started = time.perf_counter()
     setup.model.train()
 
     def step() -> None:

@@ -200,6 +200,38 @@ class LoggingConfig:
     comm_stats: bool = _field(False, "Under DDP, log the gradient bytes all-reduced per optimizer step "
                               "(allreduce_bytes) next to the trainable size (trainable_bytes).")
     wandb_project: str = _field("", "Weights & Biases project to log to; empty disables wandb.")
+    tensorboard: bool = _field(True, "Write TensorBoard event files (loss, lr, sample images) into "
+                               "<output.dir>/tensorboard.")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = _field([], "Sample prompts, each a line in kohya's prompt format, e.g. 'a dlsks robot --n "
+                                "blurry --w 1024 --h 1024 --d 42 --l 7 --s 28 --ss euler_a' (--n negative prompt, "
+                                "--w/--h size, --d seed, --l CFG scale, --s steps, --ss sampler).")
+    prompt_file: str = _field("", "Prompts from a file (kohya: sample_prompts): .txt, one prompt line each ('#' "
+                              "starts a comment line); .toml, [prompt] defaults and [[prompt.subset]] tables; "
+                              ".json, a list of prompt lines or tables. Used after sample.prompts.")
+    negative_prompt: str = _field("", "Negative prompt of prompts that give none (--n).")
+    width: int = _field(0, "Width in pixels of prompts that give none (--w), a multiple of 8; 0: the prepared "
+                        "data's resolution.", minimum=0)
+    height: int = _field(0, "Height in pixels of prompts that give none (--h), a multiple of 8; 0: the prepared "
+                         "data's resolution.", minimum=0)
+    cfg_scale: float = _field(7.5, "Classifier-free guidance scale of prompts that give none (--l).", minimum=0.0)
+    steps: int = _field(30, "Denoising steps of prompts that give none (--s).", minimum=1, maximum=1000)
+    sampler: str = _field("euler_a", "Sampler of prompts that give none (--ss): euler, euler_a, heun, dpm_2, "
+                          "dpm_2_a, lms, lms_karras, ddim, ddpm, pndm, dpm++_2m, dpm++_2m_karras, dpm++_2m_sde, "
+                          "dpm++_2m_sde_karras, dpm++_sde, dpm++_sde_karras, dpmsingle, unipc; kohya's k_* names "
+                          "and A1111's ('Euler a', 'DPM++ 2M Karras') work too.")
+    seed: int = _field(-1, "Seed of prompts that give none (--d); -1: training.seed + the prompt's number, the same "
+                       "at every round so rounds compare.", minimum=-1)
+    every_steps: int = _field(0, "Render the prompts every this many optimizer steps (kohya: "
+                              "sample_every_n_steps); 0: not by steps.", minimum=0)
+    every_epochs: int = _field(0, "Render the prompts after every this many epochs (kohya: sample_every_n_epochs); "
+                               "0: not by epochs.", minimum=0)
+    at_start: bool = _field(False, "Render the prompts before the first step: the base model, the reference to "
+                            "compare with (kohya: sample_at_first).")
+    at_end: bool = _field(True, "Render the prompts after the last step.")
 
 
 @dataclass
@@ -213,6 +245,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

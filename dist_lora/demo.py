@@ -45,6 +45,9 @@ def run_demo(workdir: str | Path = "demo_output", *, steps: int = 200, arch: str
         "scheduler": {"type": "cosine", "warmup_steps": 5},
         "training": {"batch_size": 4, "max_steps": steps, "seed": 0},
         "output": {"dir": str(workdir / "run"), "name": "demo_lora"},
+        # The base model's images before the first step, and the trained adapter's after the last.
+        "sample": {"prompts": ["dlsks, red square --d 1 --s 12", "dlsks, blue circle --d 2 --s 12"],
+                   "at_start": True},
     }
     for section, values in (extra_overrides or {}).items():
         raw.setdefault(section, {}).update(values)
@@ -53,6 +56,8 @@ def run_demo(workdir: str | Path = "demo_output", *, steps: int = 200, arch: str
     print(f"[demo] adapter:          {result.adapter_path}")
     print(f"[demo] resolved config:  {result.config_path}")
     print(f"[demo] metrics:          {result.metrics_path}")
+    print(f"[demo] sample images:    {result.run_dir / 'samples'} (grid.png per round; TensorBoard: "
+          f"{result.run_dir / 'tensorboard'})")
     first = sum(result.losses[:5]) / len(result.losses[:5])
     last = sum(result.losses[-5:]) / len(result.losses[-5:])
     print(f"[demo] loss: start {result.first_loss:.4f} (mean of first 5 steps {first:.4f}) -> "

@@ -154,6 +154,16 @@ def load_pipeline(pretrained: str, config_dir: str = "") -> tuple[Any, Family]:
     return pipe, family
 
 
+def load_vae_and_text(pretrained: str, *, config_dir: str = "", family: str, dtype: torch.dtype | None = None
+                      ) -> tuple[nn.Module, list[Any], list[nn.Module]]:
+    """The VAE (fp32), tokenizers and text encoders alone, without the UNet: what rendering needs besides
+    the trained UNet when training reads cached latents and text-encoder outputs."""
+    source = inspect_model_source(pretrained, config_dir)
+    pipe = _load_pipeline(source, config_dir, ("unet",), dtype, torch.float32)
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    return pipe.vae, tokenizers, pipeline_text_encoders(pipe, family)
+
+
 def pipeline_text_encoders(pipe: Any, family: str) -> list[nn.Module]:
     return [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
 

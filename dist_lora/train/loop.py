@@ -20,20 +20,24 @@ every path alike, so the schedule ends with max_steps however many steps overflo
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from dist_lora import parallel
 from dist_lora.config import Config
 from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
 from dist_lora.train.checkpoint import CheckpointManager, TrainPosition
 from dist_lora.train.guards import FaultInjection, NonFiniteRunError
+from dist_lora.train.hooks import HookContext, HookRunner, Moment, StepHook
+from dist_lora.train.loop_hooks import CheckpointHook, MetricsHook, StopHook
 from dist_lora.train.run_plan import ResumePoint, RunPlan
+from dist_lora.train.setup import Setup
+from dist_lora.train.step import StepRunner
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.stop_signals import Preempted, StopSignals
 
@@ -60,9 +64,9 @@ class StepOutcome:
 
 
 class TrainingLoop:
-    def __init__(self, cfg: Config, run_dir: Path, setup: Any, runner: Any, accelerator: Any,
+    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, runner: StepRunner, accelerator: Accelerator,
                  world: parallel.World, loader: ShardLoader, plan: RunPlan, metrics: MetricsLog,
-                 key_log: SampleKeyLog) -> None:
+                 key_log: SampleKeyLog, hooks: Sequence[StepHook] = ()) -> None:
         self.cfg, self.run_dir, self.setup, self.runner = cfg, run_dir, setup, runner
         self.acc, self.world, self.loader = accelerator, world, loader
         self.epoch_ends, self.total_steps = plan.epoch_ends, plan.total_steps
@@ -75,6 +79,9 @@ class TrainingLoop:
         self._outcome = StepOutcome(float("nan"), True, False, False)
         self.accum = cfg.training.gradient_accumulation_steps
         self.resume_progress: EpochProgress | None = None
+        # In order: metrics, checkpoints, the given hooks (sampling, ...), then the stop check (which stops on
+        # a checkpoint just made).
+        self.hooks = HookRunner([MetricsHook(self), CheckpointHook(self), *hooks, StopHook(self)], world.is_main)
 
     # -- resume and checkpoints --------------------------------------------------------------------
     def resume(self, point: ResumePoint | None) -> None:
@@ -121,7 +128,7 @@ class TrainingLoop:
         if start.step < self.total_steps and parallel.any_rank(bool(signals.received)):
             latest = self.state.resumed_from
             raise Preempted(start.step, latest, signals.received or "another rank was signalled")
-        self._step_started = time.perf_counter()
+        self.hooks.run(self._context(Moment.START, start.epoch))
         for epoch in range(start.epoch, len(self.epoch_ends)):
             already = start.batch_in_epoch if epoch == start.epoch else 0
             progress = self.resume_progress if epoch == start.epoch else None
@@ -133,9 +140,14 @@ class TrainingLoop:
                     continue  # consumed before the checkpoint (replayed: the checkpoint has no data position)
                 synced = self._micro_step(batch, epoch, index)
                 if synced:
-                    self._end_of_step(epoch)
-        if self.cfg.checkpoint.every_steps and self.state.last_checkpoint_step != self.state.position.step:
-            self.checkpoint()
+                    self._end_of_step(epoch, epoch_finished=index + 1 == self.epoch_ends[epoch])
+        self.hooks.run(self._context(Moment.END, self.state.position.epoch))
+
+    def _context(self, moment: Moment, epoch: int, epoch_finished: bool = False) -> HookContext:
+        outcome = self._outcome
+        return HookContext(moment, self.state.position.step, epoch, self.total_steps, epoch_finished,
+                           stop_requested=moment is Moment.STEP and outcome.stop_requested,
+                           applied=outcome.applied, mean_loss=outcome.mean_loss)
 
     def _micro_step(self, batch: Batch, epoch: int, index: int) -> bool:
         s, st = self.setup, self.state
@@ -177,7 +189,7 @@ class TrainingLoop:
                            scaler_skipped=not applied and loss_ok and parallel.loss_scaling(self.acc),
                            stop_requested=stop_count > 0)
 
-    def _end_of_step(self, epoch: int) -> None:
+    def _end_of_step(self, epoch: int, epoch_finished: bool = False) -> None:
         s, st, cfg = self.setup, self.state, self.cfg
         outcome = self._outcome
         s.lr_scheduler.step()
@@ -201,46 +213,4 @@ class TrainingLoop:
                     f"{st.consecutive_skips} optimizer steps in a row (up to step {step}) had a non-finite loss or "
                     f"gradient and were skipped. Lower optimizer.lr, use training.mixed_precision = 'bf16' or 'no', "
                     f"check the data for broken images; the last checkpoint is intact.")
-        self._log(step, epoch, outcome.mean_loss, not outcome.applied)
-        stop = outcome.stop_requested
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-            self.checkpoint()
-            # A signal that arrived while the checkpoint was written stops right here, on the checkpoint
-            # just made, instead of one step later (one more small all-reduce, on checkpoint steps only).
-            stop = stop or (step < self.total_steps and parallel.any_rank(bool(self.signals.received)))
-        if step < self.total_steps:
-            self._maybe_stop(step, stop)
-
-    def _maybe_stop(self, step: int, stop_requested: bool) -> None:
-        # Both inputs agree on every rank: the stop flag went through the step's all-reduce, and
-        # stop_at_step is configuration.
-        at_step = step == self.cfg.checkpoint.stop_at_step
-        if not (stop_requested or at_step):
-            return
-        reason = self.signals.received or ("checkpoint.stop_at_step" if at_step else "another rank was signalled")
-        folder = self.checkpoint() if self.state.last_checkpoint_step != step else \
-            self.checkpoints.root / f"step-{step:08d}"
-        raise Preempted(step, str(folder), reason)
-
-    def _comm_metrics(self) -> dict[str, int]:
-        if self.setup.comm is None:
-            return {}
-        trainable = sum(p.numel() * p.element_size() for p in self.setup.trainable_params)
-        return {"allreduce_bytes": self.setup.comm.take(), "trainable_bytes": trainable}
-
-    def _log(self, step: int, epoch: int, mean_loss: float, skipped: bool) -> None:
-        now = time.perf_counter()
-        if step % self.cfg.logging.log_every == 0 or step == self.total_steps or skipped:
-            elapsed = max(now - self._step_started, 1e-9)
-            samples = self.cfg.training.batch_size * self.world.size * self.accum
-            stats = self.loader.stats
-            bad, padded = parallel.sum_across_ranks(self.acc, [stats.bad_records, stats.padded_samples])
-            self.metrics.log(step, {"epoch": epoch, "loss": mean_loss,
-                                    "lr": self.setup.lr_scheduler.get_last_lr()[0],
-                                    "steps_per_s": 1.0 / elapsed, "samples_per_s": samples / elapsed,
-                                    "skipped_steps": self.state.skipped_steps,
-                                    "loss_scale_skips": self.state.loss_scale_skips,
-                                    "data_bad_records": bad, "data_padded_samples": padded,
-                                    "optimizer": self.setup.optimizer_choice.used, **self._comm_metrics()})
-        self.metrics.advance()
-        self._step_started = now
+        self.hooks.run(self._context(Moment.STEP, epoch, epoch_finished))

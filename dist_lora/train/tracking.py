@@ -1,4 +1,4 @@
-"""Metrics: a JSONL file in the run directory, the console/progress bar, and optionally wandb."""
+"""Metrics: a JSONL file in the run directory, the console/progress bar, TensorBoard and optionally wandb."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ class MetricsLog:
     """Only the main process holds a real one; other ranks get ``enabled=False`` and write nothing."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, progress_bar: bool,
-                 wandb_project: str = "", run_config: dict[str, Any] | None = None) -> None:
+                 wandb_project: str = "", run_config: dict[str, Any] | None = None, tensorboard: bool = False) -> None:
         self.enabled = enabled
+        self._tensorboard = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self._bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True) if enabled and progress_bar else None
         self._wandb = None
@@ -53,6 +58,27 @@ class MetricsLog:
                   flush=True)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(f"train/{name}", value, step)
+            self._tensorboard.flush()
+
+    def log_images(self, step: int, images: list[tuple[str, Any]]) -> None:
+        """Sample images (label, PIL image) of a round, to the trackers."""
+        if not self.enabled:
+            return
+        if self._tensorboard is not None:
+            import numpy as np
+
+            for label, image in images:
+                self._tensorboard.add_image(f"samples/{label}", np.asarray(image.convert("RGB")), step,
+                                            dataformats="HWC")
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"samples": [wandb.Image(image, caption=label) for label, image in images]}, step=step)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -65,6 +91,8 @@ class MetricsLog:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 class SampleKeyLog:

@@ -8,7 +8,6 @@ import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -17,40 +16,24 @@ from torch import nn
 
 from dist_lora import parallel
 from dist_lora.adapters.diffusers_format import save_diffusers_lora
-from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters
 from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
-from dist_lora.adapters.network import attach_network, network_metadata
+from dist_lora.adapters.network import network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.manifest import Manifest
-from dist_lora.data.shards import Batch, ShardLoader, plan_epoch
-from dist_lora.data.stream import pixels_to_unit_range
+from dist_lora.data.shards import ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
-from dist_lora.models.load import Components, ModelSource, inspect_model_source, load_components
-from dist_lora.models.text import encode_prompts, tokenize
-from dist_lora.train.diffusion import (
-    add_noise,
-    diffusion_loss,
-    min_snr_weights,
-    per_sample_noise,
-    per_sample_normal,
-    per_sample_timesteps,
-    sample_generators,
-    sdxl_time_ids,
-    training_target,
-)
+from dist_lora.models.load import ModelSource, inspect_model_source, load_components
+from dist_lora.sampling.hook import SampleHook
+from dist_lora.sampling.prompts import SamplePrompt, load_prompts
+from dist_lora.train.conditioning import Conditioner
 from dist_lora.train.loop import TrainingLoop
-from dist_lora.train.memory import OutOfMemory, out_of_memory_advice, set_attention
-from dist_lora.train.model import AdaptedDenoiser
-from dist_lora.train.optim import (
-    BITSANDBYTES_OPTIMIZERS,
-    OptimizerChoice,
-    build_lr_scheduler,
-    build_optimizer,
-    param_groups,
-)
+from dist_lora.train.memory import OutOfMemory, out_of_memory_advice
+from dist_lora.train.optim import BITSANDBYTES_OPTIMIZERS
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
 from dist_lora.train.run_plan import find_resume_point, plan_run
+from dist_lora.train.setup import Setup, build_setup
+from dist_lora.train.step import StepRunner
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
 from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted, StopSignals, signal_hook
@@ -69,6 +52,7 @@ class Preflight:
     captions: CaptionTransform
     use_latents: bool  # cached VAE posteriors are read; the VAE is not loaded
     use_text: bool  # cached text-encoder outputs are read; the text encoders are not loaded
+    prompts: list[SamplePrompt]  # sample prompts, resolved and checked
 
 
 @dataclass
@@ -114,158 +98,17 @@ def preflight(cfg: Config) -> Preflight:
     manifest.urls(d.shard_urls)
     plan_epoch(manifest, seed=cfg.training.seed, epoch=0, rank=0, world_size=world_size,
                batch_size=cfg.training.batch_size, num_workers=d.num_workers)
-    return Preflight(source, manifest, run_dir, adapter_path, captions, bool(cache and cache.latents), use_text)
+    prompts = load_prompts(cfg.sample, manifest.resolution, cfg.training.seed)
+    if prompts and parallel.requested_zero_stage() == 3:
+        raise RunSetupError("sample prompts are set, but this launch uses DeepSpeed ZeRO-3, which shards the UNet "
+                            "across ranks; render samples under DDP or ZeRO-2, or remove sample.prompts / "
+                            "sample.prompt_file.")
+    return Preflight(source, manifest, run_dir, adapter_path, captions, bool(cache and cache.latents), use_text,
+                     prompts)
 
 
 def _scaling_factor(pre: Preflight) -> float:
     return pre.manifest.cache.scaling_factor if pre.use_latents and pre.manifest.cache else 0.0
-
-
-@dataclass
-class Setup:
-    components: Components
-    model: Any  # the prepared (possibly DDP-wrapped) AdaptedDenoiser
-    optimizer: Any
-    lr_scheduler: Any
-    frozen_text_encoders: list[nn.Module]
-    weight_dtype: torch.dtype
-    trainable_params: list[nn.Parameter]
-    optimizer_choice: OptimizerChoice
-    comm: parallel.CommCounter | None = None
-
-
-def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    module.requires_grad_(False)
-    current = next(module.parameters())
-    if current.dtype != dtype:
-        module.to(dtype=dtype)
-    if current.device != device:
-        module.to(device=device)
-
-
-def build_setup(cfg: Config, components: Components, accelerator: Accelerator, total_steps: int) -> Setup:
-    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
-    unet = components.unet
-    if components.vae is not None:
-        _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
-    for module in [unet, *components.text_encoders]:
-        _freeze(module, weight_dtype, device)
-    set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
-    attached = attach_network(unet, components.text_encoders, components.family, cfg.network)
-    trained_encoders = attached.trained_text_encoders
-    unet_params = lora_parameters(unet)
-    text_params = [p for e in trained_encoders for p in lora_parameters(e)]
-    for p in unet_params + text_params:
-        p.data = p.data.float()  # adapters train in fp32 whatever the autocast precision
-    if cfg.training.mixed_precision != "no":
-        for module in [unet, *trained_encoders]:
-            compute_in_input_dtype(module)
-    if cfg.training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for encoder in trained_encoders:
-            # Reentrant checkpointing (the default of transformers 4.x) passes no gradient to adapters
-            # inside a checkpointed block whose input does not require grad (frozen embeddings): the
-            # text-encoder adapters would silently never train.
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # When any encoder is trained, all of them run inside the wrapped module (prompt encoding needs
-    # every encoder); otherwise they stay outside and run under no_grad.
-    inside = components.text_encoders if trained_encoders else []
-    model = AdaptedDenoiser(unet, inside, components.family)
-    optimizer, choice = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer,
-                                        accelerator.device)
-    # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
-    # (whose wrapper steps it once per process).
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
-    model, optimizer, comm = parallel.prepare(accelerator, model, optimizer, count_comm=cfg.logging.comm_stats)
-    frozen = [] if trained_encoders else list(components.text_encoders)
-    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
-                 comm)
-
-
-class StepRunner:
-    """Computes the loss of one micro-batch.
-
-    Every random draw of a sample (timestep, VAE posterior sample, noise, noise offset) comes from its own
-    generator keyed by (seed, optimizer step, position in the global batch), so runs agree whatever the
-    split over ranks and accumulation, and a resumed run needs no generator state.
-    """
-
-    def __init__(self, cfg: Config, setup: Setup, accelerator: Accelerator, world: parallel.World,
-                 scaling_factor: float = 0.0) -> None:
-        self.cfg, self.setup, self.acc, self.world = cfg, setup, accelerator, world
-        self.c = setup.components
-        self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
-        self.scaling_factor = scaling_factor
-
-    def global_indices(self, micro_in_step: int, batch_size: int) -> list[int]:
-        first = (micro_in_step * self.world.size + self.world.rank) * batch_size
-        return list(range(first, first + batch_size))
-
-    @torch.no_grad()
-    def _latents(self, batch: Batch, generators: list[torch.Generator]) -> torch.Tensor:
-        """A draw from the VAE posterior of each image, scaled; from the cache when the batch carries it."""
-        if batch.latent_mean is not None and batch.latent_std is not None:
-            mean, std = self._to_device(batch.latent_mean), self._to_device(batch.latent_std)
-            scaling = self.scaling_factor
-        else:
-            vae = self.c.vae
-            assert vae is not None and batch.pixels is not None
-            pixels = pixels_to_unit_range(self._to_device(batch.pixels), self.acc.device, next(vae.parameters()).dtype)
-            dist = vae.encode(pixels).latent_dist
-            mean, std, scaling = dist.mean, dist.std, vae.config.scaling_factor
-        eps = per_sample_normal(tuple(mean.shape[1:]), generators).to(mean.dtype)
-        return ((mean + std * eps) * scaling).to(self.setup.weight_dtype)
-
-    def _noise(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        noise = per_sample_noise(tuple(latents.shape[1:]), generators, self.cfg.training.noise_offset)
-        return noise.to(latents.dtype)
-
-    def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Host-to-device copy that does not make the host wait for the GPU: from pinned memory and
-        non_blocking (the kernels that read it are queued on the same stream after the copy)."""
-        if self.acc.device.type == "cuda" and not tensor.is_pinned():
-            tensor = tensor.pin_memory()
-        return tensor.to(self.acc.device, dtype, non_blocking=True)
-
-    def loss(self, batch: Any, step: int, micro_in_step: int) -> torch.Tensor:
-        generators = sample_generators(self.cfg.training.seed, step,
-                                       self.global_indices(micro_in_step, len(batch.keys)), self.acc.device)
-        num_t = self.c.noise_scheduler.config.num_train_timesteps
-        timesteps = per_sample_timesteps(num_t, generators)
-        latents = self._latents(batch, generators)
-        noise = self._noise(latents, generators)
-        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
-        kwargs: dict[str, Any] = {}
-        if batch.hidden is not None:
-            dtype = self.setup.weight_dtype
-            pooled = self._to_device(batch.pooled, dtype) if batch.pooled is not None else None
-            kwargs.update(hidden_states=self._to_device(batch.hidden, dtype), pooled=pooled)
-        elif self.setup.frozen_text_encoders:
-            input_ids = tokenize(self.c.tokenizers, batch.captions)
-            with torch.no_grad(), self.acc.autocast():
-                hidden, pooled = encode_prompts(self.setup.frozen_text_encoders, input_ids, self.c.family)
-            kwargs.update(hidden_states=hidden, pooled=pooled)
-        else:
-            input_ids = tokenize(self.c.tokenizers, batch.captions)
-            kwargs["input_ids"] = [self._to_device(ids) for ids in input_ids]
-        if self.c.family == "sdxl":
-            rows = [sdxl_time_ids(tuple(m["original_size"]), tuple(m["crop_top_left"]), tuple(m["target_size"]))
-                    for m in batch.metas]
-            kwargs["time_ids"] = self._to_device(torch.tensor(rows), self.setup.weight_dtype)
-        prediction = self.setup.model(noisy, timesteps, **kwargs)
-        target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)
-        # Padding samples weigh 0 and regularization images prior_loss_weight; the mean stays over the
-        # whole batch, so a real sample's gradient does not depend on how much padding shares its batch.
-        prior = self.cfg.training.prior_loss_weight
-        weights = batch.weights.clone()
-        for i, meta in enumerate(batch.metas):
-            if meta.get("is_reg"):
-                weights[i] *= prior
-        weights = self._to_device(weights)
-        if self.cfg.training.min_snr_gamma > 0:
-            weights = weights * min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
-                                                 self.c.prediction_type)
-        return diffusion_loss(prediction, target, weights)
 
 
 def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator, steps: int,
@@ -372,11 +215,13 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     setup = build_setup(cfg, components, accelerator, total_steps)
     metrics = MetricsLog(pre.run_dir, enabled=w.is_main, total_steps=total_steps,
                          progress_bar=cfg.logging.progress_bar, wandb_project=cfg.logging.wandb_project,
-                         run_config=cfg.to_dict())
+                         run_config=cfg.to_dict(), tensorboard=cfg.logging.tensorboard)
     key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
-    loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, accelerator, w,
-                                                                     _scaling_factor(pre)), accelerator, w, loader,
-                        run_plan, metrics, key_log)
+    conditioner = Conditioner(setup.components, accelerator.device, setup.weight_dtype, setup.frozen_text_encoders,
+                              accelerator.autocast, _scaling_factor(pre))
+    samples = SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics)
+    loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, conditioner, w), accelerator, w, loader,
+                        run_plan, metrics, key_log, hooks=[samples])
     started_at = str(int(time.time()))
     marker = pre.run_dir / PREEMPTED_MARKER
     if w.is_main:

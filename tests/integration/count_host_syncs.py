@@ -62,11 +62,11 @@ for name in COLLECTIVES:
 original_end = loop.TrainingLoop._end_of_step
 
 
-def end_of_step(self, epoch):  # type: ignore[no-untyped-def]
+def end_of_step(self, epoch, **kwargs):  # type: ignore[no-untyped-def]
     steps.append({"reads": counts["reads"], "collectives": counts["collectives"], "origins": dict(origins)})
     counts.clear()
     origins.clear()
-    return original_end(self, epoch)
+    return original_end(self, epoch, **kwargs)
 
 
 loop.TrainingLoop._end_of_step = end_of_step  # type: ignore[method-assign]

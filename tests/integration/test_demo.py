@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +31,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert end < 0.95 * start
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["steps"] == 200
+    # Sample rounds of the base model and of the trained adapter, and the trained one differs.
+    rounds = sorted(p.name for p in (out / "run" / "samples").iterdir())
+    assert rounds == ["step-00000000", "step-00000200"]
+    before, after = (Image.open(out / "run" / "samples" / r / "00-dlsks-red-square.png") for r in rounds)
+    assert before.size == after.size == (128, 128) and before.tobytes() != after.tobytes()
     # Running it again reuses its own folder.
     again = subprocess.run([DIST_LORA, "demo", "--out", str(out), "--steps", "5"], cwd=REPO, capture_output=True,
                            text=True, timeout=600)

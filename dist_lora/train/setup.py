@@ -1,0 +1,84 @@
+"""A run's trained model, optimizer and schedule, built from the loaded components and prepared for the
+process world: freezing, attention, the adapter network, precision and checkpointing switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from dist_lora import parallel
+from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters
+from dist_lora.adapters.network import attach_network
+from dist_lora.config import Config
+from dist_lora.models.load import Components
+from dist_lora.train.memory import set_attention
+from dist_lora.train.model import AdaptedDenoiser
+from dist_lora.train.optim import OptimizerChoice, build_lr_scheduler, build_optimizer, param_groups
+from dist_lora.train.precision import WEIGHT_DTYPES
+
+
+@dataclass
+class Setup:
+    """Everything a run trains with, once prepared for the process world."""
+
+    components: Components
+    model: nn.Module  # the prepared AdaptedDenoiser (wrapped by DDP or a DeepSpeed engine when distributed)
+    optimizer: torch.optim.Optimizer  # as prepared by accelerate
+    lr_scheduler: LRScheduler  # stepped once per optimizer step by the loop, not by accelerate
+    frozen_text_encoders: list[nn.Module]  # encoders run under no_grad outside the model (none trained)
+    weight_dtype: torch.dtype
+    trainable_params: list[nn.Parameter]
+    optimizer_choice: OptimizerChoice
+    comm: parallel.CommCounter | None = None
+
+
+def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    module.requires_grad_(False)
+    current = next(module.parameters())
+    if current.dtype != dtype:
+        module.to(dtype=dtype)
+    if current.device != device:
+        module.to(device=device)
+
+
+def build_setup(cfg: Config, components: Components, accelerator: Accelerator, total_steps: int) -> Setup:
+    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
+    unet = components.unet
+    if components.vae is not None:
+        _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
+    for module in [unet, *components.text_encoders]:
+        _freeze(module, weight_dtype, device)
+    set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
+    attached = attach_network(unet, components.text_encoders, components.family, cfg.network)
+    trained_encoders = attached.trained_text_encoders
+    unet_params = lora_parameters(unet)
+    text_params = [p for e in trained_encoders for p in lora_parameters(e)]
+    for p in unet_params + text_params:
+        p.data = p.data.float()  # adapters train in fp32 whatever the autocast precision
+    if cfg.training.mixed_precision != "no":
+        for module in [unet, *trained_encoders]:
+            compute_in_input_dtype(module)
+    if cfg.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in trained_encoders:
+            # Reentrant checkpointing (the default of transformers 4.x) passes no gradient to adapters
+            # inside a checkpointed block whose input does not require grad (frozen embeddings): the
+            # text-encoder adapters would silently never train.
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # When any encoder is trained, all of them run inside the wrapped module (prompt encoding needs
+    # every encoder); otherwise they stay outside and run under no_grad.
+    inside = components.text_encoders if trained_encoders else []
+    model = AdaptedDenoiser(unet, inside, components.family)
+    optimizer, choice = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer,
+                                        accelerator.device)
+    # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
+    # (whose wrapper steps it once per process).
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
+    model, optimizer, comm = parallel.prepare(accelerator, model, optimizer, count_comm=cfg.logging.comm_stats)
+    frozen = [] if trained_encoders else list(components.text_encoders)
+    return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
+                 comm)

@@ -1,0 +1,63 @@
+"""The loss of one micro-batch."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_lora.config import Config
+from dist_lora.data.shards import Batch
+from dist_lora.parallel import World
+from dist_lora.train.conditioning import Conditioner
+from dist_lora.train.diffusion import (
+    add_noise,
+    diffusion_loss,
+    min_snr_weights,
+    per_sample_noise,
+    per_sample_timesteps,
+    sample_generators,
+    training_target,
+)
+from dist_lora.train.setup import Setup
+
+
+class StepRunner:
+    """Computes the loss of one micro-batch.
+
+    Every random draw of a sample (timestep, VAE posterior sample, noise, noise offset) comes from its own
+    generator keyed by (seed, optimizer step, position in the global batch), so runs agree whatever the
+    split over ranks and accumulation, and a resumed run needs no generator state.
+    """
+
+    def __init__(self, cfg: Config, setup: Setup, conditioner: Conditioner, world: World) -> None:
+        self.cfg, self.setup, self.conditioner, self.world = cfg, setup, conditioner, world
+        self.c = setup.components
+        self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
+
+    def global_indices(self, micro_in_step: int, batch_size: int) -> list[int]:
+        first = (micro_in_step * self.world.size + self.world.rank) * batch_size
+        return list(range(first, first + batch_size))
+
+    def loss(self, batch: Batch, step: int, micro_in_step: int) -> torch.Tensor:
+        cond = self.conditioner
+        generators = sample_generators(self.cfg.training.seed, step,
+                                       self.global_indices(micro_in_step, len(batch.keys)), cond.device)
+        num_t = self.c.noise_scheduler.config.num_train_timesteps
+        timesteps = per_sample_timesteps(num_t, generators)
+        latents = cond.latents(batch, generators)
+        noise = per_sample_noise(tuple(latents.shape[1:]), generators, self.cfg.training.noise_offset)
+        noise = noise.to(latents.dtype)
+        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        prediction = self.setup.model(noisy, timesteps, **cond.model_inputs(batch))
+        target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)
+        # Padding samples weigh 0 and regularization images prior_loss_weight; the mean stays over the
+        # whole batch, so a real sample's gradient does not depend on how much padding shares its batch.
+        prior = self.cfg.training.prior_loss_weight
+        weights = batch.weights.clone()
+        for i, meta in enumerate(batch.metas):
+            if meta.get("is_reg"):
+                weights[i] *= prior
+        weights = cond.to_device(weights)
+        if self.cfg.training.min_snr_gamma > 0:
+            weights = weights * min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
+                                                 self.c.prediction_type)
+        return diffusion_loss(prediction, target, weights)

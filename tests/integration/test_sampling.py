@@ -1,0 +1,159 @@
+"""Sample images during training: the same images diffusers renders from the exported file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from dist_lora.config import config_from_dict
+from dist_lora.sampling.samplers import find_sampler
+from dist_lora.train.trainer import train
+from tests.conftest import tiny_train_config
+from tests.integration.distributed_helpers import run_training
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["a dlsks red square --n blurry --s 6 --d 11 --l 6 --w 64 --h 64",
+           "a dlsks blue circle --ss dpm++_2m_karras --s 5 --w 96 --h 64"]
+# Pixel levels (of 255) two renderings of the same model may differ by: float reduction order only.
+TOLERANCE = 2
+
+
+def _raw(model: Path, shards: Path, out: Path, sample: dict | None = None) -> dict:
+    return tiny_train_config(model, shards, out, optimizer={"lr": 5e-2}, training={"max_steps": 3, "batch_size": 2},
+                             sample={"prompts": PROMPTS, "at_start": True, **(sample or {})})
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def _diffusers_image(model: Path, adapter: Path | None, prompt: str, negative: str, steps: int, seed: int, cfg: float,
+                     sampler: str, width: int = 64, height: int = 64) -> np.ndarray:
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    if adapter is not None:
+        pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
+    pipe.scheduler = find_sampler(sampler).build(pipe.scheduler.config)
+    image = pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
+                 width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return np.asarray(image).astype(int)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_training_samples_equal_diffusers_renderings_of_the_file(arch: str, tiny_models: dict[str, Path],
+                                                                  shapes_shards: Path, tmp_path: Path) -> None:
+    model = tiny_models[arch]
+    result = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "run")))
+    samples = tmp_path / "run" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-00000000", "step-00000003"]
+    for step in ("step-00000000", "step-00000003"):
+        assert sorted(p.name for p in (samples / step).iterdir()) == [
+            "00-a-dlsks-red-square.png", "01-a-dlsks-blue-circle.png", "grid.png"]
+    final = samples / "step-00000003"
+    # The trained adapter changed the image; the exported file loaded by diffusers renders the same one.
+    first = _pixels(final / "00-a-dlsks-red-square.png")
+    assert np.abs(first - _pixels(samples / "step-00000000" / "00-a-dlsks-red-square.png")).max() > 10
+    want = _diffusers_image(model, result.adapter_path, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(first - want).max() <= TOLERANCE
+    second = _pixels(final / "01-a-dlsks-blue-circle.png")
+    assert second.shape == (64, 96, 3)
+    want = _diffusers_image(model, result.adapter_path, "a dlsks blue circle", "", 5, 2, 7.5, "dpm++_2m_karras",
+                            width=96)
+    assert np.abs(second - want).max() <= TOLERANCE
+    # Before the first step the adapters are zero: the base model's image.
+    base = _diffusers_image(model, None, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(_pixels(samples / "step-00000000" / "00-a-dlsks-red-square.png") - base).max() <= TOLERANCE
+    # A1111's "parameters" text: prompt with the adapter and its weight, then the settings.
+    text = Image.open(final / "00-a-dlsks-red-square.png").text["parameters"]  # type: ignore[attr-defined]
+    assert text == ("a dlsks red square <lora:adapter:1>\nNegative prompt: blurry\nSteps: 6, Sampler: Euler a, "
+                    "CFG scale: 6, Seed: 11, Size: 64x64")
+
+
+def test_samples_from_cached_latents_and_text_load_the_encoders_for_sampling(
+        tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    from dist_lora.data.cache import CacheOptions, cache_dataset
+
+    model = tiny_models["sdxl"]
+    cache_dataset(shapes_shards, tmp_path / "cached", CacheOptions(model=str(model)))
+    result = train(config_from_dict(_raw(model, tmp_path / "cached", tmp_path / "run", sample={"at_start": False})))
+    assert result.model is not None and not result.model.text_encoders  # trained without the encoders
+    image = _pixels(tmp_path / "run" / "samples" / "step-00000003" / "00-a-dlsks-red-square.png")
+    want = _diffusers_image(model, result.adapter_path, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(image - want).max() <= TOLERANCE
+
+
+def test_two_processes_render_the_same_set_and_tensorboard_holds_it(tiny_models: dict[str, Path],
+                                                                     shapes_shards: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    one = tmp_path / "one"
+    train(config_from_dict(_raw(tiny_models["sd15"], shapes_shards, one)))
+    two = tmp_path / "two"
+    run_training(_raw(tiny_models["sd15"], shapes_shards, two), tmp_path, launch="cpu_2proc.yaml")
+    # Base-model round: identical adapters, so the same images whichever rank renders which prompt (up to
+    # float reduction order: the processes run single-threaded, this one multi-threaded).
+    for name in ("00-a-dlsks-red-square.png", "01-a-dlsks-blue-circle.png"):
+        diff = _pixels(one / "samples" / "step-00000000" / name) - _pixels(two / "samples" / "step-00000000" / name)
+        assert np.abs(diff).max() <= TOLERANCE
+    assert sorted(p.name for p in (two / "samples" / "step-00000003").iterdir()) == \
+        sorted(p.name for p in (one / "samples" / "step-00000003").iterdir())
+    events = EventAccumulator(str(two / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"samples/00", "samples/01", "samples/grid"} <= set(tags["images"])
+    assert [e.step for e in events.Images("samples/00")] == [0, 3]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    losses = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [round(e.value, 5) for e in events.Scalars("train/loss")] == [round(v, 5) for v in losses]
+
+
+def _rss_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * 4096 / 2**20
+
+
+def test_a_failed_round_is_skipped_and_memory_does_not_grow_over_rounds(
+        monkeypatch: pytest.MonkeyPatch, tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
+    from dist_lora.sampling import hook
+
+    real_render, real_write = hook.render, hook.SampleHook._write
+    rss: list[float] = []
+
+    def render(pipeline, modules, prompt):  # type: ignore[no-untyped-def]
+        if hook_step[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_render(pipeline, modules, prompt)
+
+    def write(self, step, rendered):  # type: ignore[no-untyped-def]
+        real_write(self, step, rendered)
+        gc.collect()
+        rss.append(_rss_mib())
+
+    hook_step = [0]
+    real_run = hook.SampleHook.run
+
+    def run(self, ctx):  # type: ignore[no-untyped-def]
+        hook_step[0] = ctx.step
+        return real_run(self, ctx)
+
+    monkeypatch.setattr(hook, "render", render)
+    monkeypatch.setattr(hook.SampleHook, "_write", write)
+    monkeypatch.setattr(hook.SampleHook, "run", run)
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run", training={"max_steps": 7},
+                            sample={"prompts": PROMPTS[:1], "every_steps": 1})
+    result = train(config_from_dict(raw))
+    assert result.steps == 7
+    rounds = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert rounds == [f"step-{s:08d}" for s in (1, 2, 4, 5, 6, 7)]  # step 3's round failed and was skipped
+    assert "sample round at step 3 skipped on every rank" in caplog.text and "render fewer or smaller" in caplog.text
+    # Host memory after the 2nd round and after the 6th: no growth from round to round beyond noise.
+    print("host memory after each round (MiB):", [round(r, 1) for r in rss])
+    assert rss[-1] - rss[1] < 25, rss
