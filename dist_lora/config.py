@@ -188,6 +188,12 @@ class OutputConfig:
         "kohya", "Key layout of the adapter file: kohya/LyCORIS (A1111, ComfyUI, kohya, LyCORIS, diffusers) or the "
         "diffusers/peft layout written by diffusers' save_lora_weights.")
     overwrite: bool = _field(False, "Allow writing into a run directory that already holds an adapter.")
+    save_every_steps: int = _field(0, "Also write the adapter every this many optimizer steps, as "
+                                   "<name>-step00000100.safetensors (kohya: save_every_n_steps); 0: never.", minimum=0)
+    save_every_epochs: int = _field(0, "Also write the adapter after every this many epochs, as "
+                                    "<name>-000003.safetensors (kohya: save_every_n_epochs); 0: never.", minimum=0)
+    save_last_n: int = _field(0, "Keep only the newest this many per-step files and per-epoch files (kohya: "
+                              "save_last_n_steps / save_last_n_epochs, counted in files); 0 keeps all.", minimum=0)
 
 
 @dataclass

@@ -6,18 +6,13 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 from dist_lora import parallel
-from dist_lora.adapters.diffusers_format import save_diffusers_lora
-from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
-from dist_lora.adapters.network import network_metadata
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.manifest import Manifest
@@ -27,12 +22,13 @@ from dist_lora.models.load import ModelSource, inspect_model_source, load_compon
 from dist_lora.sampling.hook import SampleHook
 from dist_lora.sampling.prompts import SamplePrompt, load_prompts
 from dist_lora.train.conditioning import Conditioner
+from dist_lora.train.export import AdapterExporter, IntermediateSaveHook
 from dist_lora.train.loop import TrainingLoop
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice
 from dist_lora.train.optim import BITSANDBYTES_OPTIMIZERS
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
 from dist_lora.train.run_plan import find_resume_point, plan_run
-from dist_lora.train.setup import Setup, build_setup
+from dist_lora.train.setup import build_setup
 from dist_lora.train.step import StepRunner
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
@@ -111,41 +107,6 @@ def _scaling_factor(pre: Preflight) -> float:
     return pre.manifest.cache.scaling_factor if pre.use_latents and pre.manifest.cache else 0.0
 
 
-def _export(cfg: Config, pre: Preflight, setup: Setup, accelerator: Accelerator, steps: int,
-            started_at: str) -> None:
-    model = parallel.unwrap(accelerator, setup.model)
-    c = setup.components
-    if cfg.output.format == "diffusers":
-        save_diffusers_lora(pre.adapter_path, model.unet, list(c.text_encoders), c.family,
-                            SAVE_DTYPES[cfg.output.save_precision])
-        return
-    tensors = kohya_tensors(model.unet, list(c.text_encoders), c.family)
-    training = {
-        "ss_sd_model_name": Path(cfg.model.pretrained).name,
-        "ss_training_started_at": started_at,
-        "ss_steps": str(steps),
-        "ss_learning_rate": str(cfg.optimizer.lr),
-        "ss_unet_lr": str(cfg.optimizer.lr),
-        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr or cfg.optimizer.lr),
-        "ss_lr_scheduler": cfg.scheduler.type,
-        "ss_optimizer": setup.optimizer_choice.used,
-        "ss_mixed_precision": cfg.training.mixed_precision,
-        "ss_seed": str(cfg.training.seed),
-        "ss_batch_size_per_device": str(cfg.training.batch_size),
-        "ss_gradient_accumulation_steps": str(cfg.training.gradient_accumulation_steps),
-        "ss_num_train_images": str(pre.manifest.num_samples_with_repeats),
-        "ss_noise_offset": str(cfg.training.noise_offset),
-        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
-        "ss_network_dropout": str(cfg.network.dropout),
-        "ss_gradient_checkpointing": str(cfg.training.gradient_checkpointing),
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    info = ExportInfo(c.family, c.prediction_type, cfg.output.name, cfg.network.rank, cfg.network.alpha,
-                      pre.manifest.resolution, pre.manifest.tag_frequency,
-                      {**network_metadata(cfg.network), **training})
-    save_kohya_lora(pre.adapter_path, tensors, info, cfg.output.save_precision)
-
-
 def train(cfg: Config) -> TrainResult:
     pre = preflight(cfg)
     # 'auto' is resolved once, here, and the resolved value is what the run directory's config.toml and
@@ -219,10 +180,11 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
     conditioner = Conditioner(setup.components, accelerator.device, setup.weight_dtype, setup.frozen_text_encoders,
                               accelerator.autocast, _scaling_factor(pre))
-    samples = SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics)
+    exporter = AdapterExporter(cfg, pre.manifest, setup, accelerator, started_at=str(int(time.time())))
+    hooks = [IntermediateSaveHook(cfg, exporter, pre.run_dir),
+             SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics)]
     loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, conditioner, w), accelerator, w, loader,
-                        run_plan, metrics, key_log, hooks=[samples])
-    started_at = str(int(time.time()))
+                        run_plan, metrics, key_log, hooks=hooks)
     marker = pre.run_dir / PREEMPTED_MARKER
     if w.is_main:
         marker.unlink(missing_ok=True)
@@ -241,10 +203,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
         # From here the run is complete: a stop signal is remembered and ignored, the exit status stays 0.
         parallel.barrier(accelerator)
         signal_hook("export")
-        with parallel.master_weights(accelerator, setup.trainable_params):
-            if w.is_main:
-                _export(cfg, pre, setup, accelerator, loop.state.position.step, started_at)
-        parallel.barrier(accelerator)
+        exporter.export(pre.adapter_path, loop.state.position.step, loop.state.position.epoch + 1)
         signal_hook("after_export")
     finally:
         metrics.close()

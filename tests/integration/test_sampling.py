@@ -157,3 +157,17 @@ def test_a_failed_round_is_skipped_and_memory_does_not_grow_over_rounds(
     # Host memory after the 2nd round and after the 6th: no growth from round to round beyond noise.
     print("host memory after each round (MiB):", [round(r, 1) for r in rss])
     assert rss[-1] - rss[1] < 25, rss
+
+
+def test_wandb_offline_run_holds_the_sample_images(monkeypatch: pytest.MonkeyPatch, tiny_models: dict[str, Path],
+                                                   shapes_shards: Path, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = _raw(tiny_models["sd15"], shapes_shards, tmp_path / "run", sample={"at_start": False})
+    raw["logging"].update(wandb_project="dist-lora-test", tensorboard=False)
+    train(config_from_dict(raw))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = sorted(p.name for p in runs[0].rglob("media/images/*.png"))
+    assert len(images) == 3 and all(name.startswith("samples_3_") for name in images), images
+    assert not (tmp_path / "run" / "tensorboard").exists()
