@@ -42,7 +42,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                           min_bucket_side=args.min_bucket_side, max_bucket_side=args.max_bucket_side,
                           max_bucket_area=args.max_bucket_area, bucket_step=args.bucket_step,
                           min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
-                          workers=args.workers)
+                          workers=args.workers, val_fraction=args.val_fraction)
     report = prepare_dataset(args.src, args.out, opts)
     print(report.summary())
     print(f"shards, manifest.json and report.json in {args.out}")
@@ -135,6 +135,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from dist_lora.config import SampleConfig
+    from dist_lora.parallel import launched_rank
+    from dist_lora.sampling.grid_cli import describe, plan_grid, render_grid
+
+    defaults = SampleConfig(prompts=list(args.prompt), prompt_file=args.prompt_file, negative_prompt=args.negative,
+                            width=args.width, height=args.height, steps=args.steps, sampler=args.sampler,
+                            seed=args.seed)
+    job = plan_grid(args.base, args.adapters, args.out, weights=args.weights, cfg_scales=args.cfg, sample=defaults,
+                    config_dir=args.config_dir)
+    if launched_rank() == 0:
+        print(describe(job))
+    for path in render_grid(job):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_config_reference(_: argparse.Namespace) -> int:
     from dist_lora.config import reference_markdown
 
@@ -177,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "0: resolution / 4")
     prep.add_argument("--max-pixels", type=int, default=178_956_970, help="reject larger images (decompression bombs)")
     prep.add_argument("--workers", type=int, default=0, help="decode processes; 0: one per core")
+    prep.add_argument("--val-fraction", type=float, default=0.0,
+                      help="hold out this fraction of the images (by a hash of their path) as a validation set in "
+                           "OUT/val, for validation.shards")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty output folder (a previous prepare output is updated in place)")
     prep.set_defaults(func=_cmd_prepare)
@@ -227,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=_cmd_merge)
+
+    sample = sub.add_parser("sample", help="X/Y grid over adapter files x weights x CFG scales with fixed seeds "
+                            "(run under accelerate launch to split the cells across processes)")
+    sample.add_argument("base", help="base model: diffusers folder, hub id or .safetensors")
+    sample.add_argument("adapters", nargs="+", help="adapter files, or run folders (all their adapter files)")
+    sample.add_argument("--out", required=True, help="folder for the images and grid-NN.png per prompt")
+    sample.add_argument("--weights", default="1", help="adapter weights, comma-separated, e.g. 0.4,0.8,1.2")
+    sample.add_argument("--cfg", default="", help="CFG scales, comma-separated; default: each prompt's own")
+    sample.add_argument("--prompt", action="append", default=[],
+                        help="a prompt line in kohya's format ('a dlsks robot --n blurry --d 42 --s 28'); repeatable")
+    sample.add_argument("--prompt-file", default="", help="kohya prompt file (.txt, .toml, .json)")
+    sample.add_argument("--negative", default="", help="negative prompt of prompts that give none")
+    sample.add_argument("--width", type=int, default=0, help="0: 512 (SD 1.x/2.x) or 1024 (SDXL)")
+    sample.add_argument("--height", type=int, default=0, help="0: 512 (SD 1.x/2.x) or 1024 (SDXL)")
+    sample.add_argument("--steps", type=int, default=30)
+    sample.add_argument("--sampler", default="euler_a")
+    sample.add_argument("--seed", type=int, default=-1, help="-1: the prompt's number")
+    sample.add_argument("--config-dir", default="", help="diffusers folder with configs for a single-file base")
+    sample.set_defaults(func=_cmd_sample)
 
     ref = sub.add_parser("config-reference", help="print the config reference (markdown)")
     ref.set_defaults(func=_cmd_config_reference)

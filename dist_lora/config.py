@@ -211,6 +211,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    shards: str = _field("", "Held-out set for validation loss: the val/ folder `dist-lora prepare --val-fraction` "
+                         "writes, or a folder prepared separately; empty disables validation.")
+    every_steps: int = _field(0, "Evaluate the validation loss every this many optimizer steps (and after the "
+                              "last step); 0: only after the last step.", minimum=0)
+    batch_size: int = _field(0, "Micro-batch size per rank for validation; 0: training.batch_size.", minimum=0)
+
+
+@dataclass
 class SampleConfig:
     prompts: list[str] = _field([], "Sample prompts, each a line in kohya's prompt format, e.g. 'a dlsks robot --n "
                                 "blurry --w 1024 --h 1024 --d 42 --l 7 --s 28 --ss euler_a' (--n negative prompt, "
@@ -252,6 +261,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

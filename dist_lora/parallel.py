@@ -225,6 +225,12 @@ def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     return accelerator.unwrap_model(model)
 
 
+def forward_module(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The module to run a forward pass outside training (validation): the bare module, without DDP's
+    hooks and buffer broadcasts, except under ZeRO-3, whose engine gathers the sharded weights."""
+    return model if zero_stage(accelerator) == 3 else unwrap(accelerator, model)
+
+
 def gradient_norm(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Unscale (fp16), clip when ``max_norm`` > 0, and return the total gradient norm as a device tensor,
     never read back here: a non-finite norm is the one fused "gradients not finite" flag of the step.

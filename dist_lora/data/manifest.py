@@ -59,13 +59,14 @@ class Manifest:
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, folder: str | Path) -> Manifest:
+    def read(cls, folder: str | Path, key: str = "data.shards") -> Manifest:
+        """The manifest of a prepared folder; ``key`` names the setting the folder came from in errors."""
         root = Path(folder)
         path = root / MANIFEST_NAME
         if not root.is_dir():
-            raise ShardDataError(f"data.shards '{root}' is not a folder; expected the output of `dist-lora prepare`.")
+            raise ShardDataError(f"{key} '{root}' is not a folder; expected the output of `dist-lora prepare`.")
         if not path.is_file():
-            raise ShardDataError(f"data.shards '{root}' has no {MANIFEST_NAME}; run `dist-lora prepare SRC {root}`.")
+            raise ShardDataError(f"{key} '{root}' has no {MANIFEST_NAME}; run `dist-lora prepare SRC {root}`.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

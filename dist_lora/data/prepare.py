@@ -21,10 +21,11 @@ import shutil
 import tarfile
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class PrepareOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     reg_src: str = ""  # kohya regularization folder (prior preservation), same <repeats>_<class> layout
     workers: int = 0  # decode processes; 0: one per core
+    val_fraction: float = 0.0  # images held out for validation loss, written to <out>/val (repeats 1)
 
     def bucket_spec(self) -> BucketSpec:
         if not self.buckets:
@@ -86,12 +88,14 @@ class PrepareReport:
     samples_with_repeats: int = 0
     buckets: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    validation: PrepareReport | None = None  # the held-out set's own report (--val-fraction)
 
     def to_json(self) -> dict[str, Any]:
         return {"found": self.found, "accepted": self.accepted, "rejected_count": len(self.rejected),
                 "encoded": self.encoded, "reused": self.reused, "shards": self.shards,
                 "samples_with_repeats": self.samples_with_repeats, "buckets": self.buckets,
-                "rejected": self.rejected, "warnings": self.warnings, "seconds": round(self.seconds, 3)}
+                "rejected": self.rejected, "warnings": self.warnings, "seconds": round(self.seconds, 3),
+                **({"validation": self.validation.to_json()} if self.validation else {})}
 
     def summary(self) -> str:
         reasons = Counter(r["reason"].split(":")[0] for r in self.rejected)
@@ -102,6 +106,9 @@ class PrepareReport:
         lines += [f"  rejected {n} x {reason}" for reason, n in sorted(reasons.items())]
         lines += [f"  rejected {r['path']}: {r['reason']}" for r in self.rejected]
         lines += [f"  warning {w['path']}: {w['warning']}" for w in self.warnings]
+        if self.validation is not None:
+            lines.append(f"held out for validation (in val/): {self.validation.accepted} images in "
+                         f"{self.validation.shards} shards")
         return "\n".join(lines)
 
 
@@ -298,10 +305,42 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
     images = _scan(src, opts)
     _check_output(out, opts.overwrite)
 
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise DatasetFolderError(f"validation fraction {opts.val_fraction} must be at least 0 and below 1.")
+    train_images, val_images = split_validation(images, opts.val_fraction)
     started = time.perf_counter()
-    report = PrepareReport(found=len(images))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report = _write_folder(src, train_images, staging, out, opts, started)
+        if val_images:
+            report.validation = _write_folder(src, [replace(i, repeats=1) for i in val_images], staging / "val",
+                                              out / "val", opts, started)
+        _swap_into_place(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return report
+
+
+def split_validation(images: list[SourceImage], fraction: float) -> tuple[list[SourceImage], list[SourceImage]]:
+    """Training and held-out images: an image is held out by a hash of its path, so the split does not
+    change when images are added or removed. Regularization images always train."""
+    if fraction <= 0:
+        return images, []
+    held = [i for i in images if not i.is_reg and zlib.crc32(i.relative.encode("utf-8")) % 10_000 < fraction * 10_000]
+    if not held:  # a small set: hold out at least one image
+        candidates = [i for i in images if not i.is_reg]
+        held = [min(candidates, key=lambda i: zlib.crc32(i.relative.encode("utf-8")))] if len(candidates) > 1 else []
+    kept = [i for i in images if i not in held]
+    return kept, held
+
+
+def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path, opts: PrepareOptions,
+                  started: float) -> PrepareReport:
+    """Encode ``images`` into shards and metadata in ``staging`` (reusing unchanged ones from ``out``)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    report = PrepareReport(found=len(images))
     fingerprint = opts.encoding_fingerprint()
     previous = _PreviousOutput(out, fingerprint)
     tag_frequency: dict[str, Counter[str]] = {}
@@ -334,13 +373,9 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
         if report.accepted == 0:
             raise DatasetFolderError(f"dataset folder '{src}': no image could be used; see the reasons: "
                                      f"{report.rejected[:3]}")
-        _write_metadata(staging, opts, sink.shards, tag_frequency, sources, fingerprint, report,
-                        started)
-        _swap_into_place(staging, out)
+        _write_metadata(staging, opts, sink.shards, tag_frequency, sources, fingerprint, report, started)
     finally:
         previous.close()
-        if staging.exists():
-            shutil.rmtree(staging)
     return report
 
 

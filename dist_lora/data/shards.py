@@ -83,11 +83,13 @@ class EpochPlan:
 
 
 def plan_epoch(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-               num_workers: int = 0, multiple_of: int = 1, used: dict[str, int] | None = None) -> EpochPlan:
+               num_workers: int = 0, multiple_of: int = 1, used: dict[str, int] | None = None,
+               idle_ranks: bool = False) -> EpochPlan:
     """One rank's share of an epoch. ``used``: samples per shard file already trained on in this epoch by
-    another layout of ranks (a resume on another world size); the plan covers the rest."""
+    another layout of ranks (a resume on another world size); the plan covers the rest. ``idle_ranks``:
+    fewer shards than readers is allowed (a rank without one pads; small validation sets)."""
     readers = world_size * max(1, num_workers)
-    if not used and len(manifest.shards) < readers:
+    if not used and not idle_ranks and len(manifest.shards) < readers:
         raise ShardDataError(
             f"'{manifest.root}' has {len(manifest.shards)} shard(s) but {world_size} rank(s) x "
             f"{max(1, num_workers)} worker(s) = {readers} readers need one each. Re-run `dist-lora prepare` with a "
@@ -226,12 +228,13 @@ class ShardLoader:
     def __init__(self, folder: str | Path, *, rank: int, world_size: int, batch_size: int, seed: int,
                  num_workers: int = 1, shuffle_buffer: int = 64, captions: CaptionTransform | None = None,
                  shard_urls: str = "", use_latents: bool = False, use_text: bool = False,
-                 multiple_of: int = 1) -> None:
+                 multiple_of: int = 1, idle_ranks: bool = False) -> None:
         self.manifest = Manifest.read(folder)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.num_workers, self.shuffle_buffer = seed, num_workers, shuffle_buffer
         self.captions = captions or CaptionTransform()
         self.use_latents, self.use_text, self.multiple_of = use_latents, use_text, multiple_of
+        self.idle_ranks = idle_ranks
         cache = self.manifest.cache
         if use_latents and not (cache and cache.latents):
             raise ShardDataError(f"'{self.manifest.root}' holds no cached latents; run `dist-lora cache` first.")
@@ -273,7 +276,7 @@ class ShardLoader:
         used = {shard: len(keys) for shard, keys in progress.inherited().items()} if progress else None
         return plan_epoch(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
                           batch_size=self.batch_size, num_workers=self.num_workers, multiple_of=self.multiple_of,
-                          used=used)
+                          used=used, idle_ranks=self.idle_ranks)
 
     def stream(self, epoch: int, shard_indices: list[int], resume: EpochProgress | None = None) -> RankShardStream:
         skip = frozenset(resume.consumed) if resume else frozenset()

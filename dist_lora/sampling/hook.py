@@ -30,8 +30,8 @@ from dist_lora.sampling.render import (
     image_name,
     png_bytes,
     render,
-    sampling_mode,
 )
+from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Moment, Schedule, Scope
 from dist_lora.train.setup import Setup
 from dist_lora.train.tracking import MetricsLog
@@ -98,7 +98,7 @@ class SampleHook:
         try:
             modules = self._modules()
             try:
-                with sampling_mode([modules.unet, modules.vae, *modules.text_encoders]):
+                with eval_mode([modules.unet, modules.vae, *modules.text_encoders]):
                     pipeline = build_pipeline(modules)
                     pipeline.set_progress_bar_config(disable=True)
                     return [(p.number, png_bytes(render(pipeline, modules, p),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -129,21 +129,3 @@ def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int = 0,
         sheet.paste(image.convert("RGB"), (x, y))
         draw.text((x + 2, y + height + 1), label[: max(4, width // 6)], fill="black")
     return sheet
-
-
-@contextlib.contextmanager
-def sampling_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Eval mode (no adapter dropout) and the process's random state untouched, for the duration."""
-    training = [m.training for m in modules]
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, was_training in zip(modules, training, strict=True):
-            module.train(was_training)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +68,14 @@ def sample_generators(seed: int, step: int, global_indices: list[int],
     of the noise each step); CUDA's generator gives other numbers than the CPU's, the same on every GPU."""
     return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 65_537 + i)
             for i in global_indices]
+
+
+def key_generators(seed: int, keys: list[str], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample seeded from (seed, the sample's key) alone: the same draws at every
+    evaluation, whatever the batch, the rank or the step (validation). Padding copies share their
+    sample's draws; they weigh 0."""
+    return [torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}/{k.removeprefix('pad:')}".encode()))
+            for k in keys]
 
 
 def per_sample_normal(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:

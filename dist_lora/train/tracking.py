@@ -10,13 +10,15 @@ from tqdm.auto import tqdm
 
 from dist_lora.utils.files import write_text_atomic
 
+VALIDATION_LOG = "validation.jsonl"
+
 
 class MetricsLog:
     """Only the main process holds a real one; other ranks get ``enabled=False`` and write nothing."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, progress_bar: bool,
                  wandb_project: str = "", run_config: dict[str, Any] | None = None, tensorboard: bool = False) -> None:
-        self.enabled = enabled
+        self.enabled, self.run_dir = enabled, run_dir
         self._tensorboard = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -37,9 +39,11 @@ class MetricsLog:
             return
         path = Path(self._file.name)
         self._file.close()
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        for log in (path, self.run_dir / VALIDATION_LOG):
+            if log.is_file():
+                kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= step]
+                write_text_atomic(log, "".join(line + "\n" for line in kept))
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict[str, float | int | str]) -> None:
@@ -62,6 +66,20 @@ class MetricsLog:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(f"train/{name}", value, step)
+            self._tensorboard.flush()
+
+    def log_validation(self, step: int, loss: float) -> None:
+        """A validation loss, to validation.jsonl and the trackers."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / VALIDATION_LOG, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
+        if self._bar is None:
+            print(f"step={step} val_loss={loss:.4g}", flush=True)
+        if self._wandb is not None:
+            self._wandb.log({"val_loss": loss}, step=step)
+        if self._tensorboard is not None:
+            self._tensorboard.add_scalar("val/loss", loss, step)
             self._tensorboard.flush()
 
     def log_images(self, step: int, images: list[tuple[str, Any]]) -> None:

@@ -22,7 +22,8 @@ from dist_lora.models.load import ModelSource, inspect_model_source, load_compon
 from dist_lora.sampling.hook import SampleHook
 from dist_lora.sampling.prompts import SamplePrompt, load_prompts
 from dist_lora.train.conditioning import Conditioner
-from dist_lora.train.export import AdapterExporter, IntermediateSaveHook
+from dist_lora.train.export import AdapterExporter, IntermediateSaveHook, step_file
+from dist_lora.train.hooks import StepHook
 from dist_lora.train.loop import TrainingLoop
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice
 from dist_lora.train.optim import BITSANDBYTES_OPTIMIZERS
@@ -31,6 +32,7 @@ from dist_lora.train.run_plan import find_resume_point, plan_run
 from dist_lora.train.setup import build_setup
 from dist_lora.train.step import StepRunner
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
+from dist_lora.train.validation import ValidationHook, best_validation
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
 from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, Preempted, StopSignals, signal_hook
 
@@ -49,6 +51,7 @@ class Preflight:
     use_latents: bool  # cached VAE posteriors are read; the VAE is not loaded
     use_text: bool  # cached text-encoder outputs are read; the text encoders are not loaded
     prompts: list[SamplePrompt]  # sample prompts, resolved and checked
+    validation: Manifest | None  # the held-out set, if validation is on
 
 
 @dataclass
@@ -94,13 +97,37 @@ def preflight(cfg: Config) -> Preflight:
     manifest.urls(d.shard_urls)
     plan_epoch(manifest, seed=cfg.training.seed, epoch=0, rank=0, world_size=world_size,
                batch_size=cfg.training.batch_size, num_workers=d.num_workers)
+    validation = _check_validation(cfg, source.family, bool(cache and cache.latents), use_text, world_size)
     prompts = load_prompts(cfg.sample, manifest.resolution, cfg.training.seed)
     if prompts and parallel.requested_zero_stage() == 3:
         raise RunSetupError("sample prompts are set, but this launch uses DeepSpeed ZeRO-3, which shards the UNet "
                             "across ranks; render samples under DDP or ZeRO-2, or remove sample.prompts / "
                             "sample.prompt_file.")
     return Preflight(source, manifest, run_dir, adapter_path, captions, bool(cache and cache.latents), use_text,
-                     prompts)
+                     prompts, validation)
+
+
+def _check_validation(cfg: Config, family: str | None, use_latents: bool, use_text: bool,
+                      world_size: int) -> Manifest | None:
+    """The validation set's manifest, checked against how training reads its data."""
+    if not cfg.validation.shards:
+        return None
+    val = Manifest.read(cfg.validation.shards, key="validation.shards")
+    family = cfg.model.base if cfg.model.base != "auto" else family
+    if val.cache is not None and family is not None and val.cache.family != family:
+        raise RunSetupError(f"validation.shards '{val.root}' was cached with a {val.cache.family} model "
+                            f"('{val.cache.model}') but model.pretrained is {family}; prepare or cache it for this "
+                            f"model.")
+    missing = [what for what, needed, held in (("latents", use_latents, val.cache and val.cache.latents),
+                                               ("text-encoder outputs", use_text, val.cache and val.cache.text))
+               if needed and not held]
+    if missing:
+        raise RunSetupError(f"training reads cached {' and '.join(missing)} (the encoders are not loaded), but "
+                            f"validation.shards '{val.root}' holds none; run `dist-lora cache` on it too, or set "
+                            f"data.use_cache = false.")
+    plan_epoch(val, seed=cfg.training.seed, epoch=0, rank=0, world_size=world_size,
+               batch_size=cfg.validation.batch_size or cfg.training.batch_size, idle_ranks=True)
+    return val
 
 
 def _scaling_factor(pre: Preflight) -> float:
@@ -181,8 +208,14 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     conditioner = Conditioner(setup.components, accelerator.device, setup.weight_dtype, setup.frozen_text_encoders,
                               accelerator.autocast, _scaling_factor(pre))
     exporter = AdapterExporter(cfg, pre.manifest, setup, accelerator, started_at=str(int(time.time())))
-    hooks = [IntermediateSaveHook(cfg, exporter, pre.run_dir),
-             SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics)]
+    hooks: list[StepHook] = [IntermediateSaveHook(cfg, exporter, pre.run_dir)]
+    if pre.validation is not None:
+        val_loader = ShardLoader(pre.validation.root, rank=w.rank, world_size=w.size,
+                                 batch_size=cfg.validation.batch_size or cfg.training.batch_size,
+                                 seed=cfg.training.seed, num_workers=0, shuffle_buffer=0, use_latents=pre.use_latents,
+                                 use_text=pre.use_text, idle_ranks=True)
+        hooks.append(ValidationHook(cfg, val_loader, setup, conditioner, accelerator, metrics))
+    hooks.append(SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics))
     loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, conditioner, w), accelerator, w, loader,
                         run_plan, metrics, key_log, hooks=hooks)
     marker = pre.run_dir / PREEMPTED_MARKER
@@ -214,7 +247,9 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     first_loss = loop.state.first_loss if loop.state.first_loss is not None else losses[0]
     summary = {"steps": step, "first_loss": first_loss, "last_loss": losses[-1], "adapter": str(pre.adapter_path),
                "skipped_steps": loop.state.skipped_steps, "resumed_from": loop.state.resumed_from,
-               "resumes": loop.state.resumes}
+               "resumes": loop.state.resumes,
+               "best_validation": best_validation(pre.run_dir, pre.adapter_path, step,
+                                                  lambda s: step_file(pre.run_dir, cfg.output.name, s))}
     if w.is_main:
         write_text_atomic(pre.run_dir / "summary.json", json.dumps(summary, indent=1))
     return TrainResult(pre.run_dir, pre.adapter_path, pre.run_dir / "config.toml", pre.run_dir / "metrics.jsonl",

@@ -171,3 +171,26 @@ def test_wandb_offline_run_holds_the_sample_images(monkeypatch: pytest.MonkeyPat
     images = sorted(p.name for p in runs[0].rglob("media/images/*.png"))
     assert len(images) == 3 and all(name.startswith("samples_3_") for name in images), images
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_lycoris_sample_equals_the_lycoris_package_rendering(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                            tmp_path: Path) -> None:
+    """LoHa: diffusers cannot load it, so the reference applies the file with lycoris-lora's own modules."""
+    from types import SimpleNamespace
+
+    from tests.integration.test_lycoris_compat import _lycoris_apply
+
+    model = tiny_models["sd15"]
+    raw = _raw(model, shapes_shards, tmp_path / "run", sample={"at_start": False})
+    raw["network"].update(type="loha")
+    result = train(config_from_dict(raw))
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    _, applied = _lycoris_apply(SimpleNamespace(unet=pipe.unet, text_encoders=[pipe.text_encoder], family="sd1"),
+                                result.adapter_path, 1.0)
+    assert applied > 0
+    pipe.scheduler = find_sampler("euler_a").build(pipe.scheduler.config)
+    want = np.asarray(pipe(prompt="a dlsks red square", negative_prompt="blurry", num_inference_steps=6,
+                           guidance_scale=6.0, width=64, height=64,
+                           generator=torch.Generator("cpu").manual_seed(11)).images[0]).astype(int)
+    got = _pixels(tmp_path / "run" / "samples" / "step-00000003" / "00-a-dlsks-red-square.png")
+    assert np.abs(got - want).max() <= TOLERANCE

@@ -1,0 +1,86 @@
+"""Validation loss on a held-out set, as a step hook.
+
+Every sample's timestep, VAE posterior draw and noise come from a generator keyed by (seed, sample key)
+alone, so an evaluation of the same adapter gives the same number every time, and the curve moves only
+because the adapter does. Each rank evaluates its share of the set (padding weighs 0); per-sample losses
+and counts are summed over all ranks in one all-reduce, so the mean is the same on any number of ranks
+(up to the order of a float sum).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from dist_lora import parallel
+from dist_lora.config import Config
+from dist_lora.data.shards import ShardLoader
+from dist_lora.train.conditioning import Conditioner
+from dist_lora.train.diffusion import add_noise, key_generators, per_sample_noise, per_sample_timesteps, training_target
+from dist_lora.train.eval_mode import eval_mode
+from dist_lora.train.hooks import HookContext, Schedule, Scope
+from dist_lora.train.setup import Setup
+from dist_lora.train.tracking import VALIDATION_LOG, MetricsLog
+
+
+class ValidationHook:
+    name = "validation"
+    scope = Scope.ALL_RANKS
+
+    def __init__(self, cfg: Config, loader: ShardLoader, setup: Setup, conditioner: Conditioner,
+                 accelerator: Accelerator, metrics: MetricsLog) -> None:
+        self.schedule = Schedule(every_steps=cfg.validation.every_steps, at_end=True)
+        self.cfg, self.loader, self.setup, self.conditioner = cfg, loader, setup, conditioner
+        self.acc, self.metrics = accelerator, metrics
+        self._last_step = -1
+
+    def run(self, ctx: HookContext) -> None:
+        if ctx.step == self._last_step or ctx.stop_requested:
+            return  # evaluated at this step already (the last step), or a stop comes first
+        self._last_step = ctx.step
+        self.metrics.log_validation(ctx.step, self.evaluate())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        setup, cond = self.setup, self.conditioner
+        c = setup.components
+        module = parallel.forward_module(self.acc, setup.model)
+        alphas = c.noise_scheduler.alphas_cumprod
+        num_t = c.noise_scheduler.config.num_train_timesteps
+        totals = torch.zeros(2, device=cond.device)
+        with eval_mode([module]):
+            for batch in self.loader.epoch(0):
+                generators = key_generators(self.cfg.training.seed, batch.keys, cond.device)
+                timesteps = per_sample_timesteps(num_t, generators)
+                latents = cond.latents(batch, generators)
+                noise = per_sample_noise(tuple(latents.shape[1:]), generators).to(latents.dtype)
+                with self.acc.autocast():
+                    prediction = module(add_noise(latents, noise, timesteps, alphas), timesteps,
+                                        **cond.model_inputs(batch))
+                target = training_target(latents, noise, timesteps, alphas, c.prediction_type)
+                per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+                    dim=list(range(1, prediction.ndim)))
+                weights = cond.to_device(batch.weights)
+                totals += torch.stack([(per_sample * weights).sum(), weights.sum()])
+        loss_sum, count = parallel.sum_tensor_across_ranks(self.acc, totals).tolist()
+        return loss_sum / max(count, 1.0)
+
+
+def best_validation(run_dir: Path, adapter: Path, final_step: int, step_file: Any) -> dict[str, Any] | None:
+    """The evaluated step with the lowest validation loss, and the adapter file of that step if one was
+    written (the run's own file for the last step; an intermediate file otherwise)."""
+    path = run_dir / VALIDATION_LOG
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        return None
+    best = min(records, key=lambda r: (r["val_loss"], r["step"]))
+    candidate = adapter if best["step"] == final_step else step_file(best["step"])
+    return {"step": best["step"], "val_loss": best["val_loss"],
+            "file": str(candidate) if candidate.is_file() else None}
