@@ -74,7 +74,8 @@ def tiny_train_config(model: Path, shards: Path, out: Path, **sections: dict[str
         "optimizer": {"lr": 1e-2},
         "training": {"batch_size": 4, "max_steps": 4, "seed": 1},
         "output": {"dir": str(out), "name": "adapter", "save_precision": "fp32"},
-        "logging": {"progress_bar": False, "log_every": 1},
+        # TensorBoard is on by default; tests about it turn it on (it costs an import per process).
+        "logging": {"progress_bar": False, "log_every": 1, "tensorboard": False},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from dist_lora.config import config_from_dict
 from dist_lora.sampling.samplers import find_sampler
 from dist_lora.train.trainer import train
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import run_training
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["a dlsks red square --n blurry --s 6 --d 11 --l 6 --w 64 --h 64",
@@ -87,31 +85,6 @@ def test_samples_from_cached_latents_and_text_load_the_encoders_for_sampling(
     assert np.abs(image - want).max() <= TOLERANCE
 
 
-def test_two_processes_render_the_same_set_and_tensorboard_holds_it(tiny_models: dict[str, Path],
-                                                                     shapes_shards: Path, tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    one = tmp_path / "one"
-    train(config_from_dict(_raw(tiny_models["sd15"], shapes_shards, one)))
-    two = tmp_path / "two"
-    run_training(_raw(tiny_models["sd15"], shapes_shards, two), tmp_path, launch="cpu_2proc.yaml")
-    # Base-model round: identical adapters, so the same images whichever rank renders which prompt (up to
-    # float reduction order: the processes run single-threaded, this one multi-threaded).
-    for name in ("00-a-dlsks-red-square.png", "01-a-dlsks-blue-circle.png"):
-        diff = _pixels(one / "samples" / "step-00000000" / name) - _pixels(two / "samples" / "step-00000000" / name)
-        assert np.abs(diff).max() <= TOLERANCE
-    assert sorted(p.name for p in (two / "samples" / "step-00000003").iterdir()) == \
-        sorted(p.name for p in (one / "samples" / "step-00000003").iterdir())
-    events = EventAccumulator(str(two / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
-    events.Reload()
-    tags = events.Tags()
-    assert {"samples/00", "samples/01", "samples/grid"} <= set(tags["images"])
-    assert [e.step for e in events.Images("samples/00")] == [0, 3]
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
-    losses = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [round(e.value, 5) for e in events.Scalars("train/loss")] == [round(v, 5) for v in losses]
-
-
 def _rss_mib() -> float:
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * 4096 / 2**20
@@ -147,16 +120,16 @@ def test_a_failed_round_is_skipped_and_memory_does_not_grow_over_rounds(
     monkeypatch.setattr(hook, "render", render)
     monkeypatch.setattr(hook.SampleHook, "_write", write)
     monkeypatch.setattr(hook.SampleHook, "run", run)
-    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run", training={"max_steps": 7},
-                            sample={"prompts": PROMPTS[:1], "every_steps": 1})
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run", training={"max_steps": 6},
+                            sample={"prompts": ["a dlsks red square --w 64 --h 64 --s 2"], "every_steps": 1})
     result = train(config_from_dict(raw))
-    assert result.steps == 7
+    assert result.steps == 6
     rounds = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
-    assert rounds == [f"step-{s:08d}" for s in (1, 2, 4, 5, 6, 7)]  # step 3's round failed and was skipped
+    assert rounds == [f"step-{s:08d}" for s in (1, 2, 4, 5, 6)]  # step 3's round failed and was skipped
     assert "sample round at step 3 skipped on every rank" in caplog.text and "render fewer or smaller" in caplog.text
-    # Host memory after the 2nd round and after the 6th: no growth from round to round beyond noise.
+    # Host memory after the 2nd round and after the 5th: no growth from round to round beyond noise.
     print("host memory after each round (MiB):", [round(r, 1) for r in rss])
-    assert rss[-1] - rss[1] < 25, rss
+    assert len(rss) == 5 and rss[-1] - rss[1] < 25, rss
 
 
 def test_wandb_offline_run_holds_the_sample_images(monkeypatch: pytest.MonkeyPatch, tiny_models: dict[str, Path],

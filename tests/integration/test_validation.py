@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_lora.config import config_from_dict
 from dist_lora.data.cache import CacheOptions, cache_dataset
@@ -14,8 +16,10 @@ from dist_lora.data.synthetic import write_shapes_dataset
 from dist_lora.train.trainer import RunSetupError, train
 from tests.conftest import tiny_train_config
 from tests.integration.distributed_helpers import run_training
+from tests.integration.test_sampling import TOLERANCE, _pixels
 
 pytestmark = pytest.mark.slow
+SAMPLE_PROMPTS = ["a dlsks red square --w 64 --h 64 --s 3 --d 4", "a dlsks blue circle --w 64 --h 64 --s 3 --ss ddim"]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +38,11 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def _raw(model: Path, shards: Path, out: Path) -> dict:
+    # Sample images at the end too: the 2-process run below also checks they match the 1-process ones.
     return tiny_train_config(model, shards, out, training={"max_steps": 4, "batch_size": 2},
                              validation={"shards": str(shards / "val"), "every_steps": 2, "batch_size": 3},
-                             output={"save_every_steps": 2}, checkpoint={"every_steps": 2})
+                             output={"save_every_steps": 2}, checkpoint={"every_steps": 2},
+                             sample={"prompts": SAMPLE_PROMPTS}, logging={"tensorboard": True})
 
 
 def test_held_out_split_has_no_overlap_and_keeps_one_repeat(split: Path) -> None:
@@ -73,6 +79,21 @@ def test_same_adapter_same_loss_and_one_process_equals_two(tiny_models: dict[str
     run_training(raw, tmp_path, launch="cpu_2proc.yaml")
     (_, again), = [r for r in _losses(tmp_path / "two")[2:]]
     assert abs(again - ones[-1][1]) <= 1e-6 * ones[-1][1], (again, ones)
+    # Sample images of the same adapter, each rank rendering one prompt: the 1-process set (up to float
+    # reduction order: the processes run single-threaded, this one multi-threaded).
+    for name in ("00-a-dlsks-red-square.png", "01-a-dlsks-blue-circle.png"):
+        diff = _pixels(one.run_dir / "samples" / "step-00000004" / name) - \
+            _pixels(tmp_path / "two" / "samples" / "step-00000004" / name)
+        assert np.abs(diff).max() <= TOLERANCE
+    # TensorBoard, read back with its own reader: training scalars and validation loss equal the logs,
+    # and the sample images are there.
+    events = EventAccumulator(str(one.run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    losses = [json.loads(x)["loss"] for x in (one.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [round(e.value, 5) for e in events.Scalars("train/loss")] == [round(v, 5) for v in losses]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("val/loss")][:2] == [(s, round(v, 6)) for s, v in ones]
+    assert {"samples/00", "samples/01", "samples/grid"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("samples/00")][:1] == [4]
 
 
 def test_validation_set_of_another_family_is_refused_before_loading(tiny_models: dict[str, Path], split: Path,

@@ -118,8 +118,12 @@ def _assert_same_run(run: Path, straight: dict[str, object]) -> None:
 def test_signal_checkpoints_requeues_and_resumes_exactly(how: str, straight: dict[str, object],
                                                          tiny_models: dict[str, Path], shapes_shards: Path,
                                                          tmp_path: Path) -> None:
+    """The USR1 variant also runs the other launcher: DIST_LORA_LAUNCHER=accelerate, one task per node
+    running `accelerate launch --num_machines 2 --machine_rank $SLURM_NODEID` with the default launch
+    config; its tensors must equal the srun-launched reference run's."""
     run = tmp_path / "run"
-    job = _submit(_recipe(tmp_path, tiny_models["sd15"], shapes_shards, run), tmp_path)
+    env = {"DIST_LORA_LAUNCHER": "accelerate"} if how == "usr1_to_batch_shell" else {}
+    job = _submit(_recipe(tmp_path, tiny_models["sd15"], shapes_shards, run), tmp_path, env=env)
     _wait(job, lambda i: _started_training(run), what="training")
     # USR1 to the batch shell only is what `#SBATCH --signal=B:USR1@T` sends before the time limit;
     # `scancel --signal=TERM` signals every process of the step, loader workers included.
@@ -129,25 +133,6 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(how: str, straight: dic
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "requeueing" in log and "DataLoader worker" not in log
-    _assert_same_run(run, straight)
-    assert len(json.loads((run / "summary.json").read_text())["resumes"]) == 1
-
-
-def test_accelerate_launch_per_node_trains_stops_and_resumes_exactly(straight: dict[str, object],
-                                                                     tiny_models: dict[str, Path],
-                                                                     shapes_shards: Path, tmp_path: Path) -> None:
-    """DIST_LORA_LAUNCHER=accelerate: one task per node runs `accelerate launch --num_machines 2
-    --machine_rank $SLURM_NODEID` with the default launch config; a signal to the batch shell still
-    checkpoints, requeues and resumes to the same tensors as the srun-launched run."""
-    run = tmp_path / "run"
-    recipe = _recipe(tmp_path, tiny_models["sd15"], shapes_shards, run)
-    job = _submit(recipe, tmp_path, env={"DIST_LORA_LAUNCHER": "accelerate"})
-    _wait(job, lambda i: _started_training(run), what="training")
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    info = _finish(job, restarts=1)
-    log = _log(tmp_path, job)
-    assert info["JobState"] == "COMPLETED", log[-3000:]
-    assert "requeueing" in log and "--machine_rank" not in log  # the launcher ran, with no usage error
     _assert_same_run(run, straight)
     assert len(json.loads((run / "summary.json").read_text())["resumes"]) == 1
 
