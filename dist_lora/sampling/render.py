@@ -16,16 +16,18 @@ import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image, PngImagePlugin
 from torch import nn
 
 from dist_lora.models.text import encode_prompts, tokenize
 from dist_lora.sampling.prompts import SamplePrompt
 from dist_lora.sampling.samplers import find_sampler
+
+if TYPE_CHECKING:  # diffusers' pipelines load slowly: imported when a pipeline is built
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 @dataclass
@@ -40,6 +42,8 @@ class RenderModules:
 
 
 def build_pipeline(m: RenderModules) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     scheduler = find_sampler("euler").build(m.scheduler_config)  # replaced per prompt
     if m.family == "sdxl":
         return StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],

@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any
-
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from typing import TYPE_CHECKING, Any
 
 from dist_lora.errors import DistLoraError
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
 class UnknownSampler(DistLoraError):  # noqa: N818 - reads as the user's mistake
@@ -39,8 +25,14 @@ class UnknownSampler(DistLoraError):  # noqa: N818 - reads as the user's mistake
 class Sampler:
     name: str  # canonical name
     label: str  # as A1111 shows it (written into the PNG parameters)
-    scheduler: type[SchedulerMixin]
+    scheduler_name: str  # the diffusers scheduler class; imported when built (diffusers loads slowly)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scheduler(self) -> type[SchedulerMixin]:
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_name)  # type: ignore[no-any-return]
 
     def build(self, base_config: Any) -> SchedulerMixin:
         """This sampler's scheduler, configured from the model's scheduler config plus its own settings."""
@@ -51,26 +43,26 @@ _DPMPP = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 _KARRAS = {"use_karras_sigmas": True}
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("euler", "Euler", EulerDiscreteScheduler),
-    Sampler("euler_a", "Euler a", EulerAncestralDiscreteScheduler),
-    Sampler("heun", "Heun", HeunDiscreteScheduler),
-    Sampler("dpm_2", "DPM2", KDPM2DiscreteScheduler),
-    Sampler("dpm_2_a", "DPM2 a", KDPM2AncestralDiscreteScheduler),
-    Sampler("lms", "LMS", LMSDiscreteScheduler),
-    Sampler("lms_karras", "LMS Karras", LMSDiscreteScheduler, _KARRAS),
-    Sampler("ddim", "DDIM", DDIMScheduler),
-    Sampler("ddpm", "DDPM", DDPMScheduler),
-    Sampler("pndm", "PLMS", PNDMScheduler),
-    Sampler("dpm++_2m", "DPM++ 2M", DPMSolverMultistepScheduler, _DPMPP),
-    Sampler("dpm++_2m_karras", "DPM++ 2M Karras", DPMSolverMultistepScheduler, {**_DPMPP, **_KARRAS}),
-    Sampler("dpm++_2m_sde", "DPM++ 2M SDE", DPMSolverMultistepScheduler,
+    Sampler("euler", "Euler", "EulerDiscreteScheduler"),
+    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler"),
+    Sampler("heun", "Heun", "HeunDiscreteScheduler"),
+    Sampler("dpm_2", "DPM2", "KDPM2DiscreteScheduler"),
+    Sampler("dpm_2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler"),
+    Sampler("lms", "LMS", "LMSDiscreteScheduler"),
+    Sampler("lms_karras", "LMS Karras", "LMSDiscreteScheduler", _KARRAS),
+    Sampler("ddim", "DDIM", "DDIMScheduler"),
+    Sampler("ddpm", "DDPM", "DDPMScheduler"),
+    Sampler("pndm", "PLMS", "PNDMScheduler"),
+    Sampler("dpm++_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", _DPMPP),
+    Sampler("dpm++_2m_karras", "DPM++ 2M Karras", "DPMSolverMultistepScheduler", {**_DPMPP, **_KARRAS}),
+    Sampler("dpm++_2m_sde", "DPM++ 2M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    Sampler("dpm++_2m_sde_karras", "DPM++ 2M SDE Karras", DPMSolverMultistepScheduler,
+    Sampler("dpm++_2m_sde_karras", "DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_KARRAS}),
-    Sampler("dpm++_sde", "DPM++ SDE", DPMSolverSDEScheduler),
-    Sampler("dpm++_sde_karras", "DPM++ SDE Karras", DPMSolverSDEScheduler, _KARRAS),
-    Sampler("dpmsingle", "DPM++ 2S", DPMSolverSinglestepScheduler),
-    Sampler("unipc", "UniPC", UniPCMultistepScheduler),
+    Sampler("dpm++_sde", "DPM++ SDE", "DPMSolverSDEScheduler"),
+    Sampler("dpm++_sde_karras", "DPM++ SDE Karras", "DPMSolverSDEScheduler", _KARRAS),
+    Sampler("dpmsingle", "DPM++ 2S", "DPMSolverSinglestepScheduler"),
+    Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
 )}
 
 # kohya's names (sd-scripts --sample_sampler) and A1111's display names, lower-cased.
