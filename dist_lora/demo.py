@@ -46,7 +46,7 @@ def run_demo(workdir: str | Path = "demo_output", *, steps: int = 200, arch: str
         "training": {"batch_size": 4, "max_steps": steps, "seed": 0},
         "output": {"dir": str(workdir / "run"), "name": "demo_lora"},
         # The base model's images before the first step, and the trained adapter's after the last.
-        "sample": {"prompts": ["dlsks, red square --d 1 --s 12", "dlsks, blue circle --d 2 --s 12"],
+        "sample": {"prompts": ["dlsks, red square --d 1 --s 8", "dlsks, blue circle --d 2 --s 8"],
                    "at_start": True},
     }
     for section, values in (extra_overrides or {}).items():

@@ -9,7 +9,6 @@ split across the processes and the main process writes the images and grids.
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from dist_lora.errors import DistLoraError
 from dist_lora.models.load import inspect_model_source, load_pipeline, pipeline_text_encoders
 from dist_lora.sampling.prompts import SamplePrompt, load_prompts
 from dist_lora.sampling.render import RenderModules, a1111_parameters, build_pipeline, grid, png_bytes, render
-from dist_lora.train.tracking import VALIDATION_LOG
+from dist_lora.train.tracking import read_validation_log
 from dist_lora.utils.files import atomic_path, check_writable_dir
 
 _STEP_NAME = re.compile(r"-step(\d{8})$")
@@ -34,15 +33,16 @@ _EPOCH_NAME = re.compile(r"-(\d{6})$")
 @dataclass(frozen=True)
 class AdapterEntry:
     path: Path
+    family: str | None  # the base model family the file says it was trained for
     step: int | None  # the training step it was written at, when known
     val_loss: float | None  # the run's validation loss at that step, when the run has one
 
 
-def _step_of(path: Path) -> int | None:
+def _step_of(path: Path, metadata: dict[str, str]) -> int | None:
     match = _STEP_NAME.search(path.stem)
     if match:
         return int(match[1])
-    steps = read_adapter_file(path).metadata.get("ss_steps")
+    steps = metadata.get("ss_steps")
     return int(steps) if steps and steps.isdigit() else None
 
 
@@ -61,20 +61,14 @@ def adapter_entries(specs: list[str]) -> list[AdapterEntry]:
         else:
             raise AdapterFileError(f"adapter '{path}' does not exist (give .safetensors files or a run folder).")
     entries = []
+    losses: dict[Path, dict[int, float]] = {}  # per run folder
     for path in paths:
-        read_adapter_file(path)  # raises AdapterFileError naming the file if it is not an adapter
-        step = _step_of(path)
-        losses = _validation_losses(path.parent)
-        entries.append(AdapterEntry(path, step, losses.get(step) if step is not None else None))
+        adapter = read_adapter_file(path)  # raises AdapterFileError naming the file if it is not an adapter
+        step = _step_of(path, adapter.metadata)
+        folder_losses = losses.setdefault(path.parent, dict(read_validation_log(path.parent)))
+        entries.append(AdapterEntry(path, adapter.base_family, step,
+                                    folder_losses.get(step) if step is not None else None))
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
-
-
-def _validation_losses(run_dir: Path) -> dict[int, float]:
-    log = run_dir / VALIDATION_LOG
-    if not log.is_file():
-        return {}
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {int(r["step"]): float(r["val_loss"]) for r in records}
 
 
 def parse_numbers(spec: str, what: str) -> list[float]:
@@ -105,9 +99,8 @@ def plan_grid(base: str, adapters: list[str], out: str, *, weights: str = "1", c
     source = inspect_model_source(base, config_dir)
     entries = adapter_entries(adapters)
     for entry in entries:
-        family = read_adapter_file(entry.path).base_family
-        if source.family and family and family != source.family:
-            raise AdapterFileError(f"adapter file '{entry.path}' was trained for {family}; '{base}' is "
+        if source.family and entry.family and entry.family != source.family:
+            raise AdapterFileError(f"adapter file '{entry.path}' was trained for {entry.family}; '{base}' is "
                                    f"{source.family}.")
     family = source.family or "sd1"
     prompts = load_prompts(sample, 1024 if family == "sdxl" else 512, 0)

@@ -13,6 +13,15 @@ from dist_lora.utils.files import write_text_atomic
 VALIDATION_LOG = "validation.jsonl"
 
 
+def read_validation_log(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation loss) of every evaluation a run logged, in order; [] without a log."""
+    path = run_dir / VALIDATION_LOG
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(int(r["step"]), float(r["val_loss"])) for r in records]
+
+
 class MetricsLog:
     """Only the main process holds a real one; other ranks get ``enabled=False`` and write nothing."""
 

@@ -9,7 +9,6 @@ and counts are summed over all ranks in one all-reduce, so the mean is the same 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from dist_lora.train.diffusion import add_noise, key_generators, per_sample_nois
 from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Schedule, Scope
 from dist_lora.train.setup import Setup
-from dist_lora.train.tracking import VALIDATION_LOG, MetricsLog
+from dist_lora.train.tracking import MetricsLog, read_validation_log
 
 
 class ValidationHook:
@@ -74,13 +73,9 @@ class ValidationHook:
 def best_validation(run_dir: Path, adapter: Path, final_step: int, step_file: Any) -> dict[str, Any] | None:
     """The evaluated step with the lowest validation loss, and the adapter file of that step if one was
     written (the run's own file for the last step; an intermediate file otherwise)."""
-    path = run_dir / VALIDATION_LOG
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_validation_log(run_dir)
     if not records:
         return None
-    best = min(records, key=lambda r: (r["val_loss"], r["step"]))
-    candidate = adapter if best["step"] == final_step else step_file(best["step"])
-    return {"step": best["step"], "val_loss": best["val_loss"],
-            "file": str(candidate) if candidate.is_file() else None}
+    step, loss = min(records, key=lambda r: (r[1], r[0]))
+    candidate = adapter if step == final_step else step_file(step)
+    return {"step": step, "val_loss": loss, "file": str(candidate) if candidate.is_file() else None}

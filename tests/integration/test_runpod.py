@@ -19,7 +19,7 @@ from tests.conftest import tiny_train_config
 from tests.integration.distributed_helpers import REPO, run_training
 
 pytestmark = pytest.mark.slow
-STEPS = 12
+STEPS = 8
 
 
 def _raw(model: Path, shards: Path, out: Path) -> dict:
