@@ -44,12 +44,17 @@ def attach_network(unet: nn.Module, text_encoders: list[nn.Module], family: str,
     return AttachedNetwork(trained, unet_count, te_count)
 
 
+# Our presets under the names LyCORIS's `create_network(preset=...)` knows: with these, a file's
+# ss_network_args rebuild the same network in LyCORIS and sd-scripts (to continue training from it).
+LYCORIS_PRESETS = {"attn": "attn-only", "attn_ff": "attn-mlp", "full": "full"}
+
+
 def network_metadata(cfg: NetworkConfig) -> dict[str, str]:
     """``ss_network_module`` / ``ss_network_args`` as kohya and LyCORIS write them."""
     if cfg.type == "lora":
         return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({})}
     args: dict[str, str] = {"algo": {"locon": "locon", "dora": "locon", "loha": "loha", "lokr": "lokr"}[cfg.type],
-                            "preset": resolve_preset(cfg)}
+                            "preset": LYCORIS_PRESETS[resolve_preset(cfg)]}
     if cfg.conv_rank:
         args["conv_dim"] = str(cfg.conv_rank)
         args["conv_alpha"] = str(cfg.conv_alpha or cfg.alpha)

@@ -24,11 +24,13 @@ class MetricsHook:
     def __init__(self, loop: TrainingLoop) -> None:
         self.loop = loop
         self._step_started = time.perf_counter()
+        self._recorded_step = 0  # the step of the last record: counters since then are per-step averages
 
     def run(self, ctx: HookContext) -> None:
         now = time.perf_counter()
         if ctx.moment is Moment.START:
             self._step_started = now
+            self._recorded_step = ctx.step
             return
         loop, cfg = self.loop, self.loop.cfg
         if ctx.step % cfg.logging.log_every == 0 or ctx.step == ctx.total_steps or not ctx.applied:
@@ -43,16 +45,19 @@ class MetricsHook:
                                         "skipped_steps": state.skipped_steps,
                                         "loss_scale_skips": state.loss_scale_skips,
                                         "data_bad_records": bad, "data_padded_samples": padded,
-                                        "optimizer": setup.optimizer_choice.used, **self._comm_metrics()})
+                                        "optimizer": setup.optimizer_choice.used,
+                                        **self._comm_metrics(ctx.step - self._recorded_step)})
+            self._recorded_step = ctx.step
         loop.metrics.advance()
         self._step_started = now
 
-    def _comm_metrics(self) -> dict[str, int]:
+    def _comm_metrics(self, steps: int) -> dict[str, int]:
+        """Bytes all-reduced per optimizer step, averaged over the ``steps`` since the last record."""
         setup = self.loop.setup
         if setup.comm is None:
             return {}
         trainable = sum(p.numel() * p.element_size() for p in setup.trainable_params)
-        return {"allreduce_bytes": setup.comm.take(), "trainable_bytes": trainable}
+        return {"allreduce_bytes": setup.comm.take() // max(steps, 1), "trainable_bytes": trainable}
 
 
 class CheckpointHook:

@@ -268,3 +268,49 @@ def test_lokr_factor_that_uis_cannot_load_is_refused(tiny_models: dict[str, Path
     cfg = NetworkConfig(type="lokr", rank=2, lokr_factor=8)
     with pytest.raises(DistLoraError, match=r"lokr_factor = 8 splits dimension 32 of .* as 8 x 4"):
         attach_network(c.unet, c.text_encoders, c.family, cfg)
+
+
+@pytest.mark.parametrize("preset", ["attn", "attn_ff", "full"])
+def test_network_args_name_a_lycoris_preset(preset: str, tiny_models: dict[str, Path]) -> None:
+    """A kohya user continues training from our file by handing its ss_network_args to LyCORIS's
+    create_network (what sd-scripts calls): the preset must be one LyCORIS knows, selecting the UNet
+    modules our file holds. attn: built by create_network itself; attn_ff: LyCORIS's attn-mlp module
+    classes walked here; full: LyCORIS's full preset adapts convolutions too."""
+    import json
+
+    from diffusers.models.attention_processor import Attention
+    from lycoris.config import PRESET
+    from lycoris.kohya import create_network
+
+    cfg = NetworkConfig(type="locon", rank=4, alpha=2.0, preset=preset,  # type: ignore[arg-type]
+                        conv_rank=2 if preset == "full" else 0)
+    args = json.loads(network_metadata(cfg)["ss_network_args"])
+    assert args["preset"] in PRESET
+    if preset == "full":
+        assert PRESET[args["preset"]]["enable_conv"]
+        return
+    ours = load_components(str(tiny_models["sd15"]))
+    attach_network(ours.unet, ours.text_encoders, ours.family, cfg)
+    ours_modules = {key.split(".")[0] for key in kohya_tensors(ours.unet, ours.text_encoders, ours.family)}
+    ours_modules = {m for m in ours_modules if m.startswith("lora_unet_")}
+    base = load_components(str(tiny_models["sd15"]))
+    if preset == "attn":
+        # sd-scripts' own UNet calls its attention modules CrossAttention (diffusers: Attention), the class
+        # LyCORIS's attn-only preset selects; the modules inside (to_q, to_k, to_v, to_out.0) are the same.
+        kohya_attention = type("CrossAttention", (Attention,), {})
+        for module in base.unet.modules():
+            if type(module) is Attention:
+                module.__class__ = kohya_attention
+        network = create_network(1.0, cfg.rank, cfg.alpha, base.vae, base.text_encoders[0], base.unet, **args)
+        lycoris_modules = {module.lora_name for module in network.unet_loras}
+    else:
+        targets = set(PRESET[args["preset"]]["unet_target_module"])
+        lycoris_modules = {
+            f"lora_unet_{outer}.{inner}".replace(".", "_")
+            for outer, block in base.unet.named_modules() if type(block).__name__ in targets
+            for inner, child in block.named_modules()
+            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1))}
+    # LyCORIS's attn-mlp also lists TimestepEmbedding (for DiT models); in an SD UNet that adds the time
+    # embedding's two linears, which neither kohya's LoRA nor ours adapts.
+    time_embedding = {"lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"}
+    assert ours_modules and lycoris_modules - time_embedding == ours_modules
