@@ -18,7 +18,7 @@ import math
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.manifest import MANIFEST_NAME, Manifest, ShardDataError
-from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec
+from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec, unpack_chunk
 from dist_lora.data.tar_samples import BadData
 from dist_lora.utils.stop_signals import ignore_in_worker
 
@@ -304,9 +304,11 @@ class ShardLoader:
                                       self.layout, {k: list(v) for k, v in resume.used.items()} if resume else {})
         workers = min(self.num_workers, len(plan.shard_indices))
         stream = self.stream(epoch, plan.shard_indices, resume)
-        loader = self._worker_loader(stream, workers) if workers else DataLoader(stream, batch_size=None)
+        samples: Iterable[dict[str, Any]] = (
+            (record for chunk in self._worker_loader(stream, workers) for record in unpack_chunk(chunk))
+            if workers else DataLoader(stream, batch_size=None))
         produced = 0
-        for batch in self._batches(loader, skip):
+        for batch in self._batches(samples, skip):
             produced += 1
             if produced > plan.steps:
                 raise ShardDataError(f"rank {self.rank} read more than the {plan.steps} batches planned for epoch "
@@ -346,8 +348,10 @@ class ShardLoader:
             self._mailbox = EpochMailbox(Path(tempfile.mkdtemp(prefix="dist_lora_loader_")))
         self._mailbox.post(stream)
         if self._loader is None or self._loader.num_workers != workers:
-            self._loader = DataLoader(MailboxStream(self._mailbox), batch_size=None, num_workers=workers,
-                                      persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_in_worker)
+            # A chunk is a batch's worth of records; two chunks ahead per worker keep a batch ready.
+            self._loader = DataLoader(MailboxStream(self._mailbox, self.batch_size), batch_size=None,
+                                      num_workers=workers, persistent_workers=True, prefetch_factor=2,
+                                      worker_init_fn=ignore_in_worker)
         return self._loader
 
     def close(self) -> None:
@@ -367,7 +371,7 @@ class ShardLoader:
             for shard, key in real:
                 progress.mark_used(shard, key)
 
-    def _batches(self, loader: DataLoader, skip: int) -> Iterator[Batch]:  # type: ignore[type-arg]
+    def _batches(self, samples: Iterable[dict[str, Any]], skip: int) -> Iterator[Batch]:
         """Single-bucket batches in arrival order, then each bucket's last one completed with padding.
 
         Batches of placeholders (consumed before a resume) come out as an empty marker batch that the
@@ -392,7 +396,7 @@ class ShardLoader:
             self._template = batch
             return batch
 
-        for sample in loader:
+        for sample in samples:
             if "bad" in sample:
                 self.stats.bad(sample["bad"])
                 bad = sample["bad"]

@@ -79,7 +79,9 @@ def test_exact_resume_single_process(tiny_models: dict[str, Path], shapes_shards
 
 
 # DDP's exact resume on 2 processes: test_sigusr1_to_one_rank_checkpoints_both_and_resumes (and the Slurm tier).
-@pytest.mark.parametrize("launch", ["zero2.yaml", "zero3.yaml"])
+# ZeRO-2 saves and loads through the same engine checkpoint calls as ZeRO-3; stage 3 adds partitioned
+# parameters on top of the partitioned optimizer state, so it is the stage that is run here (CI time).
+@pytest.mark.parametrize("launch", ["zero3.yaml"])
 def test_exact_resume_two_processes(launch: str, tiny_models: dict[str, Path], shapes_shards: Path,
                                     tmp_path: Path) -> None:
     model = tiny_models["sd15"]
