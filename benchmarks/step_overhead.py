@@ -93,11 +93,16 @@ def _batch_normal(shape: tuple[int, ...], generators: list[Any]) -> torch.Tensor
     return torch.randn((len(generators), *shape))
 
 
+def _batch_noise(latents: torch.Tensor, generators: list[Any], options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    noise = torch.randn_like(latents, dtype=torch.float32)
+    return noise, noise
+
+
 def no_keyed_draws() -> contextlib.AbstractContextManager[None]:
     return patched(
         (step, "sample_generators", lambda seed, s, indices, device="cpu": [None] * len(indices)),
-        (step, "per_sample_timesteps", lambda n, generators: torch.randint(0, n, (len(generators),))),
-        (step, "per_sample_noise", lambda shape, generators, offset=0.0: _batch_normal(shape, generators)),
+        (step, "draw_timesteps", lambda generators, options: torch.randint(0, 1000, (len(generators),))),
+        (step, "draw_noise", _batch_noise),
         (conditioning, "per_sample_normal", _batch_normal))
 
 

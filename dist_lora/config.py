@@ -106,6 +106,15 @@ class NetworkConfig:
     text_encoder_target_modules: list[str] = _field(
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
         "Text-encoder module name suffixes that receive an adapter (attention and MLP, as kohya).")
+    loraplus_lr_ratio: float = _field(0.0, "LoRA+ (Hayou et al. 2024; kohya and LyCORIS network_args "
+                                      "loraplus_lr_ratio): the up projections (lora_up / peft's lora_B) of "
+                                      "lora, locon and dora adapters train at this multiple of their learning rate "
+                                      "(16 is the paper's choice); loha and lokr have none. 0 disables it.",
+                                      minimum=0.0)
+    loraplus_unet_lr_ratio: float = _field(0.0, "LoRA+ ratio of the UNet adapters; 0 means loraplus_lr_ratio.",
+                                           minimum=0.0)
+    loraplus_text_encoder_lr_ratio: float = _field(0.0, "LoRA+ ratio of the text-encoder adapters; 0 means "
+                                                   "loraplus_lr_ratio.", minimum=0.0)
     init_from: str = _field("", "Start from the adapter in this .safetensors file (ours, kohya's or LyCORIS'); "
                             "its type and ranks replace type/rank/alpha above.")
 
@@ -164,6 +173,44 @@ class TrainingConfig:
                                       "prior_loss_weight).", minimum=0.0)
     min_snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is common); 0 disables it.",
                                   minimum=0.0)
+    noise_offset_random_strength: bool = _field(False, "Scale noise_offset by a uniform draw in [0, 1) per sample "
+                                                "(kohya: noise_offset_random_strength, a draw per batch).")
+    adaptive_noise_scale: float = _field(0.0, "Add this times |the latent's channel mean| to noise_offset, per "
+                                         "sample and channel, clamped at 0 (kohya: adaptive_noise_scale; needs "
+                                         "noise_offset); 0 disables it.")
+    multires_noise_iterations: int = _field(0, "Pyramid (multi-resolution) noise: add this many levels of "
+                                            "upsampled coarser noise, then rescale to unit variance per sample "
+                                            "(kohya: multires_noise_iterations, 6-10 is common); 0 disables it.",
+                                            minimum=0)
+    multires_noise_discount: float = _field(0.3, "Weight ratio of each coarser pyramid level (kohya: "
+                                            "multires_noise_discount).", minimum=0.0, maximum=1.0)
+    ip_noise_gamma: float = _field(0.0, "Input perturbation: the UNet input is noised with noise + gamma * another "
+                                   "draw while the target keeps the noise (kohya: ip_noise_gamma, 0.1 is common); "
+                                   "0 disables it.", minimum=0.0)
+    ip_noise_gamma_random_strength: bool = _field(False, "Scale ip_noise_gamma by a uniform draw in [0, 1) per "
+                                                  "sample (kohya: ip_noise_gamma_random_strength, per batch).")
+    min_timestep: int = _field(0, "Smallest training timestep drawn (kohya: min_timestep).", minimum=0,
+                               maximum=999)
+    max_timestep: int = _field(1000, "Timesteps are drawn below this (kohya: max_timestep); equal to min_timestep: "
+                               "always that timestep.", minimum=1, maximum=1000)
+    zero_terminal_snr: bool = _field(False, "Rescale the noise schedule's betas so the last timestep has zero "
+                                     "SNR (Lin et al. 2023; kohya: zero_terminal_snr); needs a v_prediction "
+                                     "model or model.prediction_type = 'v_prediction'.")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = _field(
+        "l2", "Per-element loss (kohya: loss_type): l2 (squared error), l1, huber = 2c(sqrt(d^2 + c^2) - c), "
+        "smooth_l1 = 2(sqrt(d^2 + c^2) - c), with c from huber_schedule.")
+    huber_schedule: Literal["constant", "exponential", "snr"] = _field(
+        "snr", "The c of huber / smooth_l1 per timestep t (kohya: huber_schedule): constant c = huber_c * "
+        "huber_scale; exponential c = huber_scale * huber_c^(t/T); snr c = (1 - huber_c) / (1 + sigma_t)^2 + "
+        "huber_c with sigma_t = sqrt((1 - a_t) / a_t).")
+    huber_c: float = _field(0.1, "Huber parameter (kohya: huber_c).", minimum=0.0, exclusive_min=True)
+    huber_scale: float = _field(1.0, "Scale of the constant and exponential Huber schedules (kohya: huber_scale).",
+                                minimum=0.0, exclusive_min=True)
+    debiased_estimation: bool = _field(False, "Weight each sample's loss by 1/sqrt(SNR) (epsilon) or 1/(SNR + 1) "
+                                       "(v_prediction), SNR capped at 1000 (kohya: debiased_estimation_loss).")
+    scale_v_pred_loss_like_noise_pred: bool = _field(
+        False, "Weight a v_prediction loss by SNR/(SNR + 1), SNR capped at 1000, so it scales like an epsilon loss "
+        "(kohya: scale_v_pred_loss_like_noise_pred); v_prediction models only.")
 
 
 @dataclass

@@ -96,6 +96,21 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def is_up_projection(parameter_name: str) -> bool:
+    """Whether an adapter parameter is a LoRA up projection (kohya's lora_up, peft's lora_B): what LoRA+
+    gives its higher learning rate."""
+    return "lora_B" in parameter_name.split(".")
+
+
+def up_projection_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA up projections among ``lora_parameters(model)``."""
+    out: list[nn.Parameter] = []
+    for _, layer in adapter_layers(model):
+        out.extend(p for n, p in layer.named_parameters()
+                   if ADAPTER_NAME in n.split(".") and "base_layer" not in n and is_up_projection(n))
+    return out
+
+
 def set_multiplier(model: nn.Module, multiplier: float) -> None:
     """Scale every adapter's update by ``multiplier`` (the ``<lora:name:w>`` weight). Not for DoRA, whose
     UIs interpolate whole weights instead (see ``dist_lora.adapters.delta``)."""

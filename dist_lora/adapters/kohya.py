@@ -12,6 +12,7 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from dist_lora.utils.files import atomic_path
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+MODELSPEC_IMPLEMENTATION_SDXL = "https://github.com/Stability-AI/generative-models"
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {
     "sd1": "stable-diffusion-v1/lora",
@@ -91,11 +93,12 @@ def _data_section(serialized: bytes) -> bytes:
     return serialized[8 + header_len:]
 
 
-def safetensors_hashes(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    """``sshs_model_hash`` (sha256 of the tensor bytes after the header, as kohya and the A1111
-    additional-networks extension compute it) and ``sshs_legacy_hash`` (first 8 hex digits of the
-    sha256 of 64 KiB at offset 1 MiB of the file)."""
-    serialized = save(dict(tensors))
+def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """``sshs_model_hash`` (sha256 of the tensor bytes after the header) and ``sshs_legacy_hash`` (first 8
+    hex digits of the sha256 of 64 KiB at offset 1 MiB), as kohya's precalculate_safetensors_hashes computes
+    them for the A1111 additional-networks extension: over the tensors serialized with the ``ss_*`` metadata
+    alone (the header's length moves the bytes the legacy hash reads)."""
+    serialized = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
     model_hash = hashlib.sha256(_data_section(serialized)).hexdigest()
     legacy = hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy
@@ -128,15 +131,17 @@ def build_metadata(info: ExportInfo, tensors: Mapping[str, torch.Tensor]) -> dic
         "ss_output_name": info.output_name,
         "ss_tag_frequency": json.dumps(info.tag_frequency, ensure_ascii=False),
         "ss_resolution": f"({info.resolution}, {info.resolution})",
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[version],
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        # kohya's values for a LoRA: SDXL's reference code, else diffusers.
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION_SDXL if info.family == "sdxl" else "diffusers",
+        "modelspec.implementation_version": f"dist_lora/{package_version('dist_lora')}",
         "modelspec.title": info.output_name,
         "modelspec.resolution": f"{info.resolution}x{info.resolution}",
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
         **info.training,
     }
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
     return meta
 
 

@@ -51,10 +51,15 @@ LYCORIS_PRESETS = {"attn": "attn-only", "attn_ff": "attn-mlp", "full": "full"}
 
 def network_metadata(cfg: NetworkConfig) -> dict[str, str]:
     """``ss_network_module`` / ``ss_network_args`` as kohya and LyCORIS write them."""
+    # LoRA+ ratios are network_args in kohya and LyCORIS alike.
+    loraplus = {key: str(value) for key, value in (("loraplus_lr_ratio", cfg.loraplus_lr_ratio),
+                                                   ("loraplus_unet_lr_ratio", cfg.loraplus_unet_lr_ratio),
+                                                   ("loraplus_text_encoder_lr_ratio",
+                                                    cfg.loraplus_text_encoder_lr_ratio)) if value}
     if cfg.type == "lora":
-        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({})}
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(loraplus)}
     args: dict[str, str] = {"algo": {"locon": "locon", "dora": "locon", "loha": "loha", "lokr": "lokr"}[cfg.type],
-                            "preset": LYCORIS_PRESETS[resolve_preset(cfg)]}
+                            "preset": LYCORIS_PRESETS[resolve_preset(cfg)], **loraplus}
     if cfg.conv_rank:
         args["conv_dim"] = str(cfg.conv_rank)
         args["conv_alpha"] = str(cfg.conv_alpha or cfg.alpha)

@@ -85,6 +85,16 @@ def _read_layer(layer: nn.Module) -> ModuleAdapter:
         return ModuleAdapter("loha", tensors, float(layer.alpha[a]))
     if isinstance(layer, LoKrLayer):
         tensors = {k: getattr(layer, k)[a].detach() for k in LOKR_KEYS if a in getattr(layer, k)}
+        base = layer.get_base_layer()
+        if isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1) and "lokr_w2_a" in tensors \
+                and "lokr_t2" not in tensors:
+            # A k x k convolution's second factor as [b, r] @ [r, d*k*k]: LyCORIS (4.1) infers the factor
+            # split when rebuilding a network from a file, reading d*k*k as the input split, and gets it
+            # wrong where the input and output dimensions split differently (SD 1.5's 1920 -> 640 conv1:
+            # 40 x 48 in, 20 x 32 out), refusing the whole file. The same factor written whole as
+            # [b, d, k, k] is unambiguous; every loader computes the same kron(w1, w2) from it.
+            w2 = tensors.pop("lokr_w2_a") @ tensors.pop("lokr_w2_b")
+            tensors["lokr_w2"] = w2.reshape(w2.shape[0], -1, *base.kernel_size)
         if "lokr_w1_a" in tensors and "lokr_w2" in tensors:
             # peft can decompose only the first factor; LyCORIS and A1111 cannot load that layout
             # (they decompose the second factor first), so write the first factor whole.

@@ -82,14 +82,9 @@ def per_sample_normal(shape: tuple[int, ...], generators: list[torch.Generator])
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
 
 
-def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator],
-                     noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise per sample; with ``noise_offset``, plus that much of one constant per channel
-    (brightness range, as kohya's noise_offset)."""
-    noise = per_sample_normal(shape, generators)
-    if noise_offset > 0:
-        noise = noise + noise_offset * per_sample_normal((shape[0], 1, 1), generators)
-    return noise
+def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """Gaussian noise per sample (training adds kohya's options to it: ``noise.draw_noise``)."""
+    return per_sample_normal(shape, generators)
 
 
 def per_sample_timesteps(num_train_timesteps: int, generators: list[torch.Generator]) -> torch.Tensor:

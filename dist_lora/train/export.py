@@ -17,7 +17,7 @@ from dist_lora import parallel
 from dist_lora.adapters.diffusers_format import save_diffusers_lora
 from dist_lora.adapters.kohya import SAVE_DTYPES, ExportInfo, kohya_tensors, save_kohya_lora
 from dist_lora.adapters.network import network_metadata
-from dist_lora.config import Config
+from dist_lora.config import Config, TrainingConfig
 from dist_lora.data.manifest import Manifest
 from dist_lora.train.hooks import HookContext, Schedule, Scope
 from dist_lora.train.setup import Setup
@@ -61,6 +61,7 @@ class AdapterExporter:
             "ss_num_train_images": str(self.manifest.num_samples_with_repeats),
             "ss_noise_offset": str(cfg.training.noise_offset),
             "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
+            **objective_metadata(cfg.training),
             "ss_network_dropout": str(cfg.network.dropout),
             "ss_gradient_checkpointing": str(cfg.training.gradient_checkpointing),
             "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
@@ -69,6 +70,23 @@ class AdapterExporter:
                           self.manifest.resolution, self.manifest.tag_frequency,
                           {**network_metadata(cfg.network), **training})
         save_kohya_lora(path, tensors, info, cfg.output.save_precision)
+
+
+def objective_metadata(t: TrainingConfig) -> dict[str, str]:
+    """The noise and loss options under kohya's metadata names (Python's str of each value, as kohya), and
+    a narrowed timestep range as modelspec's."""
+    values = {"noise_offset_random_strength": t.noise_offset_random_strength,
+              "adaptive_noise_scale": t.adaptive_noise_scale,
+              "multires_noise_iterations": t.multires_noise_iterations,
+              "multires_noise_discount": t.multires_noise_discount, "ip_noise_gamma": t.ip_noise_gamma,
+              "ip_noise_gamma_random_strength": t.ip_noise_gamma_random_strength,
+              "zero_terminal_snr": t.zero_terminal_snr, "debiased_estimation": t.debiased_estimation,
+              "loss_type": t.loss_type, "huber_schedule": t.huber_schedule, "huber_c": t.huber_c,
+              "huber_scale": t.huber_scale}
+    meta = {f"ss_{key}": str(value) for key, value in values.items()}
+    if (t.min_timestep, t.max_timestep) != (0, 1000):
+        meta["modelspec.timestep_range"] = f"{t.min_timestep},{t.max_timestep}"  # as kohya's sai_model_spec
+    return meta
 
 
 def step_file(run_dir: Path, name: str, step: int) -> Path:

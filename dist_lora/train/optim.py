@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -105,11 +105,33 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimizerConfig,
     return optimizer, OptimizerChoice(cfg.type, used, reason)
 
 
-def param_groups(unet_params: list[nn.Parameter], text_params: list[nn.Parameter],
-                 cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": cfg.lr}]
-    if text_params:
-        groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.lr})
+@dataclass(frozen=True)
+class TrainedParameters:
+    """The adapter parameters of the UNet and of the trained text encoders, with the LoRA up projections
+    among them (LoRA+ gives those ``ratio`` times the learning rate; a ratio of 0 leaves them alone)."""
+
+    unet: list[nn.Parameter]
+    text: list[nn.Parameter]
+    unet_up: list[nn.Parameter] = field(default_factory=list)
+    text_up: list[nn.Parameter] = field(default_factory=list)
+    unet_ratio: float = 0.0
+    text_ratio: float = 0.0
+
+
+def param_groups(params: TrainedParameters, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: UNet, then text encoders; with LoRA+, each split into the other parameters at the
+    learning rate and the up projections at ``ratio`` times it."""
+    groups: list[dict[str, Any]] = []
+    for members, up, ratio, lr in ((params.unet, params.unet_up, params.unet_ratio, cfg.lr),
+                                   (params.text, params.text_up, params.text_ratio, cfg.text_encoder_lr or cfg.lr)):
+        if not members:
+            continue
+        boosted = {id(p) for p in up} if ratio > 0 else set()
+        rest = [p for p in members if id(p) not in boosted]
+        if rest:
+            groups.append({"params": rest, "lr": lr})
+        if boosted:
+            groups.append({"params": [p for p in members if id(p) in boosted], "lr": lr * ratio})
     return groups
 
 

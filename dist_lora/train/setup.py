@@ -11,13 +11,19 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from dist_lora import parallel
-from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters
+from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters, up_projection_parameters
 from dist_lora.adapters.network import attach_network
 from dist_lora.config import Config
 from dist_lora.models.load import Components
 from dist_lora.train.memory import set_attention
 from dist_lora.train.model import AdaptedDenoiser
-from dist_lora.train.optim import OptimizerChoice, build_lr_scheduler, build_optimizer, param_groups
+from dist_lora.train.optim import (
+    OptimizerChoice,
+    TrainedParameters,
+    build_lr_scheduler,
+    build_optimizer,
+    param_groups,
+)
 from dist_lora.train.precision import WEIGHT_DTYPES
 
 
@@ -73,8 +79,12 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     # every encoder); otherwise they stay outside and run under no_grad.
     inside = components.text_encoders if trained_encoders else []
     model = AdaptedDenoiser(unet, inside, components.family)
-    optimizer, choice = build_optimizer(param_groups(unet_params, text_params, cfg.optimizer), cfg.optimizer,
-                                        accelerator.device)
+    net = cfg.network
+    trained = TrainedParameters(unet_params, text_params, up_projection_parameters(unet),
+                                [p for e in trained_encoders for p in up_projection_parameters(e)],
+                                net.loraplus_unet_lr_ratio or net.loraplus_lr_ratio,
+                                net.loraplus_text_encoder_lr_ratio or net.loraplus_lr_ratio)
+    optimizer, choice = build_optimizer(param_groups(trained, cfg.optimizer), cfg.optimizer, accelerator.device)
     # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
     # (whose wrapper steps it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)

@@ -8,22 +8,17 @@ from dist_lora.config import Config
 from dist_lora.data.shards import Batch
 from dist_lora.parallel import World
 from dist_lora.train.conditioning import Conditioner
-from dist_lora.train.diffusion import (
-    add_noise,
-    diffusion_loss,
-    min_snr_weights,
-    per_sample_noise,
-    per_sample_timesteps,
-    sample_generators,
-    training_target,
-)
+from dist_lora.train.diffusion import add_noise, sample_generators, training_target
+from dist_lora.train.losses import elementwise_loss, huber_parameter, snr_weights
+from dist_lora.train.noise import draw_noise, draw_timesteps
+from dist_lora.train.objective import loss_options, noise_options
 from dist_lora.train.setup import Setup
 
 
 class StepRunner:
     """Computes the loss of one micro-batch.
 
-    Every random draw of a sample (timestep, VAE posterior sample, noise, noise offset) comes from its own
+    Every random draw of a sample (timestep, VAE posterior sample, noise and its options) comes from its own
     generator keyed by (seed, optimizer step, position in the global batch), so runs agree whatever the
     split over ranks and accumulation, and a resumed run needs no generator state.
     """
@@ -32,6 +27,8 @@ class StepRunner:
         self.cfg, self.setup, self.conditioner, self.world = cfg, setup, conditioner, world
         self.c = setup.components
         self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
+        self.num_train_timesteps = int(self.c.noise_scheduler.config.num_train_timesteps)
+        self.noise_options, self.loss_options = noise_options(cfg.training), loss_options(cfg.training)
 
     def global_indices(self, micro_in_step: int, batch_size: int) -> list[int]:
         first = (micro_in_step * self.world.size + self.world.rank) * batch_size
@@ -41,12 +38,11 @@ class StepRunner:
         cond = self.conditioner
         generators = sample_generators(self.cfg.training.seed, step,
                                        self.global_indices(micro_in_step, len(batch.keys)), cond.device)
-        num_t = self.c.noise_scheduler.config.num_train_timesteps
-        timesteps = per_sample_timesteps(num_t, generators)
+        timesteps = draw_timesteps(generators, self.noise_options)
         latents = cond.latents(batch, generators)
-        noise = per_sample_noise(tuple(latents.shape[1:]), generators, self.cfg.training.noise_offset)
-        noise = noise.to(latents.dtype)
-        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        noise, input_noise = draw_noise(latents, generators, self.noise_options)
+        noise, input_noise = noise.to(latents.dtype), input_noise.to(latents.dtype)
+        noisy = add_noise(latents, input_noise, timesteps, self.alphas_cumprod)
         prediction = self.setup.model(noisy, timesteps, **cond.model_inputs(batch))
         target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)
         # Padding samples weigh 0 and regularization images prior_loss_weight; the mean stays over the
@@ -57,7 +53,11 @@ class StepRunner:
             if meta.get("is_reg"):
                 weights[i] *= prior
         weights = cond.to_device(weights)
-        if self.cfg.training.min_snr_gamma > 0:
-            weights = weights * min_snr_weights(self.alphas_cumprod, timesteps, self.cfg.training.min_snr_gamma,
-                                                 self.c.prediction_type)
-        return diffusion_loss(prediction, target, weights)
+        snr_weighting = snr_weights(timesteps, self.alphas_cumprod, self.c.prediction_type, self.loss_options)
+        if snr_weighting is not None:
+            weights = weights * snr_weighting
+        huber_c = None
+        if self.loss_options.loss_type in ("huber", "smooth_l1"):
+            huber_c = huber_parameter(timesteps, self.alphas_cumprod, self.num_train_timesteps, self.loss_options)
+        per_element = elementwise_loss(prediction, target, self.loss_options, huber_c)
+        return (per_element.mean(dim=list(range(1, per_element.ndim))) * weights).mean()

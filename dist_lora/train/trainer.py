@@ -26,6 +26,7 @@ from dist_lora.train.export import AdapterExporter, IntermediateSaveHook, step_f
 from dist_lora.train.hooks import StepHook
 from dist_lora.train.loop import TrainingLoop
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice
+from dist_lora.train.objective import check_objective, training_scheduler
 from dist_lora.train.optim import BITSANDBYTES_OPTIMIZERS
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
 from dist_lora.train.run_plan import find_resume_point, plan_run
@@ -80,6 +81,8 @@ def preflight(cfg: Config) -> Preflight:
     if source.family is not None and cfg.model.base not in ("auto", source.family):
         raise RunSetupError(f"model.base = '{cfg.model.base}' but '{cfg.model.pretrained}' is a {source.family} "
                             f"model; set model.base = 'auto' or '{source.family}'.")
+    check_objective(cfg.training, cfg.model.prediction_type if cfg.model.prediction_type != "auto"
+                    else source.prediction_type)
     d = cfg.data
     captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout, manifest.trigger)
     cache = manifest.cache if d.use_cache else None
@@ -181,6 +184,8 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                                  prediction_type=cfg.model.prediction_type, load_vae=not pre.use_latents,
                                  load_text=not pre.use_text, dtype=weight_dtype,
                                  vae_dtype=torch.float32 if cfg.training.vae_fp32 else weight_dtype)
+    check_objective(cfg.training, components.prediction_type, components.noise_scheduler.config.num_train_timesteps)
+    components.noise_scheduler = training_scheduler(components.noise_scheduler, cfg.training)
     accelerator = parallel.make_accelerator(parallel.TrainingShape(
         cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps, cfg.training.batch_size,
         cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS,

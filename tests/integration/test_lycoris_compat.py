@@ -3,6 +3,8 @@ package (and for lora/locon by diffusers), must reproduce our in-memory adapted 
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,56 @@ def test_network_args_name_a_lycoris_preset(preset: str, tiny_models: dict[str, 
     # embedding's two linears, which neither kohya's LoRA nor ours adapts.
     time_embedding = {"lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"}
     assert ours_modules and lycoris_modules - time_embedding == ours_modules
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_module_of_a_full_size_export_rebuilds_in_lycoris(arch: str, tmp_path: Path) -> None:
+    """lycoris-lora's create_network_from_weights rebuilds each module from its tensors alone (its factor
+    split inferred from their shapes) and refuses the whole file if one does not fit. Here every module of
+    an export of the full-size UNet (built on the meta device) goes through the same get_module /
+    make_module, with zero tensors of the exported shapes, for every type and LoKr layout."""
+    from diffusers import UNet2DConditionModel
+
+    from dist_lora.adapters.kohya import module_key_table
+    from dist_lora.models.reference import write_config_folder
+
+    config = json.loads((write_config_folder(arch, tmp_path) / "unet" / "config.json").read_text())
+    family = FAMILY[arch]
+    for kind in TYPES:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        network = replace(_network_config(kind), preset="full", train_text_encoder=False)
+        attach_network(unet, [], family, network)
+        exported = kohya_tensors(unet, [], family)
+        paths = module_key_table(unet, [], family)
+        names = sorted({key.split(".", 1)[0] for key in exported})
+        assert len(names) > 200, (kind, len(names))
+        seen: set[tuple[object, ...]] = set()
+        for name in names:
+            base = unet.get_submodule(paths[name][1]).get_base_layer()
+            suffixes = sorted(k.split(".", 1)[1] for k in exported if k.startswith(f"{name}."))
+            shapes = tuple((s, tuple(exported[f"{name}.{s}"].shape)) for s in suffixes)
+            signature = (type(base).__name__, tuple(base.weight.shape), shapes)
+            if signature in seen:
+                continue  # the rebuild depends on these shapes alone
+            seen.add(signature)
+            # Real (zero) tensors of the exported shapes: the alpha's value only scales.
+            own = {f"{name}.{s}": torch.zeros(shape) for s, shape in shapes}
+            # The base layer's shape on the CPU, uninitialised: DoRA reads its weight norm.
+            stand_in = (nn.utils.skip_init(nn.Linear, base.in_features, base.out_features, bias=False)
+                        if isinstance(base, nn.Linear) else
+                        nn.utils.skip_init(nn.Conv2d, base.in_channels, base.out_channels, base.kernel_size,
+                                           base.stride, base.padding, bias=False))
+            algo, params = get_module(own, name)
+            assert algo is not None, (kind, name, sorted(own))
+            try:
+                module = make_module(algo, params, name, stand_in)
+            except RuntimeError as exc:
+                shapes = {k: tuple(v.shape) for k, v in own.items()}
+                raise AssertionError(f"{kind}: lycoris cannot rebuild {name} from {shapes}: {exc}") from exc
+            assert module is not None, (kind, name)
+            rebuilt = module.state_dict()
+            for key, tensor in own.items():
+                suffix = key.split(".", 1)[1]
+                if suffix in rebuilt and suffix != "alpha":
+                    assert tuple(rebuilt[suffix].shape) == tuple(tensor.shape), (kind, name, suffix)

@@ -48,14 +48,10 @@ def test_min_snr_weights() -> None:
     assert w[0] < 1 and w[2] == 1  # high-SNR (small t) steps are down-weighted
 
 
-def test_loss_and_noise_offset() -> None:
+def test_weighted_loss() -> None:
     pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
     assert diffusion_loss(pred, target).item() == 1.0
     assert diffusion_loss(pred, target, torch.tensor([1.0, 0.0])).item() == 0.5
-    plain = per_sample_noise((4, 8, 8), sample_generators(0, 0, list(range(64))), 0.0)
-    offset = per_sample_noise((4, 8, 8), sample_generators(0, 0, list(range(64))), 0.5)
-    # The offset adds one constant per (sample, channel): the per-channel means spread out.
-    assert offset.mean(dim=(2, 3)).std() > 3 * plain.mean(dim=(2, 3)).std()
 
 
 def test_per_sample_draws_do_not_depend_on_how_the_batch_is_split() -> None:

@@ -6,12 +6,18 @@ import torch
 from dist_lora.config import OptimizerConfig, SchedulerConfig
 from dist_lora.errors import DistLoraError
 from dist_lora.train.lion import Lion
-from dist_lora.train.optim import build_lr_scheduler, build_optimizer, param_groups, parse_optimizer_args
+from dist_lora.train.optim import (
+    TrainedParameters,
+    build_lr_scheduler,
+    build_optimizer,
+    param_groups,
+    parse_optimizer_args,
+)
 
 
 def _lrs(kind: str, warmup: int = 2, total: int = 10, **kw: object) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
-    opt, _ = build_optimizer(param_groups([p], [], OptimizerConfig(lr=1.0)), OptimizerConfig(lr=1.0))
+    opt, _ = build_optimizer(param_groups(TrainedParameters([p], []), OptimizerConfig(lr=1.0)), OptimizerConfig(lr=1.0))
     sched = build_lr_scheduler(opt, SchedulerConfig(type=kind, warmup_steps=warmup, **kw), total)  # type: ignore[arg-type]
     out = []
     for _ in range(total):
@@ -45,8 +51,42 @@ def test_restarts_and_polynomial() -> None:
 
 def test_text_encoder_group_gets_its_own_lr() -> None:
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    groups = param_groups([a], [b], OptimizerConfig(lr=1e-4, text_encoder_lr=5e-5))
+    groups = param_groups(TrainedParameters([a], [b]), OptimizerConfig(lr=1e-4, text_encoder_lr=5e-5))
     assert [g["lr"] for g in groups] == [1e-4, 5e-5]
+
+
+def test_loraplus_boosts_the_up_projections_of_lora_only() -> None:
+    """One AdamW step from LoRA's start (up projection zero, so only it has a gradient): the up projection
+    moves ratio times as far under LoRA+, its down projection and a LoHa's factors not at all differently."""
+    from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
+
+    from dist_lora.adapters.inject import lora_parameters, up_projection_parameters
+
+    def step(ratio: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["0"]),
+                                       torch.nn.Sequential(torch.nn.Linear(8, 8)))
+        text = inject_adapter_in_model(LoHaConfig(r=4, alpha=4, target_modules=["0"]),
+                                       torch.nn.Sequential(torch.nn.Linear(8, 8)))
+        params = TrainedParameters(lora_parameters(unet), lora_parameters(text), up_projection_parameters(unet),
+                                   up_projection_parameters(text), ratio, ratio)
+        cfg = OptimizerConfig(lr=1e-3, text_encoder_lr=2e-3, weight_decay=0.0)
+        groups = param_groups(params, cfg)
+        opt, _ = build_optimizer(groups, cfg)
+        before = {n: p.detach().clone() for n, p in [*unet.named_parameters(), *text.named_parameters()]}
+        x = torch.randn(3, 8)
+        (unet(x).square().sum() + text(x).square().sum()).backward()
+        opt.step()
+        assert sum(len(g["params"]) for g in groups) == len(params.unet) + len(params.text)
+        return {n: p.detach() - before[n] for n, p in [*unet.named_parameters(), *text.named_parameters()]
+                if n in before and p.requires_grad}
+
+    plain, plus = step(0.0), step(16.0)
+    up = [n for n in plain if "lora_B" in n]
+    assert up and all(plain[n].abs().max() > 0 for n in up)
+    for name in plain:
+        factor = 16.0 if name in up else 1.0
+        torch.testing.assert_close(plus[name], factor * plain[name], rtol=1e-5, atol=1e-9, msg=name)
 
 
 def _one_step(kind: str, **cfg: object) -> tuple[torch.Tensor, str]:
