@@ -244,6 +244,24 @@ def variants(model: Path, images: Path, shards: Path, tmp: Path) -> list[Variant
             trainer("trainer_num_workers_0", data={"num_workers": 0})]
 
 
+def loader_cpu_per_batch(shards: Path, workers: int, epochs: int = 4) -> float:
+    """CPU seconds the training process spends per batch taking the loader's batches (one epoch of warm-up
+    first): with workers, the hand-off from them; with none, reading and decoding too. CPU time of this
+    process alone, so the machine's slow spells and the workers' own time stay out."""
+    loader = ShardLoader(shards, rank=0, world_size=1, batch_size=BATCH, seed=0, num_workers=workers)
+    try:
+        for _ in loader.epoch(0):
+            pass
+        start, batches = time.process_time(), 0
+        for epoch in range(1, epochs + 1):
+            for _ in loader.epoch(epoch):
+                batches += 1
+                time.sleep(0.002)  # leave the workers time to refill, as a training step would
+        return (time.process_time() - start) / batches
+    finally:
+        loader.close()
+
+
 def ddp_traffic(model: Path, shards: Path, out: Path, tmp: Path) -> dict[str, float]:
     raw = _raw(model, shards, out, 8, comm_stats=True, progress_bar=False)
     raw["training"]["batch_size"] = 2
@@ -282,6 +300,8 @@ def main() -> None:
                 run.measure()
                 print(f"{run.name}: {run.step_time() * 1e3:.1f} ms/step so far", flush=True)
         traffic = ddp_traffic(model, tmp / "shards", tmp / "ddp", tmp)
+        loader_cpu = {"worker_1": loader_cpu_per_batch(tmp / "shards", 1),
+                      "inline_num_workers_0": loader_cpu_per_batch(tmp / "shards", 0)}
     best = {run.name: run.step_time() for run in runs}
     plain, ours = best.get("plain_loop", float("nan")), best.get("trainer", float("nan"))
     means = {run.name: min(run.run_means) for run in runs}
@@ -310,6 +330,8 @@ def main() -> None:
         "best_run_mean_step_s": means,
         "overhead_fraction_best_run_mean": mean_ours / mean_plain - 1.0,
         "ddp_2proc": traffic,
+        # The training process's CPU time per batch of 4 for taking the loader's batches.
+        "loader_main_process_cpu_s_per_batch": loader_cpu,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

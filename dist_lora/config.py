@@ -173,6 +173,10 @@ class TrainingConfig:
                                       "prior_loss_weight).", minimum=0.0)
     min_snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is common); 0 disables it.",
                                   minimum=0.0)
+    scale_weight_norms: float = _field(0.0, "After each optimizer step, shrink every adapter whose update (delta "
+                                       "weight) norm exceeds this to this norm; the count is logged as "
+                                       "keys_scaled (kohya: scale_weight_norms, 1 is common). Not under DeepSpeed "
+                                       "(its optimizer holds the weights). 0 disables it.", minimum=0.0)
     noise_offset_random_strength: bool = _field(False, "Scale noise_offset by a uniform draw in [0, 1) per sample "
                                                 "(kohya: noise_offset_random_strength, a draw per batch).")
     adaptive_noise_scale: float = _field(0.0, "Add this times |the latent's channel mean| to noise_offset, per "
@@ -297,6 +301,18 @@ class SampleConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: float = _field(0.0, "Keep an exponential moving average of the adapter weights with this decay "
+                          "(0.999 to 0.9999 are common); it warms up as min(decay, (1 + n)/(10 + n)) over the first "
+                          "updates, as diffusers' EMAModel. Kept in checkpoints. 0 disables it.", minimum=0.0,
+                          maximum=0.999999)
+    update_every: int = _field(1, "Update the average every this many optimizer steps.", minimum=1)
+    export: bool = _field(False, "Write the averaged weights instead of the trained ones (the run's adapter file "
+                          "and its intermediate saves).")
+    sample: bool = _field(False, "Render sample images with the averaged weights.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,6 +325,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ advice, and training continues.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
@@ -65,7 +66,9 @@ class SampleHook:
             return  # a resumed run: its base-model round was rendered by the run that started it
         self._last_step = ctx.step
         mine = self.prompts[self.world.rank::self.world.size]
-        rendered, failure = self._render(mine)
+        ema = self.setup.ema
+        with ema.swapped_in() if ema is not None and self.cfg.ema.sample else contextlib.nullcontext():
+            rendered, failure = self._render(mine)
         if parallel.any_rank(bool(failure)):
             if failure:
                 log.warning("rank %d: sample round at step %d failed: %s", self.world.rank, ctx.step, failure)

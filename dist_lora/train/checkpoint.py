@@ -15,7 +15,7 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +25,9 @@ from dist_lora import parallel
 from dist_lora.errors import DistLoraError
 from dist_lora.utils.files import write_text_atomic
 from dist_lora.utils.stop_signals import signal_hook
+
+if TYPE_CHECKING:
+    from dist_lora.train.ema import AdapterEMA
 
 COMPLETE = "COMPLETE"
 DATA_PROGRESS = "data_progress.json"  # every rank's loader position, in rank order
@@ -77,7 +80,7 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any, trained: nn.Module,
-             position: TrainPosition, data_progress: dict[str, Any] | None = None,
+             position: TrainPosition, ema: AdapterEMA | None = None, data_progress: dict[str, Any] | None = None,
              run_state: dict[str, Any] | None = None) -> Path:
         """Collective: every rank calls it. Returns the completed folder.
 
@@ -107,6 +110,8 @@ class CheckpointManager:
             (staging / "position.json").write_text(json.dumps(asdict(position)))
             (staging / DATA_PROGRESS).write_text(json.dumps(data_states, ensure_ascii=False))
             (staging / RUN_STATE).write_text(json.dumps(run_state or {}))
+            if ema is not None:
+                ema.save(staging)
             _fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an earlier crash
             staging.rename(final)

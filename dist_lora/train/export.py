@@ -7,6 +7,7 @@ are written atomically, and ``output.save_last_n`` keeps the newest N of each ki
 
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +31,9 @@ class AdapterExporter:
 
     def export(self, path: Path, steps: int, epoch: int) -> None:
         """Collective: every rank calls it; the main rank writes the trained (fp32 master) weights."""
-        with parallel.master_weights(self.acc, self.setup.trainable_params):
+        ema = self.setup.ema if self.cfg.ema.export else None
+        with parallel.master_weights(self.acc, self.setup.trainable_params), \
+                ema.swapped_in() if ema is not None else contextlib.nullcontext():
             if self.acc.is_main_process:
                 self._write(path, steps, epoch)
         parallel.barrier(self.acc)
@@ -82,7 +85,7 @@ def objective_metadata(t: TrainingConfig) -> dict[str, str]:
               "ip_noise_gamma_random_strength": t.ip_noise_gamma_random_strength,
               "zero_terminal_snr": t.zero_terminal_snr, "debiased_estimation": t.debiased_estimation,
               "loss_type": t.loss_type, "huber_schedule": t.huber_schedule, "huber_c": t.huber_c,
-              "huber_scale": t.huber_scale}
+              "huber_scale": t.huber_scale, "scale_weight_norms": t.scale_weight_norms or None}
     meta = {f"ss_{key}": str(value) for key, value in values.items()}
     if (t.min_timestep, t.max_timestep) != (0, 1000):
         meta["modelspec.timestep_range"] = f"{t.min_timestep},{t.max_timestep}"  # as kohya's sai_model_spec

@@ -19,6 +19,7 @@ every path alike, so the schedule ends with max_steps however many steps overflo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ import torch
 from accelerate import Accelerator
 
 from dist_lora import parallel
+from dist_lora.adapters.max_norm import NormScaling, scale_weight_norms
 from dist_lora.config import Config
 from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
 from dist_lora.train.checkpoint import CheckpointManager, TrainPosition
@@ -41,6 +43,8 @@ from dist_lora.train.step import StepRunner
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.utils.stop_signals import Preempted, StopSignals
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoopState:
@@ -52,6 +56,7 @@ class LoopState:
     last_checkpoint_step: int = -1
     resumed_from: str = ""
     first_loss: float | None = None  # of the whole run, carried across resumes
+    norm_scaling: NormScaling | None = None  # of the last applied step, with training.scale_weight_norms
     resumes: list[dict[str, object]] = field(default_factory=list)
 
 
@@ -92,6 +97,8 @@ class TrainingLoop:
         s, folder = self.setup, point.folder
         position = CheckpointManager.load(folder, self.acc, s.model, s.optimizer, s.lr_scheduler,
                                           parallel.unwrap(self.acc, s.model))
+        if s.ema is not None and not s.ema.load(folder):
+            log.warning("checkpoint '%s' holds no weight average: ema starts again from the resumed weights", folder)
         self.key_log.truncate_from(position.micro_step)
         # In this layout's terms: its index into the resumed epoch, and micro-steps counted with this run's
         # accumulation (a checkpoint is always at a step boundary).
@@ -112,7 +119,7 @@ class TrainingLoop:
     def checkpoint(self) -> Path:
         s = self.setup
         folder = self.checkpoints.save(self.acc, s.model, s.optimizer, s.lr_scheduler,
-                                       parallel.unwrap(self.acc, s.model), self.state.position,
+                                       parallel.unwrap(self.acc, s.model), self.state.position, s.ema,
                                        self.loader.progress.to_json(),
                                        {"first_loss": self.state.first_loss, "resumes": self.state.resumes})
         self.state.last_checkpoint_step = self.state.position.step
@@ -197,6 +204,9 @@ class TrainingLoop:
         step = st.position.step
         if outcome.applied:
             st.consecutive_skips = 0
+            if cfg.training.scale_weight_norms > 0:
+                # Before any hook: a checkpoint of this step holds the scaled weights.
+                st.norm_scaling = scale_weight_norms(s.model, cfg.training.scale_weight_norms)
             st.losses.append(outcome.mean_loss)
             if st.first_loss is None:
                 st.first_loss = outcome.mean_loss
@@ -213,4 +223,6 @@ class TrainingLoop:
                     f"{st.consecutive_skips} optimizer steps in a row (up to step {step}) had a non-finite loss or "
                     f"gradient and were skipped. Lower optimizer.lr, use training.mixed_precision = 'bf16' or 'no', "
                     f"check the data for broken images; the last checkpoint is intact.")
+        if s.ema is not None:
+            s.ema.after_step(step)  # before the hooks: a checkpoint of this step holds this average
         self.hooks.run(self._context(Moment.STEP, epoch, epoch_finished))

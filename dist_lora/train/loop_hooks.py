@@ -46,10 +46,19 @@ class MetricsHook:
                                         "loss_scale_skips": state.loss_scale_skips,
                                         "data_bad_records": bad, "data_padded_samples": padded,
                                         "optimizer": setup.optimizer_choice.used,
-                                        **self._comm_metrics(ctx.step - self._recorded_step)})
+                                        **self._comm_metrics(ctx.step - self._recorded_step),
+                                        **self._norm_metrics()})
             self._recorded_step = ctx.step
         loop.metrics.advance()
         self._step_started = now
+
+    def _norm_metrics(self) -> dict[str, float]:
+        """training.scale_weight_norms at the last applied step, under kohya's names."""
+        scaling = self.loop.state.norm_scaling
+        if scaling is None:
+            return {}
+        return {"keys_scaled": int(scaling.modules_scaled.item()), "average_key_norm": scaling.mean_norm.item(),
+                "max_key_norm": scaling.max_norm.item()}
 
     def _comm_metrics(self, steps: int) -> dict[str, int]:
         """Bytes all-reduced per optimizer step, averaged over the ``steps`` since the last record."""

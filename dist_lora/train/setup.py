@@ -15,6 +15,7 @@ from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters, u
 from dist_lora.adapters.network import attach_network
 from dist_lora.config import Config
 from dist_lora.models.load import Components
+from dist_lora.train.ema import AdapterEMA
 from dist_lora.train.memory import set_attention
 from dist_lora.train.model import AdaptedDenoiser
 from dist_lora.train.optim import (
@@ -40,6 +41,7 @@ class Setup:
     trainable_params: list[nn.Parameter]
     optimizer_choice: OptimizerChoice
     comm: parallel.CommCounter | None = None
+    ema: AdapterEMA | None = None  # with ema.decay: the average of trainable_params
 
 
 def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -90,5 +92,9 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
     model, optimizer, comm = parallel.prepare(accelerator, model, optimizer, count_comm=cfg.logging.comm_stats)
     frozen = [] if trained_encoders else list(components.text_encoders)
+    ema = None
+    if cfg.ema.decay > 0:
+        names = {id(p): name for name, p in parallel.unwrap(accelerator, model).named_parameters()}
+        ema = AdapterEMA([(names[id(p)], p) for p in unet_params + text_params], cfg.ema)
     return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
-                 comm)
+                 comm, ema)

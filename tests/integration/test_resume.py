@@ -174,3 +174,42 @@ def test_sigusr1_to_one_rank_checkpoints_both_and_resumes(tiny_models: dict[str,
     raw["checkpoint"]["resume"] = "latest"
     run_training(raw, tmp_path, launch="cpu_2proc.yaml")
     _assert_bitwise(_adapter(tmp_path / "preempt"), _adapter(tmp_path / "straight"))
+
+
+def test_weight_average_resumes_exactly_and_is_what_gets_exported(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                                  tmp_path: Path) -> None:
+    model = tiny_models["sd15"]
+    ema = {"decay": 0.8, "update_every": 2, "export": True}
+
+    def raw(name: str, **checkpoint: object) -> dict:
+        made = _raw(model, shapes_shards, tmp_path / name, **checkpoint)
+        made["ema"] = dict(ema)
+        made["output"]["save_precision"] = "fp32"
+        return made
+
+    train(config_from_dict(raw("straight", every_steps=1, keep=10)))
+    with pytest.raises(Preempted):
+        train(config_from_dict(raw("split", stop_at_step=3)))
+    train(config_from_dict(raw("split", resume="latest")))
+    _assert_bitwise(_adapter(tmp_path / "split"), _adapter(tmp_path / "straight"))
+    # The average by hand from the trained weights of every step (diffusers' EMAModel decay warm-up).
+    checkpoints = tmp_path / "straight" / "checkpoints"
+    average: dict[str, torch.Tensor] = {}
+    for n, step in enumerate((2, 4, 6), start=1):
+        weights = load_file(str(checkpoints / f"step-{step:08d}" / "adapter_state.safetensors"))
+        decay = 0.0 if n == 1 else min(0.8, n / (9 + n))
+        average = weights if not average else {k: decay * average[k] + (1 - decay) * w for k, w in weights.items()}
+    saved = load_file(str(checkpoints / "step-00000006" / "ema.safetensors"))
+    assert saved.keys() == average.keys()
+    for name, want in average.items():
+        torch.testing.assert_close(saved[name], want, rtol=1e-5, atol=1e-7, msg=name)
+    # The file holds the average, not the trained weights: a run without ema.export writes the latter, and the
+    # average trained nothing differently.
+    plain = raw("plain")
+    plain["ema"]["export"] = False
+    train(config_from_dict(plain))
+    final = "step-00000006/adapter_state.safetensors"
+    _assert_bitwise(load_file(str(tmp_path / "plain" / "checkpoints" / final)), load_file(str(checkpoints / final)))
+    exported, trained = _adapter(tmp_path / "straight"), _adapter(tmp_path / "plain")
+    assert exported.keys() == trained.keys()
+    assert any(not torch.equal(exported[k], trained[k]) for k in exported if "lora_up" in k)

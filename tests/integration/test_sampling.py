@@ -167,3 +167,20 @@ def test_lycoris_sample_equals_the_lycoris_package_rendering(tiny_models: dict[s
                            generator=torch.Generator("cpu").manual_seed(11)).images[0]).astype(int)
     got = _pixels(tmp_path / "run" / "samples" / "step-00000003" / "00-a-dlsks-red-square.png")
     assert np.abs(got - want).max() <= TOLERANCE
+
+
+def test_samples_of_the_weight_average_equal_renderings_of_its_file(tiny_models: dict[str, Path],
+                                                                     shapes_shards: Path, tmp_path: Path) -> None:
+    """With ema.sample and ema.export the samples and the file are the average; a plain run's file (the
+    trained weights) renders differently, so the comparison has something to tell apart."""
+    model = tiny_models["sd15"]
+    one = [PROMPTS[0]]
+    averaged = _raw(model, shapes_shards, tmp_path / "ema", {"prompts": one, "at_start": False})
+    averaged["ema"] = {"decay": 0.9, "export": True, "sample": True}
+    result = train(config_from_dict(averaged))
+    plain = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "plain", {"prompts": one, "at_start": False})))
+    got = _pixels(tmp_path / "ema" / "samples" / "step-00000003" / "00-a-dlsks-red-square.png")
+    want = _diffusers_image(model, result.adapter_path, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(got - want).max() <= TOLERANCE
+    trained = _diffusers_image(model, plain.adapter_path, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(got - trained).max() > 3 * TOLERANCE

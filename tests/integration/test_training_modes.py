@@ -189,3 +189,36 @@ def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_loading(tiny_mo
                                              r"predicts epsilon"):
         train(config_from_dict(raw))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_scale_weight_norms_caps_every_exported_update(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                       tmp_path: Path) -> None:
+    limit = 0.02
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run",
+                            training={"max_steps": 3, "scale_weight_norms": limit})
+    result = train(config_from_dict(raw))
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("keys_scaled" in r for r in records) and records[-1]["keys_scaled"] > 0
+    assert records[-1]["max_key_norm"] == pytest.approx(limit, rel=1e-4)
+    # From the file alone: each module's update, up @ down * alpha / dim, is no longer than the limit.
+    tensors = load_file(str(result.adapter_path))
+    norms = []
+    for key in (k for k in tensors if k.endswith(".lora_down.weight")):
+        module = key.removesuffix(".lora_down.weight")
+        down, up = tensors[key].flatten(1), tensors[f"{module}.lora_up.weight"].flatten(1)
+        norms.append(((up @ down) * tensors[f"{module}.alpha"] / down.shape[0]).norm().item())
+    assert max(norms) <= limit * (1 + 1e-4) and max(norms) > limit * 0.99
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        assert f.metadata()["ss_scale_weight_norms"] == str(limit)
+
+
+def test_scale_weight_norms_under_deepspeed_is_refused_before_loading(
+        tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dist_lora.train.trainer import RunSetupError, preflight
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run",
+                            training={"scale_weight_norms": 1.0})
+    with pytest.raises(RunSetupError, match=r"scale_weight_norms = 1\.0 .*DeepSpeed ZeRO-2.*multi_gpu_ddp"):
+        preflight(config_from_dict(raw))

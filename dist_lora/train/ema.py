@@ -1,0 +1,73 @@
+"""An exponential moving average of the trained adapter weights (diffusers' EMAModel), kept across
+checkpoints so a resumed run averages exactly as an uninterrupted one, and swapped into the model
+when a file is written or samples are rendered from it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dist_lora.config import EmaConfig
+
+EMA_WEIGHTS = "ema.safetensors"
+EMA_STATE = "ema.json"
+
+
+class AdapterEMA:
+    """The average of ``params``, updated every ``update_every`` optimizer steps. Its decay warms up as
+    diffusers' EMAModel does, min(decay, (1 + n) / (10 + n)) at the n-th update, so early weights
+    (the untrained start) fade out quickly."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: EmaConfig) -> None:
+        # Names as the checkpoint's adapter_state.safetensors spells them: the saved average reads alike.
+        self.names = [name for name, _ in named_params]
+        self.params, self.cfg = [p for _, p in named_params], cfg
+        self.average = EMAModel(self.params, decay=cfg.decay, foreach=True)
+
+    def after_step(self, step: int) -> None:
+        if step % self.cfg.update_every == 0:
+            self.average.step(self.params)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The averaged weights in the model for the block; the trained ones, bit for bit, after it."""
+        self.average.store(self.params)
+        self.average.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.average.restore(self.params)
+            self.average.temp_stored_params = None
+
+    def save(self, folder: Path) -> None:
+        save_file({name: t.detach().float().cpu().contiguous()
+                   for name, t in zip(self.names, self.average.shadow_params, strict=True)}, str(folder / EMA_WEIGHTS))
+        (folder / EMA_STATE).write_text(json.dumps({"updates": self.average.optimization_step}))
+
+    def load(self, folder: Path) -> bool:
+        """The average saved in a checkpoint folder; False (the average restarts from the current weights)
+        when the checkpoint has none, e.g. one written before ema.decay was set."""
+        if not (folder / EMA_WEIGHTS).is_file():
+            self.average = EMAModel(self.params, decay=self.cfg.decay, foreach=True)
+            return False
+        state = json.loads((folder / EMA_STATE).read_text(encoding="utf-8"))
+        weights = load_file(str(folder / EMA_WEIGHTS))
+        if set(weights) != set(self.names):
+            from dist_lora.train.checkpoint import CheckpointError
+
+            differ = sorted(set(weights) ^ set(self.names))[:3]
+            raise CheckpointError(f"checkpoint '{folder}' holds an average of another network ({len(weights)} "
+                                  f"tensors, this one has {len(self.names)}; differing: {differ}). Resume with the "
+                                  f"network it was written for.")
+        with torch.no_grad():
+            for name, shadow in zip(self.names, self.average.shadow_params, strict=True):
+                shadow.copy_(weights[name].to(shadow.dtype))
+        self.average.optimization_step = int(state["updates"])
+        return True
