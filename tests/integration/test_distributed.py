@@ -141,3 +141,26 @@ def test_bf16_zero2_equals_bf16_ddp(tiny_models: dict[str, Path], same_shards: P
     errors = {k: ((zero[k] - ddp[k]).norm() / ddp[k].norm()).item() for k in ddp if ddp[k].norm() > 0}
     print("bf16 ZeRO-2 vs DDP, largest relative errors:", sorted(errors.values())[-3:])
     assert max(errors.values()) <= 0.05, max(errors.items(), key=lambda kv: kv[1])
+
+
+def test_weight_average_and_max_norm_on_two_processes_equal_one(tiny_models: dict[str, Path], same_shards: Path,
+                                                                 tmp_path: Path) -> None:
+    """Both act on every rank's replica after each step; the ranks must stay identical and equal to one
+    process (the exported file is the average, of weights shrunk to the norm limit)."""
+    import json
+
+    from dist_lora.config import config_from_dict
+    from dist_lora.train.trainer import train
+
+    def raw(name: str, batch_size: int) -> dict:
+        made = _raw(tiny_models["sd15"], same_shards, tmp_path / name, batch_size=batch_size,
+                    scale_weight_norms=2e-4)
+        made["ema"] = {"decay": 0.9, "export": True}
+        return made
+
+    one = train(config_from_dict(raw("one", 4)))
+    run_training(raw("two", 2), tmp_path, launch="cpu_2proc.yaml")
+    _assert_same_adapter(load_file(str(tmp_path / "two" / "adapter.safetensors")), load_file(str(one.adapter_path)))
+    for run in ("one", "two"):
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["keys_scaled"] > 0, records[-1]
