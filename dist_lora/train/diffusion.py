@@ -80,12 +80,3 @@ def key_generators(seed: int, keys: list[str], device: torch.device | str = "cpu
 
 def per_sample_normal(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
-
-
-def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """Gaussian noise per sample (training adds kohya's options to it: ``noise.draw_noise``)."""
-    return per_sample_normal(shape, generators)
-
-
-def per_sample_timesteps(num_train_timesteps: int, generators: list[torch.Generator]) -> torch.Tensor:
-    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=g.device) for g in generators])

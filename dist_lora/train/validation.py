@@ -20,9 +20,10 @@ from dist_lora import parallel
 from dist_lora.config import Config
 from dist_lora.data.shards import ShardLoader
 from dist_lora.train.conditioning import Conditioner
-from dist_lora.train.diffusion import add_noise, key_generators, per_sample_noise, per_sample_timesteps, training_target
+from dist_lora.train.diffusion import add_noise, key_generators, training_target
 from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Schedule, Scope
+from dist_lora.train.noise import NoiseOptions, draw_noise, draw_timesteps
 from dist_lora.train.setup import Setup
 from dist_lora.train.tracking import MetricsLog, read_validation_log
 
@@ -50,14 +51,15 @@ class ValidationHook:
         c = setup.components
         module = parallel.forward_module(self.acc, setup.model)
         alphas = c.noise_scheduler.alphas_cumprod
-        num_t = c.noise_scheduler.config.num_train_timesteps
+        # Plain noise over the whole schedule, whatever the training options: losses comparable across runs.
+        plain = NoiseOptions(max_timestep=c.noise_scheduler.config.num_train_timesteps)
         totals = torch.zeros(2, device=cond.device)
         with eval_mode([module]):
             for batch in self.loader.epoch(0):
                 generators = key_generators(self.cfg.training.seed, batch.keys, cond.device)
-                timesteps = per_sample_timesteps(num_t, generators)
+                timesteps = draw_timesteps(generators, plain)
                 latents = cond.latents(batch, generators)
-                noise = per_sample_noise(tuple(latents.shape[1:]), generators).to(latents.dtype)
+                noise = draw_noise(latents, generators, plain)[0].to(latents.dtype)
                 with self.acc.autocast():
                     prediction = module(add_noise(latents, noise, timesteps, alphas), timesteps,
                                         **cond.model_inputs(batch))

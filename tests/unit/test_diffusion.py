@@ -7,13 +7,12 @@ from dist_lora.train.diffusion import (
     add_noise,
     diffusion_loss,
     min_snr_weights,
-    per_sample_noise,
-    per_sample_timesteps,
     sample_generators,
     sdxl_time_ids,
     snr,
     training_target,
 )
+from dist_lora.train.noise import NoiseOptions, draw_noise, draw_timesteps
 
 
 def _scheduler() -> DDPMScheduler:
@@ -57,10 +56,11 @@ def test_weighted_loss() -> None:
 def test_per_sample_draws_do_not_depend_on_how_the_batch_is_split() -> None:
     whole = sample_generators(7, 3, [0, 1, 2, 3])
     halves = sample_generators(7, 3, [0, 1]) + sample_generators(7, 3, [2, 3])
-    assert torch.equal(per_sample_timesteps(1000, whole), per_sample_timesteps(1000, halves))
-    assert torch.equal(per_sample_noise((4, 2, 2), whole), per_sample_noise((4, 2, 2), halves))
-    other_step = per_sample_noise((4, 2, 2), sample_generators(7, 4, [0, 1, 2, 3]))
-    assert not torch.equal(per_sample_noise((4, 2, 2), sample_generators(7, 3, [0, 1, 2, 3])), other_step)
+    assert torch.equal(draw_timesteps(whole, NoiseOptions()), draw_timesteps(halves, NoiseOptions()))
+    shape = torch.zeros(4, 4, 2, 2)
+    assert torch.equal(draw_noise(shape, whole, NoiseOptions())[0], draw_noise(shape, halves, NoiseOptions())[0])
+    other_step = draw_noise(shape, sample_generators(7, 4, [0, 1, 2, 3]), NoiseOptions())[0]
+    assert not torch.equal(draw_noise(shape, sample_generators(7, 3, [0, 1, 2, 3]), NoiseOptions())[0], other_step)
 
 
 def test_sdxl_time_ids_order() -> None:
