@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,7 @@ class ShardLoader:
         self._template: Batch | None = None
         self._loader: DataLoader | None = None  # type: ignore[type-arg]
         self._mailbox: EpochMailbox | None = None
+        self._remove_mailbox: weakref.finalize | None = None  # type: ignore[type-arg]
 
     @property
     def layout(self) -> list[int]:
@@ -345,7 +347,10 @@ class ShardLoader:
         """A DataLoader whose worker processes live across epochs (no start-up cost per epoch); each
         epoch's shards and settings reach them through the mailbox."""
         if self._mailbox is None:
-            self._mailbox = EpochMailbox(Path(tempfile.mkdtemp(prefix="dist_lora_loader_")))
+            folder = Path(tempfile.mkdtemp(prefix="dist_lora_loader_"))
+            self._mailbox = EpochMailbox(folder)
+            # Also removed when a loader that was never closed is collected, or at interpreter exit.
+            self._remove_mailbox = weakref.finalize(self, shutil.rmtree, folder, True)
         self._mailbox.post(stream)
         if self._loader is None or self._loader.num_workers != workers:
             # A chunk is a batch's worth of records; two chunks ahead per worker keep a batch ready.
@@ -357,8 +362,8 @@ class ShardLoader:
     def close(self) -> None:
         """Stop the worker processes and remove the mailbox."""
         self._loader = None  # its iterator shuts the workers down when collected
-        if self._mailbox is not None:
-            shutil.rmtree(self._mailbox.path.parent, ignore_errors=True)
+        if self._remove_mailbox is not None:
+            self._remove_mailbox()
             self._mailbox = None
 
     def _record(self, batch: Batch) -> None:

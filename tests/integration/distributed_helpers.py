@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,14 @@ from dist_lora.config import config_from_dict, to_toml
 from dist_lora.data.prepare import PrepareOptions, prepare_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-_PORTS = iter(range(29600, 29700))
+
+
+def free_port() -> str:
+    """A TCP port no process listens on now, from the OS: tests run side by side (pytest-xdist) must not
+    share a rendezvous port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def identical_samples_shards(root: Path, count: int = 16, shard_size: int = 4) -> Path:
@@ -43,7 +51,7 @@ def run_training(raw: dict, tmp: Path, *, launch: str | None = None, env: dict[s
         cmd = [sys.executable, *train_args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch),
-               "--main_process_port", str(next(_PORTS)), *train_args]
+               "--main_process_port", free_port(), *train_args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check:

@@ -20,7 +20,7 @@ from dist_lora.data.cache import CacheOptions, cache_dataset
 from dist_lora.data.manifest import ShardDataError
 from dist_lora.train.trainer import train
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import REPO
+from tests.integration.distributed_helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +104,8 @@ def test_two_process_cache_equals_one_process(tiny_models: dict[str, Path], shap
     model = str(tiny_models["sdxl"])
     cache_dataset(shapes_shards, tmp_path / "one", CacheOptions(model=model, batch_size=6))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-           "--main_process_port", "29731", "-m", "dist_lora.cli", "cache", str(shapes_shards), str(tmp_path / "two"),
-           "--model", model, "--batch-size", "6"]
+           "--main_process_port", free_port(), "-m", "dist_lora.cli", "cache", str(shapes_shards),
+           str(tmp_path / "two"), "--model", model, "--batch-size", "6"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import REPO, identical_samples_shards, run_training
+from tests.integration.distributed_helpers import REPO, free_port, identical_samples_shards, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_srun_style_launch_equals_one_process(tiny_models: dict[str, Path], same
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(to_toml(config_from_dict(_raw(tiny_models["sd15"], same_shards, tmp_path / "run",
                                                     batch_size=2))))
-    base_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29777", "WORLD_SIZE": "2",
+    base_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "WORLD_SIZE": "2",
                 "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "dist_lora.train", "--config", str(recipe)], cwd=REPO,
                               env={**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,

@@ -11,8 +11,7 @@ import pytest
 
 from dist_lora.config import config_from_dict, to_toml
 from tests.conftest import expected_sample_keys, tiny_train_config
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration.distributed_helpers import REPO, free_port
 
 
 @pytest.mark.slow
@@ -25,7 +24,7 @@ def test_two_processes_read_disjoint_shares(tiny_models: dict[str, Path], uneven
     recipe.write_text(to_toml(config_from_dict(raw)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-           "--main_process_port", "29517", "-m", "dist_lora.train", "--config", str(recipe)]
+           "--main_process_port", free_port(), "-m", "dist_lora.train", "--config", str(recipe)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

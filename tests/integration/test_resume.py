@@ -19,7 +19,7 @@ from dist_lora.config import config_from_dict
 from dist_lora.train.trainer import train
 from dist_lora.utils.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import REPO, run_training
+from tests.integration.distributed_helpers import REPO, free_port, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_and_resumes(tiny_models: dict[str,
     recipe = tmp_path / "preempt_recipe.toml"
     recipe.write_text(to_toml(config_from_dict(raw)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-           "--main_process_port", "29711", "-m", "dist_lora.train", "--config", str(recipe)]
+           "--main_process_port", free_port(), "-m", "dist_lora.train", "--config", str(recipe)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "preempt" / "metrics.jsonl"

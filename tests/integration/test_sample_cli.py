@@ -14,7 +14,7 @@ from PIL import Image
 from dist_lora.config import config_from_dict
 from dist_lora.train.trainer import train
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import REPO
+from tests.integration.distributed_helpers import REPO, free_port
 from tests.integration.test_sampling import TOLERANCE, _diffusers_image
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _sample(args: list[str], launch: bool = False) -> subprocess.CompletedProces
     entry = ["-m", "dist_lora.cli", "sample", *args]
     if launch:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", "29671", *entry]
+               str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", free_port(), *entry]
     else:
         cmd = [sys.executable, *entry]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -11,7 +11,7 @@ import pytest
 
 from dist_lora.config import config_from_dict, to_toml
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import REPO
+from tests.integration.distributed_helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_sbatch_caches_trains_and_requeues(tiny_models: dict[str, Path], shapes_
     recipe.write_text(to_toml(config_from_dict(raw)))
     env = {**os.environ, "PATH": f"{_bin(tmp_path)}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1",
            "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1",
-           "SLURM_SUBMIT_DIR": str(REPO), "DIST_LORA_PYTHON": sys.executable, "MASTER_PORT": "29877",
+           "SLURM_SUBMIT_DIR": str(REPO), "DIST_LORA_PYTHON": sys.executable, "MASTER_PORT": free_port(),
            "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "DIST_LORA_CACHE_SRC": str(shapes_shards),
            "DIST_LORA_CACHE_OUT": str(tmp_path / "cached"), "DIST_LORA_CACHE_MODEL": str(tiny_models["sd15"])}
     cmd = ["bash", str(REPO / "slurm" / "train.sbatch"), str(recipe), "checkpoint.stop_at_step=2"]
