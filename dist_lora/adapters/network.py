@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dist_lora.adapters.inject import add_network
-from dist_lora.adapters.targets import resolve_preset, text_encoder_targets, unet_targets
+from dist_lora.adapters.blocks import block_index, block_list_text
+from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers, add_network
+from dist_lora.adapters.targets import resolve_preset, text_encoder_targets, unet_block_settings, unet_targets
 from dist_lora.config import NetworkConfig
+from dist_lora.models.names import UNetLayout
 
 
 @dataclass
@@ -38,10 +40,27 @@ def attach_network(unet: nn.Module, text_encoders: list[nn.Module], family: str,
         return AttachedNetwork(trained, applied.get(0, 0), sum(applied.get(i, 0) for i in (1, 2)))
     options = {"dropout": cfg.dropout, "lokr_factor": cfg.lokr_factor,
                "lokr_decompose_both": cfg.lokr_decompose_both}
-    unet_count = add_network(unet, cfg.type, unet_targets(unet, cfg), **options)
+    unet_count = add_network(unet, cfg.type, unet_targets(unet, cfg, family), **options)
     trained = selected_text_encoders(text_encoders, cfg)
     te_count = sum(add_network(e, cfg.type, text_encoder_targets(e, cfg), **options) for e in trained)
     return AttachedNetwork(trained, unet_count, te_count)
+
+
+def unet_lr_weights(unet: nn.Module, cfg: NetworkConfig, family: str) -> dict[int, float]:
+    """kohya's block learning-rate weight of each UNet adapter parameter, by id() (empty when no
+    *_lr_weight is set)."""
+    blocks = unet_block_settings(cfg, family)
+    if blocks is None or blocks.lr_weights is None:
+        return {}
+    layout = UNetLayout.from_config(unet.config) if family == "sdxl" else None  # type: ignore[attr-defined]
+    weights: dict[int, float] = {}
+    for name, layer in adapter_layers(unet):
+        index = block_index(name, family, layout)
+        weight = blocks.lr_weights[index] if index >= 0 else 1.0
+        for parameter_name, parameter in layer.named_parameters():
+            if ADAPTER_NAME in parameter_name.split(".") and "base_layer" not in parameter_name:
+                weights[id(parameter)] = weight
+    return weights
 
 
 # Our presets under the names LyCORIS's `create_network(preset=...)` knows: with these, a file's
@@ -56,10 +75,18 @@ def network_metadata(cfg: NetworkConfig) -> dict[str, str]:
                                                    ("loraplus_unet_lr_ratio", cfg.loraplus_unet_lr_ratio),
                                                    ("loraplus_text_encoder_lr_ratio",
                                                     cfg.loraplus_text_encoder_lr_ratio)) if value}
+    # kohya's per-block options, spelled as its network_args (LyCORIS ignores them; the file's shapes
+    # carry the ranks either way).
+    blocks = {key: block_list_text(getattr(cfg, key)) for key in ("block_dims", "block_alphas", "conv_block_dims",
+                                                                   "conv_block_alphas") if getattr(cfg, key)}
+    blocks.update({key: getattr(cfg, key) for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+                   if getattr(cfg, key)})
+    if cfg.block_lr_zero_threshold:
+        blocks["block_lr_zero_threshold"] = str(cfg.block_lr_zero_threshold)
     if cfg.type == "lora":
-        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(loraplus)}
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({**loraplus, **blocks})}
     args: dict[str, str] = {"algo": {"locon": "locon", "dora": "locon", "loha": "loha", "lokr": "lokr"}[cfg.type],
-                            "preset": LYCORIS_PRESETS[resolve_preset(cfg)], **loraplus}
+                            "preset": LYCORIS_PRESETS[resolve_preset(cfg)], **loraplus, **blocks}
     if cfg.conv_rank:
         args["conv_dim"] = str(cfg.conv_rank)
         args["conv_alpha"] = str(cfg.conv_alpha or cfg.alpha)

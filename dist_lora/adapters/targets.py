@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from dist_lora.adapters.blocks import BlockSettings, block_index, block_settings
 from dist_lora.config import NetworkConfig
 from dist_lora.errors import DistLoraError
+from dist_lora.models.names import UNetLayout
 
 _ATTN = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _FF = re.compile(r"\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$")
@@ -68,9 +70,37 @@ def _block_override(name: str, cfg: NetworkConfig) -> tuple[int, float]:
     return getattr(cfg, f"{block}_rank"), getattr(cfg, f"{block}_alpha")
 
 
-def unet_targets(unet: nn.Module, cfg: NetworkConfig) -> TargetPlan:
+def unet_block_settings(cfg: NetworkConfig, family: str) -> BlockSettings | None:
+    """The per-block options of ``cfg`` (None when none is set); they replace down/mid/up_rank."""
+    settings = block_settings(family, rank=cfg.rank, alpha=cfg.alpha, conv_rank=cfg.conv_rank,
+                              conv_alpha=cfg.conv_alpha, block_dims=cfg.block_dims, block_alphas=cfg.block_alphas,
+                              conv_block_dims=cfg.conv_block_dims, conv_block_alphas=cfg.conv_block_alphas,
+                              down_lr_weight=cfg.down_lr_weight, mid_lr_weight=cfg.mid_lr_weight,
+                              up_lr_weight=cfg.up_lr_weight, zero_threshold=cfg.block_lr_zero_threshold)
+    coarse = [k for k in ("down_rank", "mid_rank", "up_rank", "down_alpha", "mid_alpha", "up_alpha")
+              if getattr(cfg, k)]
+    if settings is not None and coarse:
+        raise DistLoraError(f"network.{coarse[0]} and kohya's per-block options (block_dims, *_lr_weight) both set "
+                            f"ranks per block; use one of the two.")
+    return settings
+
+
+def _block_rank(name: str, spatial: bool, index: int, blocks: BlockSettings) -> ModuleRank | None:
+    """A module's rank/alpha from the per-block lists; None outside kohya's blocks."""
+    if index < 0:
+        return None
+    if spatial and blocks.conv_dims is not None and blocks.conv_alphas is not None:
+        return ModuleRank(blocks.conv_dims[index], blocks.conv_alphas[index])
+    return ModuleRank(blocks.dims[index], blocks.alphas[index])
+
+
+def unet_targets(unet: nn.Module, cfg: NetworkConfig, family: str = "sd1") -> TargetPlan:
+    """Every UNet module that gets an adapter, with its rank and alpha; a per-block rank of 0 leaves the
+    module out."""
     preset = resolve_preset(cfg)
     explicit = cfg.unet_target_modules
+    blocks = unet_block_settings(cfg, family)
+    layout = UNetLayout.from_config(unet.config) if blocks and family == "sdxl" else None  # type: ignore[attr-defined]
     chosen: dict[str, ModuleRank] = {}
     for name, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -83,6 +113,12 @@ def unet_targets(unet: nn.Module, cfg: NetworkConfig) -> TargetPlan:
         spatial = _is_spatial_conv(module)
         rank = (cfg.conv_rank or cfg.rank) if spatial else cfg.rank
         alpha = (cfg.conv_alpha or cfg.alpha) if spatial else cfg.alpha
+        if blocks is not None:
+            per_block = _block_rank(name, spatial, block_index(name, family, layout), blocks)
+            if per_block is not None and per_block.rank == 0:
+                continue
+            chosen[name] = per_block or ModuleRank(rank, alpha)
+            continue
         block_rank, block_alpha = _block_override(name, cfg)
         chosen[name] = ModuleRank(block_rank or rank, block_alpha or alpha)
     if not chosen:

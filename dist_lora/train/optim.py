@@ -116,22 +116,24 @@ class TrainedParameters:
     text_up: list[nn.Parameter] = field(default_factory=list)
     unet_ratio: float = 0.0
     text_ratio: float = 0.0
+    # kohya's per-block learning-rate weights of UNet parameters, by id(); absent means 1.
+    unet_lr_weights: dict[int, float] = field(default_factory=dict)
 
 
 def param_groups(params: TrainedParameters, cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """Optimizer groups: UNet, then text encoders; with LoRA+, each split into the other parameters at the
-    learning rate and the up projections at ``ratio`` times it."""
+    """Optimizer groups: UNet, then text encoders. Each is split by learning rate: the UNet's by block
+    weight, and with LoRA+ the up projections at ``ratio`` times the rest; groups come in the order of
+    their first parameter."""
     groups: list[dict[str, Any]] = []
-    for members, up, ratio, lr in ((params.unet, params.unet_up, params.unet_ratio, cfg.lr),
-                                   (params.text, params.text_up, params.text_ratio, cfg.text_encoder_lr or cfg.lr)):
-        if not members:
-            continue
+    for members, up, ratio, lr, weights in (
+            (params.unet, params.unet_up, params.unet_ratio, cfg.lr, params.unet_lr_weights),
+            (params.text, params.text_up, params.text_ratio, cfg.text_encoder_lr or cfg.lr, {})):
         boosted = {id(p) for p in up} if ratio > 0 else set()
-        rest = [p for p in members if id(p) not in boosted]
-        if rest:
-            groups.append({"params": rest, "lr": lr})
-        if boosted:
-            groups.append({"params": [p for p in members if id(p) in boosted], "lr": lr * ratio})
+        by_rate: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for p in members:
+            by_rate.setdefault((weights.get(id(p), 1.0), id(p) in boosted), []).append(p)
+        groups.extend({"params": members_at, "lr": lr * weight * (ratio if plus else 1.0)}
+                      for (weight, plus), members_at in by_rate.items())
     return groups
 
 

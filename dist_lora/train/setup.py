@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dist_lora import parallel
 from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters, up_projection_parameters
-from dist_lora.adapters.network import attach_network
+from dist_lora.adapters.network import attach_network, unet_lr_weights
 from dist_lora.config import Config
 from dist_lora.models.load import Components
 from dist_lora.train.ema import AdapterEMA
@@ -85,7 +85,8 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     trained = TrainedParameters(unet_params, text_params, up_projection_parameters(unet),
                                 [p for e in trained_encoders for p in up_projection_parameters(e)],
                                 net.loraplus_unet_lr_ratio or net.loraplus_lr_ratio,
-                                net.loraplus_text_encoder_lr_ratio or net.loraplus_lr_ratio)
+                                net.loraplus_text_encoder_lr_ratio or net.loraplus_lr_ratio,
+                                unet_lr_weights(unet, net, components.family))
     optimizer, choice = build_optimizer(param_groups(trained, cfg.optimizer), cfg.optimizer, accelerator.device)
     # The LR schedule is stepped by us once per optimizer step, so it is not handed to accelerate
     # (whose wrapper steps it once per process).

@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from dist_lora import parallel
+from dist_lora.adapters.targets import unet_block_settings
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
 from dist_lora.data.manifest import Manifest
@@ -83,15 +84,16 @@ def preflight(cfg: Config) -> Preflight:
                             f"model; set model.base = 'auto' or '{source.family}'.")
     check_objective(cfg.training, cfg.model.prediction_type if cfg.model.prediction_type != "auto"
                     else source.prediction_type)
+    family = cfg.model.base if cfg.model.base != "auto" else source.family
+    if family is not None:
+        unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
     d = cfg.data
     captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout, manifest.trigger)
     cache = manifest.cache if d.use_cache else None
-    if cache is not None:
-        family = cfg.model.base if cfg.model.base != "auto" else source.family
-        if family is not None and family != cache.family:
-            raise RunSetupError(f"data.shards '{manifest.root}' was cached with a {cache.family} model "
-                                f"('{cache.model}') but model.pretrained is {family}; cache again with this model "
-                                f"or set data.use_cache = false.")
+    if cache is not None and family is not None and family != cache.family:
+        raise RunSetupError(f"data.shards '{manifest.root}' was cached with a {cache.family} model "
+                            f"('{cache.model}') but model.pretrained is {family}; cache again with this model "
+                            f"or set data.use_cache = false.")
     # Cached text outputs are fixed strings' encodings: caption transforms and a trained text encoder
     # need the encoders at every step, so the cache's text part is then ignored.
     use_text = bool(cache and cache.text) and not captions.active and not cfg.network.train_text_encoder
