@@ -97,6 +97,10 @@ class NetworkConfig:
                                "down_lr_weight.")
     block_lr_zero_threshold: float = _field(0.0, "kohya's block_lr_zero_threshold: block weights at or below it "
                                             "count as 0 (no adapters).", minimum=0.0)
+    dora_axis: Literal["auto", "input", "output"] = _field(
+        "auto", "DoRA: keep the magnitude per input column (dora_scale [1, in]: what AUTOMATIC1111 and ComfyUI apply "
+        "exactly) or per output row ([out, 1]: peft's and diffusers' convention, LyCORIS' default); auto: input for "
+        "kohya-format files, output for the diffusers layout.")
     lokr_factor: int = _field(-1, "LoKr: Kronecker factor of each dimension (-1: as balanced as possible).",
                               minimum=-1)
     lokr_decompose_both: bool = _field(False, "LoKr: also low-rank decompose the first (smaller) factor.")

@@ -12,6 +12,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from dist_lora.adapters.dora_axis import use_input_axis
 from dist_lora.adapters.targets import ModuleRank, TargetPlan
 from dist_lora.errors import DistLoraError
 
@@ -59,16 +60,22 @@ def _check_lokr_factor(model: nn.Module, plan: TargetPlan, factor: int) -> None:
                     f"-1 (balanced) or a factor whose square is at most the smallest adapted dimension.")
 
 
-def add_network(model: nn.Module, kind: str, plan: TargetPlan, **options: object) -> int:
-    """Inject adapters of ``kind`` into exactly the modules of ``plan``; return how many."""
+def add_network(model: nn.Module, kind: str, plan: TargetPlan, *, dora_axis: str = "output",
+                **options: object) -> int:
+    """Inject adapters of ``kind`` into exactly the modules of ``plan``; return how many. DoRA keeps its
+    magnitude per output row (peft's convention) or, with ``dora_axis = "input"``, per input column."""
     factor = int(options.get("lokr_factor", -1))  # type: ignore[call-overload]
     if kind == "lokr" and factor > 0:
         _check_lokr_factor(model, plan, factor)
     inject_adapter_in_model(_peft_config(kind, plan, **options), model, adapter_name=ADAPTER_NAME)  # type: ignore[arg-type]
-    count = sum(1 for _ in adapter_layers(model))
-    if count != len(plan.modules):
-        raise RuntimeError(f"peft adapted {count} modules, expected {len(plan.modules)}")
-    return count
+    layers = list(adapter_layers(model))
+    if len(layers) != len(plan.modules):
+        raise RuntimeError(f"peft adapted {len(layers)} modules, expected {len(plan.modules)}")
+    if kind == "dora" and dora_axis == "input":
+        for name, layer in layers:
+            if name in plan.modules:
+                use_input_axis(layer, ADAPTER_NAME)
+    return len(layers)
 
 
 def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, dropout: float = 0.0) -> int:
@@ -113,7 +120,7 @@ def up_projection_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def set_multiplier(model: nn.Module, multiplier: float) -> None:
     """Scale every adapter's update by ``multiplier`` (the ``<lora:name:w>`` weight). Not for DoRA, whose
-    UIs interpolate whole weights instead (see ``dist_lora.adapters.delta``)."""
+    UIs interpolate whole weights instead (see ``dist_lora.adapters.merge``)."""
     for _, layer in adapter_layers(model):
         if isinstance(layer, LoraLayer) and layer.use_dora.get(ADAPTER_NAME):
             raise DistLoraError("DoRA multipliers are not a scale of the update; merge with dist-lora merge instead")

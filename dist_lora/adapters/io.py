@@ -13,7 +13,7 @@ from torch import nn
 from dist_lora.adapters.inject import adapter_layers, add_network
 from dist_lora.adapters.kohya import BASE_MODEL_VERSION, module_key_table
 from dist_lora.adapters.targets import ModuleRank, TargetPlan
-from dist_lora.adapters.tensors import KNOWN_SUFFIXES, ModuleAdapter, kind_of, write_adapter
+from dist_lora.adapters.tensors import KNOWN_SUFFIXES, ModuleAdapter, is_input_axis_scale, kind_of, write_adapter
 from dist_lora.errors import DistLoraError
 
 _PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
@@ -73,21 +73,22 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
     return AdapterFile(path, modules, metadata)
 
 
-def _injection_groups(adapters: dict[str, ModuleAdapter]) -> dict[tuple[str, bool], dict[str, ModuleAdapter]]:
-    groups: dict[tuple[str, bool], dict[str, ModuleAdapter]] = defaultdict(dict)
+def _injection_groups(adapters: dict[str, ModuleAdapter]) -> dict[tuple[str, bool, str], dict[str, ModuleAdapter]]:
+    groups: dict[tuple[str, bool, str], dict[str, ModuleAdapter]] = defaultdict(dict)
     for path, adapter in adapters.items():
         kind = "dora" if adapter.is_dora else adapter.kind
         tucker = "hada_t1" in adapter.tensors or "lokr_t2" in adapter.tensors
-        groups[(kind, tucker)][path] = adapter
+        axis = "input" if adapter.is_dora and is_input_axis_scale(adapter.tensors["dora_scale"]) else "output"
+        groups[(kind, tucker, axis)][path] = adapter
     return groups
 
 
 def apply_adapters(model: nn.Module, adapters: dict[str, ModuleAdapter]) -> int:
     """Inject peft layers of the right type into the named modules and load the tensors into them."""
-    for (kind, tucker), group in _injection_groups(adapters).items():
+    for (kind, tucker, axis), group in _injection_groups(adapters).items():
         plan = TargetPlan({p: ModuleRank(a.rank or 1, a.alpha) for p, a in group.items()})
         if not _already_adapted(model, group):
-            add_network(model, kind, plan, tucker=tucker)
+            add_network(model, kind, plan, tucker=tucker, dora_axis=axis)
     layers = dict(adapter_layers(model))
     for path, adapter in adapters.items():
         write_adapter(layers[path], adapter)

@@ -1,9 +1,10 @@
 """Baking adapters into base weights, each at a multiplier (the ``<lora:name:w>`` weight).
 
 Non-DoRA adapters: ``W + w * dW``. DoRA: ``W + w * (W_dora - W)`` with
-``W_dora = m * (W + dW) / ||W + dW||`` (row norms), which is how AUTOMATIC1111 and ComfyUI apply a
-DoRA file at strength ``w`` (LyCORIS' own runtime interpolates from ``W + dW`` instead; both agree at
-``w = 1``). ``dW`` comes from peft's own ``get_delta_weight`` after the file is loaded onto the model.
+``W_dora = m * (W + dW) / ||W + dW||`` (norms per output row or per input column, as the magnitude is
+kept), which is how AUTOMATIC1111 and ComfyUI apply a DoRA file at strength ``w`` (LyCORIS' own runtime
+interpolates from ``W + dW`` instead; both agree at ``w = 1``). ``dW`` comes from peft's own
+``get_delta_weight`` after the file is loaded onto the model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from dist_lora.adapters.dora_axis import column_norm, is_input_axis
 from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers
 from dist_lora.adapters.io import apply_adapter_file
 
@@ -25,6 +27,12 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
 def merged_weight(layer: nn.Module, multiplier: float) -> torch.Tensor:
     base = layer.get_base_layer().weight.detach().float()
     delta = layer.get_delta_weight(ADAPTER_NAME).detach().float().reshape(base.shape)
+    if isinstance(layer, LoraLayer) and is_input_axis(layer, ADAPTER_NAME):
+        combined = base + delta
+        magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach().float()
+        scale = magnitude / column_norm(combined)
+        dora = combined * scale.reshape(1, -1, *([1] * (base.dim() - 2)))
+        return base + multiplier * (dora - base)
     if isinstance(layer, LoraLayer) and layer.use_dora.get(ADAPTER_NAME):
         magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach().float().reshape(base.shape[0], -1)
         combined = base + delta

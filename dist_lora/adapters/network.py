@@ -11,6 +11,7 @@ from dist_lora.adapters.blocks import block_index, block_list_text
 from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers, add_network
 from dist_lora.adapters.targets import resolve_preset, text_encoder_targets, unet_block_settings, unet_targets
 from dist_lora.config import NetworkConfig
+from dist_lora.errors import DistLoraError
 from dist_lora.models.names import UNetLayout
 
 
@@ -29,8 +30,19 @@ def selected_text_encoders(encoders: list[nn.Module], cfg: NetworkConfig) -> lis
     return [encoders[0]] if cfg.text_encoders == "te1" else [encoders[1]]
 
 
+def resolve_dora_axis(cfg: NetworkConfig, file_format: str) -> str:
+    """The DoRA magnitude's axis: "input" for kohya-format files unless asked otherwise; the diffusers
+    layout (read by peft) has only the per-row kind."""
+    axis = cfg.dora_axis if cfg.dora_axis != "auto" else ("input" if file_format == "kohya" else "output")
+    if cfg.type == "dora" and axis == "input" and file_format == "diffusers":
+        raise DistLoraError("network.dora_axis = 'input' cannot be written in output.format = 'diffusers' (peft and "
+                            "diffusers load DoRA magnitudes per output row only); set network.dora_axis = 'output' "
+                            "or output.format = 'kohya'.")
+    return axis
+
+
 def attach_network(unet: nn.Module, text_encoders: list[nn.Module], family: str,
-                   cfg: NetworkConfig) -> AttachedNetwork:
+                   cfg: NetworkConfig, file_format: str = "kohya") -> AttachedNetwork:
     """Fresh adapters as configured, or (with ``init_from``) the adapters of a file, ready to train."""
     if cfg.init_from:
         from dist_lora.adapters.io import apply_adapter_file
@@ -39,7 +51,7 @@ def attach_network(unet: nn.Module, text_encoders: list[nn.Module], family: str,
         trained = [e for i, e in enumerate(text_encoders, 1) if applied.get(i)]
         return AttachedNetwork(trained, applied.get(0, 0), sum(applied.get(i, 0) for i in (1, 2)))
     options = {"dropout": cfg.dropout, "lokr_factor": cfg.lokr_factor,
-               "lokr_decompose_both": cfg.lokr_decompose_both}
+               "lokr_decompose_both": cfg.lokr_decompose_both, "dora_axis": resolve_dora_axis(cfg, file_format)}
     unet_count = add_network(unet, cfg.type, unet_targets(unet, cfg, family), **options)
     trained = selected_text_encoders(text_encoders, cfg)
     te_count = sum(add_network(e, cfg.type, text_encoder_targets(e, cfg), **options) for e in trained)
@@ -68,7 +80,7 @@ def unet_lr_weights(unet: nn.Module, cfg: NetworkConfig, family: str) -> dict[in
 LYCORIS_PRESETS = {"attn": "attn-only", "attn_ff": "attn-mlp", "full": "full"}
 
 
-def network_metadata(cfg: NetworkConfig) -> dict[str, str]:
+def network_metadata(cfg: NetworkConfig, file_format: str = "kohya") -> dict[str, str]:
     """``ss_network_module`` / ``ss_network_args`` as kohya and LyCORIS write them."""
     # LoRA+ ratios are network_args in kohya and LyCORIS alike.
     loraplus = {key: str(value) for key, value in (("loraplus_lr_ratio", cfg.loraplus_lr_ratio),
@@ -92,6 +104,7 @@ def network_metadata(cfg: NetworkConfig) -> dict[str, str]:
         args["conv_alpha"] = str(cfg.conv_alpha or cfg.alpha)
     if cfg.type == "dora":
         args["dora_wd"] = "True"
+        args["wd_on_output"] = str(resolve_dora_axis(cfg, file_format) == "output")
     if cfg.type == "lokr":
         args["factor"] = str(cfg.lokr_factor)
         args["decompose_both"] = str(cfg.lokr_decompose_both)

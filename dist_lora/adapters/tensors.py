@@ -17,6 +17,7 @@ from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from dist_lora.adapters.dora_axis import is_input_axis
 from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers
 from dist_lora.errors import DistLoraError
 
@@ -66,10 +67,18 @@ def kind_of(tensors: dict[str, torch.Tensor]) -> str:
 
 def _dora_scale(layer: LoraLayer) -> torch.Tensor:
     magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach()
-    # LyCORIS/ComfyUI store the per-output-row magnitude as [out, 1, ...]. The base weight itself is not
+    # A per-output-row magnitude is stored [out, 1, ...] (LyCORIS, ComfyUI), a per-input-column one
+    # [1, in, ...] (AUTOMATIC1111, ComfyUI, LyCORIS' wd_on_output=False). The base weight itself is not
     # read: under ZeRO-3 it is a shard.
     weight_dims = 4 if isinstance(layer.get_base_layer(), torch.nn.Conv2d) else 2
+    if is_input_axis(layer, ADAPTER_NAME):
+        return magnitude.reshape(1, magnitude.numel(), *([1] * (weight_dims - 2)))
     return magnitude.reshape(magnitude.numel(), *([1] * (weight_dims - 1)))
+
+
+def is_input_axis_scale(dora_scale: torch.Tensor) -> bool:
+    """A file's ``dora_scale`` holds one magnitude per input column ([1, in, ...]), not per output row."""
+    return dora_scale.dim() >= 2 and dora_scale.shape[0] == 1 and dora_scale.shape[1] > 1
 
 
 def _read_layer(layer: nn.Module) -> ModuleAdapter:
@@ -77,8 +86,14 @@ def _read_layer(layer: nn.Module) -> ModuleAdapter:
     if isinstance(layer, LoraLayer):
         tensors = {"lora_down.weight": layer.lora_A[a].weight.detach(),
                    "lora_up.weight": layer.lora_B[a].weight.detach()}
-        if layer.use_dora.get(a):
-            tensors["dora_scale"] = _dora_scale(layer)
+        if not layer.use_dora.get(a):
+            return ModuleAdapter("lora", tensors, float(layer.lora_alpha[a]))
+        tensors["dora_scale"] = _dora_scale(layer)
+        if is_input_axis(layer, a):
+            # AUTOMATIC1111 normalises W + up @ down and scales the result by alpha/dim afterwards, so the
+            # scale is folded into up and alpha written as the rank: every loader then normalises W + s B A.
+            tensors["lora_up.weight"] = tensors["lora_up.weight"] * float(layer.scaling[a])
+            return ModuleAdapter("lora", tensors, float(tensors["lora_down.weight"].shape[0]))
         return ModuleAdapter("lora", tensors, float(layer.lora_alpha[a]))
     if isinstance(layer, LoHaLayer):
         tensors = {k: getattr(layer, k)[a].detach() for k in LOHA_KEYS if a in getattr(layer, k)}
@@ -124,6 +139,8 @@ def write_adapter(layer: nn.Module, adapter: ModuleAdapter) -> None:
             layer.lora_A[a].weight.copy_(t["lora_down.weight"])
             layer.lora_B[a].weight.copy_(t["lora_up.weight"])
             if adapter.is_dora:
+                if is_input_axis_scale(t["dora_scale"]) != is_input_axis(layer, a):
+                    raise DistLoraError("a DoRA magnitude's axis differs from the layer's it is written to")
                 magnitude = layer.lora_magnitude_vector[a].weight
                 magnitude.copy_(t["dora_scale"].reshape(magnitude.shape))
             layer.lora_alpha[a], layer.r[a] = adapter.alpha, adapter.rank

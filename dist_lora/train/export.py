@@ -71,7 +71,7 @@ class AdapterExporter:
         }
         info = ExportInfo(c.family, c.prediction_type, cfg.output.name, cfg.network.rank, cfg.network.alpha,
                           self.manifest.resolution, self.manifest.tag_frequency,
-                          {**network_metadata(cfg.network), **training})
+                          {**network_metadata(cfg.network, cfg.output.format), **training})
         save_kohya_lora(path, tensors, info, cfg.output.save_precision)
 
 

@@ -61,7 +61,8 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
     set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
-    attached = attach_network(unet, components.text_encoders, components.family, cfg.network)
+    attached = attach_network(unet, components.text_encoders, components.family, cfg.network,
+                              cfg.output.format)
     trained_encoders = attached.trained_text_encoders
     unet_params = lora_parameters(unet)
     text_params = [p for e in trained_encoders for p in lora_parameters(e)]

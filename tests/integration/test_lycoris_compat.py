@@ -26,10 +26,12 @@ from dist_lora.models.names import UNetLayout, unet_diffusers_to_ldm
 from dist_lora.models.text import encode_prompts, tokenize
 
 # LoKr factor layouts: plain lokr has both factors full; lokr_w2 decomposes the second; lokr_both both.
-TYPES = ["lora", "locon", "loha", "lokr", "lokr_w2", "lokr_both", "dora"]
+# DoRA: "dora" keeps its magnitude per input column (the kohya-format default), dora_out per output row.
+TYPES = ["lora", "locon", "loha", "lokr", "lokr_w2", "lokr_both", "dora", "dora_out"]
 VARIANTS: dict[str, dict[str, object]] = {
     "lokr_w2": {"type": "lokr", "rank": 2, "lokr_factor": 2},
     "lokr_both": {"type": "lokr", "rank": 1, "lokr_factor": 4, "lokr_decompose_both": True},
+    "dora_out": {"type": "dora", "dora_axis": "output"},
 }
 ARCHS = ["sd15", "sdxl"]
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl"}
@@ -102,6 +104,25 @@ def _view(named: dict[str, nn.Module]) -> nn.Module:
     return root
 
 
+def _lycoris_module(weights: dict[str, torch.Tensor], lora_name: str, orig: nn.Module) -> nn.Module:
+    """LyCORIS' own module for a file's key, built from the file's tensors. lycoris-lora 4.1's make_module
+    builds every DoRA module with its magnitude per output row (a per-column dora_scale then fails to
+    load); a per-column one is built as LyCORIS' LoConModule with wd_on_out=False."""
+    from lycoris.modules.locon import LoConModule
+
+    lyco_type, params = get_module(weights, lora_name)
+    scale = weights.get(f"{lora_name}.dora_scale")
+    if scale is None or scale.shape[0] != 1:
+        return make_module(lyco_type, params, lora_name, orig)
+    up, down, _, alpha, dora_scale = params
+    module = LoConModule(lora_name, orig, 1, down.size(0), float(alpha), weight_decompose=True, wd_on_out=False)
+    with torch.no_grad():
+        module.lora_up.weight.copy_(up)
+        module.lora_down.weight.copy_(down)
+        module.dora_scale.copy_(dora_scale)
+    return module
+
+
 class _LycorisModules:
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
@@ -127,8 +148,7 @@ def _lycoris_apply(c, path: Path, multiplier: float) -> tuple[_LycorisModules, i
     weights = load_file(str(path))
     applied = []
     for lora_name in sorted({k.split(".")[0] for k in weights}):
-        lyco_type, params = get_module(weights, lora_name)
-        module = make_module(lyco_type, params, lora_name, by_name[lora_name])
+        module = _lycoris_module(weights, lora_name, by_name[lora_name])
         module.multiplier = multiplier
         module.apply_to()
         applied.append(module)
@@ -151,7 +171,8 @@ def test_lycoris_package_reproduces_our_model(kind: str, arch: str, tiny_models:
     network, loaded = _lycoris_apply(theirs, path, 1.0)
     keys = load_file(str(path)).keys()
     modules_in_file = len({k.split(".")[0] for k in keys})
-    layout_key = {"lokr": ".lokr_w1", "lokr_w2": ".lokr_w2_a", "lokr_both": ".lokr_w1_a", "dora": ".dora_scale"}
+    layout_key = {"lokr": ".lokr_w1", "lokr_w2": ".lokr_w2_a", "lokr_both": ".lokr_w1_a", "dora": ".dora_scale",
+                  "dora_out": ".dora_scale"}
     if kind in layout_key:  # the variant really produced the layout it is named after
         assert any(k.endswith(layout_key[kind]) for k in keys)
     assert loaded == modules_in_file  # every key found its module the way kohya/LyCORIS name them
@@ -159,7 +180,10 @@ def test_lycoris_package_reproduces_our_model(kind: str, arch: str, tiny_models:
     torch.testing.assert_close(their_hidden, our_hidden, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(their_unet, our_unet, atol=2e-5, rtol=1e-4)
 
-    if kind != "dora":  # a DoRA multiplier is not a scale of the update; see test_merge_at_weight
+    if kind.startswith("dora"):  # the magnitude's axis is the one configured
+        scales = [v for k, v in load_file(str(path)).items() if k.endswith(".dora_scale")]
+        assert all((v.shape[0] == 1) == (kind == "dora") for v in scales)
+    else:  # a DoRA multiplier is not a scale of the update; see test_merge_at_weight
         network.set_multiplier(0.5)
         for model in [ours.unet, *ours.text_encoders]:
             set_multiplier(model, 0.5)
@@ -222,7 +246,7 @@ def test_merge_at_weight(kind: str, arch: str, tiny_models: dict[str, Path], tmp
     for model in [merged.unet, *merged.text_encoders]:
         bake_adapters(model, 0.5)
     assert not list(adapter_layers(merged.unet))
-    if kind == "dora":
+    if kind.startswith("dora"):
         # Expected from LyCORIS' own DoRA weights at full strength, interpolated as the UIs do.
         reference = load_components(str(tiny_models[arch]))
         network, _ = _lycoris_apply(reference, path, 1.0)
@@ -356,10 +380,10 @@ def test_every_module_of_a_full_size_export_rebuilds_in_lycoris(arch: str, tmp_p
                         if isinstance(base, nn.Linear) else
                         nn.utils.skip_init(nn.Conv2d, base.in_channels, base.out_channels, base.kernel_size,
                                            base.stride, base.padding, bias=False))
-            algo, params = get_module(own, name)
+            algo, _ = get_module(own, name)
             assert algo is not None, (kind, name, sorted(own))
             try:
-                module = make_module(algo, params, name, stand_in)
+                module = _lycoris_module(own, name, stand_in)
             except RuntimeError as exc:
                 shapes = {k: tuple(v.shape) for k, v in own.items()}
                 raise AssertionError(f"{kind}: lycoris cannot rebuild {name} from {shapes}: {exc}") from exc
