@@ -106,6 +106,11 @@ class NetworkConfig:
     lokr_decompose_both: bool = _field(False, "LoKr: also low-rank decompose the first (smaller) factor.")
     dropout: float = _field(0.0, "Dropout on the adapter's input (lora/locon/dora) or module dropout (loha/lokr).",
                             minimum=0.0, maximum=1.0)
+    rank_dropout: float = _field(0.0, "kohya's rank_dropout (lora/locon): in training, each rank channel of an "
+                                 "adapter's down projection is zeroed with this probability and the rest scaled by "
+                                 "1/(1-p); drawn per sample.", minimum=0.0, maximum=0.99)
+    module_dropout: float = _field(0.0, "kohya's module_dropout (lora/locon): in training, an adapter is skipped with "
+                                   "this probability, drawn per sample (kohya: per batch).", minimum=0.0, maximum=0.99)
     train_text_encoder: bool = _field(False, "Also train adapters on the text encoder(s).")
     text_encoders: Literal["all", "te1", "te2"] = _field(
         "all", "With train_text_encoder on SDXL: adapt both encoders, or only the first (CLIP-L) or second (bigG).")

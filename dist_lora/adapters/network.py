@@ -41,6 +41,15 @@ def resolve_dora_axis(cfg: NetworkConfig, file_format: str) -> str:
     return axis
 
 
+def check_network_options(cfg: NetworkConfig, file_format: str) -> None:
+    """Refuse option combinations that cannot be trained or written (before any model loads)."""
+    resolve_dora_axis(cfg, file_format)
+    dropouts = [k for k in ("rank_dropout", "module_dropout") if getattr(cfg, k)]
+    if dropouts and cfg.type not in ("lora", "locon"):
+        raise DistLoraError(f"network.{dropouts[0]} applies to lora and locon adapters (kohya's LoRA modules), not "
+                            f"network.type = '{cfg.type}'; set it to 0, or use network.dropout for {cfg.type}.")
+
+
 def attach_network(unet: nn.Module, text_encoders: list[nn.Module], family: str,
                    cfg: NetworkConfig, file_format: str = "kohya") -> AttachedNetwork:
     """Fresh adapters as configured, or (with ``init_from``) the adapters of a file, ready to train."""
@@ -95,6 +104,7 @@ def network_metadata(cfg: NetworkConfig, file_format: str = "kohya") -> dict[str
                    if getattr(cfg, key)})
     if cfg.block_lr_zero_threshold:
         blocks["block_lr_zero_threshold"] = str(cfg.block_lr_zero_threshold)
+    blocks.update({key: str(getattr(cfg, key)) for key in ("rank_dropout", "module_dropout") if getattr(cfg, key)})
     if cfg.type == "lora":
         return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({**loraplus, **blocks})}
     args: dict[str, str] = {"algo": {"locon": "locon", "dora": "locon", "loha": "loha", "lokr": "lokr"}[cfg.type],

@@ -11,7 +11,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from dist_lora import parallel
-from dist_lora.adapters.inject import compute_in_input_dtype, lora_parameters, up_projection_parameters
+from dist_lora.adapters.dropout import AdapterDropout
+from dist_lora.adapters.inject import (
+    adapter_layers,
+    compute_in_input_dtype,
+    lora_parameters,
+    up_projection_parameters,
+)
 from dist_lora.adapters.network import attach_network, unet_lr_weights
 from dist_lora.config import Config
 from dist_lora.models.load import Components
@@ -42,6 +48,7 @@ class Setup:
     optimizer_choice: OptimizerChoice
     comm: parallel.CommCounter | None = None
     ema: AdapterEMA | None = None  # with ema.decay: the average of trainable_params
+    adapter_dropout: AdapterDropout | None = None  # with rank/module dropout: masks drawn by each step
 
 
 def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -64,6 +71,10 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     attached = attach_network(unet, components.text_encoders, components.family, cfg.network,
                               cfg.output.format)
     trained_encoders = attached.trained_text_encoders
+    adapter_dropout = None
+    if cfg.network.rank_dropout or cfg.network.module_dropout:
+        adapter_dropout = AdapterDropout([layer for m in [unet, *trained_encoders] for _, layer in adapter_layers(m)],
+                                         cfg.network.rank_dropout, cfg.network.module_dropout)
     unet_params = lora_parameters(unet)
     text_params = [p for e in trained_encoders for p in lora_parameters(e)]
     for p in unet_params + text_params:
@@ -99,4 +110,4 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
         names = {id(p): name for name, p in parallel.unwrap(accelerator, model).named_parameters()}
         ema = AdapterEMA([(names[id(p)], p) for p in unet_params + text_params], cfg.ema)
     return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
-                 comm, ema)
+                 comm, ema, adapter_dropout)

@@ -42,6 +42,8 @@ class StepRunner:
         latents = cond.latents(batch, generators)
         noise, input_noise = draw_noise(latents, generators, self.noise_options)
         noise, input_noise = noise.to(latents.dtype), input_noise.to(latents.dtype)
+        if self.setup.adapter_dropout is not None:  # after the noise: runs without it draw the same noise
+            self.setup.adapter_dropout.draw(generators, cond.device)
         noisy = add_noise(latents, input_noise, timesteps, self.alphas_cumprod)
         prediction = self.setup.model(noisy, timesteps, **cond.model_inputs(batch))
         target = training_target(latents, noise, timesteps, self.alphas_cumprod, self.c.prediction_type)

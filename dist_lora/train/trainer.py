@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from dist_lora import parallel
-from dist_lora.adapters.network import resolve_dora_axis
+from dist_lora.adapters.network import check_network_options
 from dist_lora.adapters.targets import unet_block_settings
 from dist_lora.config import Config, to_toml
 from dist_lora.data.captions import CaptionTransform
@@ -88,7 +88,7 @@ def preflight(cfg: Config) -> Preflight:
     family = cfg.model.base if cfg.model.base != "auto" else source.family
     if family is not None:
         unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
-    resolve_dora_axis(cfg.network, cfg.output.format)
+    check_network_options(cfg.network, cfg.output.format)
     d = cfg.data
     captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout, manifest.trigger)
     cache = manifest.cache if d.use_cache else None

@@ -154,18 +154,20 @@ OBJECTIVE_OPTIONS = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0
 
 def test_noise_and_loss_options_stay_keyed_per_sample(tiny_models: dict[str, Path], shapes_shards: Path,
                                                      tmp_path: Path) -> None:
-    """Batch 4 and batch 2 x 2 accumulation draw the same per-sample noise under every option, so they
-    train the same adapter; with the options off the adapter differs."""
-    def run(name: str, **training: object) -> tuple[dict[str, torch.Tensor], list[float], Path]:
-        raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / name,
+    """Batch 4 and batch 2 x 2 accumulation draw the same per-sample noise and adapter-dropout masks under
+    every option (text-encoder adapters trained too), so they train the same adapter; with the options off
+    the adapter differs."""
+    def run(name: str, dropout: bool, **training: object) -> tuple[dict[str, torch.Tensor], list[float], Path]:
+        network = {"train_text_encoder": True, **({"rank_dropout": 0.3, "module_dropout": 0.2} if dropout else {})}
+        raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / name, network=network,
                                 training={"max_steps": 3, **training})
         raw["model"]["prediction_type"] = "v_prediction"
         result = train(config_from_dict(raw))
         return load_file(str(result.adapter_path)), result.losses, result.adapter_path
 
-    whole, whole_losses, path = run("whole", batch_size=4, **OBJECTIVE_OPTIONS)
-    split, split_losses, _ = run("split", batch_size=2, gradient_accumulation_steps=2, **OBJECTIVE_OPTIONS)
-    plain, _, _ = run("plain", batch_size=4)
+    whole, whole_losses, path = run("whole", True, batch_size=4, **OBJECTIVE_OPTIONS)
+    split, split_losses, _ = run("split", True, batch_size=2, gradient_accumulation_steps=2, **OBJECTIVE_OPTIONS)
+    plain, _, _ = run("plain", False, batch_size=4)
     assert all(torch.isfinite(torch.tensor(whole_losses)))
     torch.testing.assert_close(torch.tensor(split_losses), torch.tensor(whole_losses), rtol=1e-5, atol=1e-7)
     # Adam divides by the root of tiny second moments, so summation-order differences of the two splits
@@ -178,6 +180,8 @@ def test_noise_and_loss_options_stay_keyed_per_sample(tiny_models: dict[str, Pat
     assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("huber", "snr", "0.2")
     assert (meta["ss_zero_terminal_snr"], meta["ss_debiased_estimation"]) == ("True", "True")
     assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"]) == ("4", "0.1")
+    network_args = json.loads(meta["ss_network_args"])
+    assert (network_args["rank_dropout"], network_args["module_dropout"]) == ("0.3", "0.2")
 
 
 def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_loading(tiny_models: dict[str, Path],
