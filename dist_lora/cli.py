@@ -53,7 +53,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from dist_lora.data.cache import CacheOptions, cache_dataset
 
     opts = CacheOptions(model=args.model, config_dir=args.config_dir, text=not args.no_text, dtype=args.dtype,
-                        batch_size=args.batch_size, overwrite=args.overwrite)
+                        batch_size=args.batch_size, overwrite=args.overwrite, clip_skip=args.clip_skip,
+                        max_token_length=args.max_token_length)
     import torch
 
     from dist_lora.parallel import launched_rank, shutdown
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "or text-encoder training, which encode captions at every step anyway)")
     cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     cache.add_argument("--batch-size", type=int, default=8)
+    cache.add_argument("--clip-skip", type=int, default=1, help="encode captions as model.clip_skip will (SD 1.x/2.x)")
+    cache.add_argument("--max-token-length", type=int, choices=[75, 150, 225], default=75,
+                       help="encode captions as model.max_token_length will")
     cache.add_argument("--overwrite", action="store_true")
     cache.set_defaults(func=_cmd_cache)
 

@@ -28,6 +28,13 @@ class ModelConfig:
         "v_prediction).")
     config_dir: str = _field("", "For single-file checkpoints: a diffusers folder whose component configs "
                              "to use (otherwise fetched from the hub or its local cache).")
+    clip_skip: int = _field(1, "kohya's clip_skip (SD 1.x/2.x): condition on the hidden states of the N-th last text-"
+                            "encoder layer, through its final layer norm; 1 is the last layer, 2 the usual anime "
+                            "setting. SDXL always uses the penultimate layer (kohya ignores clip_skip there).",
+                            minimum=1, maximum=12)
+    max_token_length: Literal[75, 150, 225] = _field(
+        75, "kohya's max_token_length: captions up to this many tokens, encoded as 1, 2 or 3 windows of 75 and "
+        "joined as kohya and AUTOMATIC1111 do (longer ones are cut).")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dist_lora.data.prepare import REPORT_NAME
 from dist_lora.data.stream import LATENT_MEMBER, TEXT_MEMBER, decode_image, pixels_to_unit_range
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.models.load import Components, inspect_model_source, load_components
-from dist_lora.models.text import encode_prompts, tokenize
+from dist_lora.models.text import MAX_TOKEN_LENGTHS, TextEncoding, encode_prompts, tokenize
 from dist_lora.utils.files import check_writable_dir, write_text_atomic
 from dist_lora.utils.stop_signals import Preempted, StopSignals, signal_hook
 
@@ -46,6 +46,8 @@ class CacheOptions:
     dtype: str = "fp32"  # storage precision of the cached tensors
     batch_size: int = 8
     overwrite: bool = False
+    clip_skip: int = 1  # kohya's text-encoding options; training refuses cached text made otherwise
+    max_token_length: int = 75
 
 
 @dataclass
@@ -69,8 +71,15 @@ def _check(src: Path, out: Path, opts: CacheOptions) -> Manifest:
         raise ShardDataError(f"cache output '{out}' is the input folder; write the cached shards to a new folder.")
     if out.exists() and not opts.overwrite:
         raise FileExistsError(f"cache output '{out}' exists; choose another folder or pass --overwrite.")
+    if opts.max_token_length not in MAX_TOKEN_LENGTHS or opts.clip_skip < 1:
+        raise ShardDataError(f"cache text encoding clip_skip = {opts.clip_skip}, max_token_length = "
+                             f"{opts.max_token_length}: clip_skip is at least 1, max_token_length one of "
+                             f"{', '.join(map(str, MAX_TOKEN_LENGTHS))}.")
     check_writable_dir(out.parent)
-    inspect_model_source(opts.model, opts.config_dir)  # a bad model path fails before any loading
+    source = inspect_model_source(opts.model, opts.config_dir)  # a bad model path fails before any loading
+    if source.family == "sdxl" and opts.text and opts.clip_skip != 1:
+        raise ShardDataError(f"--clip-skip {opts.clip_skip} has no meaning for SDXL (conditioned on the penultimate "
+                             f"layer of both text encoders); leave it at 1.")
     return manifest
 
 
@@ -114,8 +123,8 @@ class _Encoder:
         dist = vae.encode(pixels).latent_dist
         hidden = pooled = None
         if self.text:
-            ids = tokenize(self.c.tokenizers, [s["txt"].decode("utf-8") for s in batch])
-            hidden, pooled = encode_prompts(self.c.text_encoders, ids, self.c.family)
+            ids = tokenize(self.c.tokenizers, [s["txt"].decode("utf-8") for s in batch], self.c.text_encoding)
+            hidden, pooled = encode_prompts(self.c.text_encoders, ids, self.c.family, self.c.text_encoding)
         members = []
         for i in range(len(batch)):
             latent = {"mean": dist.mean[i].to(self.dtype).contiguous().cpu(),
@@ -157,7 +166,8 @@ OPTIONS_NAME = ".cache_options.json"
 
 
 def _options_record(src: Path, opts: CacheOptions) -> dict[str, Any]:
-    return {"src": str(src.resolve()), "model": opts.model, "text": opts.text, "dtype": opts.dtype}
+    return {"src": str(src.resolve()), "model": opts.model, "text": opts.text, "dtype": opts.dtype,
+            "clip_skip": opts.clip_skip, "max_token_length": opts.max_token_length}
 
 
 def _claim(staging: Path, src: Path, opts: CacheOptions) -> None:
@@ -187,6 +197,7 @@ def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> Cache
             or not (staging / manifest.shards[i]["file"]).is_file()]
     report.shards_resumed = len(mine) - len(todo)
     components = load_components(opts.model, config_dir=opts.config_dir, load_text=opts.text)
+    components.text_encoding = TextEncoding(opts.clip_skip, opts.max_token_length)
     assert components.vae is not None
     for module in [components.vae, *components.text_encoders]:
         module.requires_grad_(False).eval().to(world.device)
@@ -232,7 +243,8 @@ def _finish(manifest: Manifest, staging: Path, out: Path, opts: CacheOptions, co
         record.unlink()
     assert components.vae is not None
     cache = CacheInfo(latents=True, text=opts.text, model=opts.model, family=components.family, dtype=opts.dtype,
-                      scaling_factor=float(components.vae.config.scaling_factor))
+                      scaling_factor=float(components.vae.config.scaling_factor), clip_skip=opts.clip_skip,
+                      max_token_length=opts.max_token_length)
     (staging / OPTIONS_NAME).unlink()
     write_manifest(staging, cached_manifest(manifest, shards, cache))
     (staging / REPORT_NAME).write_text(json.dumps({"cache_bad_samples": bad}, indent=1, ensure_ascii=False),

@@ -39,13 +39,16 @@ class CacheInfo:
     family: str
     dtype: str
     scaling_factor: float
+    clip_skip: int = 1  # how the text outputs were encoded (kohya's options; older caches: the defaults)
+    max_token_length: int = 75
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> CacheInfo | None:
         if not data:
             return None
         return cls(bool(data["latents"]), bool(data["text"]), str(data["model"]), str(data["family"]),
-                   str(data["dtype"]), float(data["scaling_factor"]))
+                   str(data["dtype"]), float(data["scaling_factor"]), int(data.get("clip_skip", 1)),
+                   int(data.get("max_token_length", 75)))
 
 
 @dataclass(frozen=True)

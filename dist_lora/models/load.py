@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dist_lora.errors import DistLoraError
+from dist_lora.models.text import DEFAULT_TEXT_ENCODING, TextEncoding
 
 Family = Literal["sd1", "sd2", "sdxl"]
 SourceKind = Literal["folder", "single_file", "hub"]
@@ -44,6 +45,7 @@ class Components:
     vae: nn.Module | None  # None when training from cached latents
     unet: nn.Module
     noise_scheduler: Any
+    text_encoding: TextEncoding = DEFAULT_TEXT_ENCODING  # kohya's clip_skip / max_token_length, set by the caller
 
 
 def _family_from_folder(folder: Path) -> Family:

@@ -94,7 +94,7 @@ class SampleHook:
                 tokenizers = loaded_tokenizers
                 encoders = [e.requires_grad_(False).to(device) for e in loaded_encoders]
         return RenderModules(c.family, unet, vae, list(encoders), list(tokenizers), c.noise_scheduler.config,
-                             self.acc.autocast)
+                             self.acc.autocast, c.text_encoding)
 
     def _render(self, mine: list[SamplePrompt]) -> tuple[list[tuple[int, bytes]], str]:
         """This rank's images as (prompt number, PNG bytes), or the reason the round failed here."""

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import nn
 
-from dist_lora.models.text import encode_prompts, tokenize
+from dist_lora.models.text import DEFAULT_TEXT_ENCODING, TextEncoding, encode_prompts, tokenize
 from dist_lora.sampling.prompts import SamplePrompt
 from dist_lora.sampling.samplers import find_sampler
 
@@ -39,6 +39,7 @@ class RenderModules:
     tokenizers: list[Any]
     scheduler_config: Any  # the base model's noise scheduler config (betas, prediction type)
     autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    text_encoding: TextEncoding = DEFAULT_TEXT_ENCODING  # as in training
 
 
 def build_pipeline(m: RenderModules) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
@@ -55,9 +56,9 @@ def build_pipeline(m: RenderModules) -> StableDiffusionPipeline | StableDiffusio
 
 
 def _embeddings(m: RenderModules, prompt: SamplePrompt, device: torch.device) -> dict[str, torch.Tensor]:
-    ids = tokenize(m.tokenizers, [prompt.prompt, prompt.negative_prompt])
+    ids = tokenize(m.tokenizers, [prompt.prompt, prompt.negative_prompt], m.text_encoding)
     with m.autocast():
-        hidden, pooled = encode_prompts(m.text_encoders, [i.to(device) for i in ids], m.family)
+        hidden, pooled = encode_prompts(m.text_encoders, [i.to(device) for i in ids], m.family, m.text_encoding)
     out = {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
     if pooled is not None:
         out.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])

@@ -58,11 +58,12 @@ class Conditioner:
             dtype = self.weight_dtype
             return {"hidden_states": self.to_device(hidden, dtype),
                     "pooled": self.to_device(pooled, dtype) if pooled is not None else None}
-        input_ids = tokenize(self.components.tokenizers, list(captions))
+        encoding = self.components.text_encoding
+        input_ids = tokenize(self.components.tokenizers, list(captions), encoding)
         if self.frozen_text_encoders:
             with torch.no_grad(), self.autocast():
                 encoded, encoded_pooled = encode_prompts(self.frozen_text_encoders, input_ids,
-                                                         self.components.family)
+                                                         self.components.family, encoding)
             return {"hidden_states": encoded, "pooled": encoded_pooled}
         return {"input_ids": [self.to_device(ids) for ids in input_ids]}
 

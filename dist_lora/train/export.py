@@ -66,6 +66,8 @@ class AdapterExporter:
             "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
             **objective_metadata(cfg.training),
             "ss_network_dropout": str(cfg.network.dropout),
+            "ss_clip_skip": str(cfg.model.clip_skip),
+            "ss_max_token_length": str(cfg.model.max_token_length),
             "ss_gradient_checkpointing": str(cfg.training.gradient_checkpointing),
             "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         }

@@ -11,15 +11,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dist_lora.models.text import encode_prompts
+from dist_lora.models.text import DEFAULT_TEXT_ENCODING, TextEncoding, encode_prompts
 
 
 class AdaptedDenoiser(nn.Module):
-    def __init__(self, unet: nn.Module, trained_text_encoders: Sequence[nn.Module], family: str) -> None:
+    def __init__(self, unet: nn.Module, trained_text_encoders: Sequence[nn.Module], family: str,
+                 text_encoding: TextEncoding = DEFAULT_TEXT_ENCODING) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoders = nn.ModuleList(trained_text_encoders)
         self.family = family
+        self.text_encoding = text_encoding
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, *,
                 input_ids: Sequence[torch.Tensor] | None = None,
@@ -30,7 +32,8 @@ class AdaptedDenoiser(nn.Module):
         else the precomputed ``hidden_states`` (and ``pooled`` for SDXL)."""
         if len(self.text_encoders) > 0:
             assert input_ids is not None, "trained text encoders need input_ids"
-            hidden_states, pooled = encode_prompts(list(self.text_encoders), input_ids, self.family)
+            hidden_states, pooled = encode_prompts(list(self.text_encoders), input_ids, self.family,
+                                                   self.text_encoding)
         assert hidden_states is not None
         added = None
         if self.family == "sdxl":

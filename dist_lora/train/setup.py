@@ -92,7 +92,7 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     # When any encoder is trained, all of them run inside the wrapped module (prompt encoding needs
     # every encoder); otherwise they stay outside and run under no_grad.
     inside = components.text_encoders if trained_encoders else []
-    model = AdaptedDenoiser(unet, inside, components.family)
+    model = AdaptedDenoiser(unet, inside, components.family, components.text_encoding)
     net = cfg.network
     trained = TrainedParameters(unet_params, text_params, up_projection_parameters(unet),
                                 [p for e in trained_encoders for p in up_projection_parameters(e)],

@@ -21,6 +21,7 @@ from dist_lora.data.manifest import Manifest
 from dist_lora.data.shards import ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import ModelSource, inspect_model_source, load_components
+from dist_lora.models.text import TextEncoding
 from dist_lora.sampling.hook import SampleHook
 from dist_lora.sampling.prompts import SamplePrompt, load_prompts
 from dist_lora.train.conditioning import Conditioner
@@ -89,6 +90,10 @@ def preflight(cfg: Config) -> Preflight:
     if family is not None:
         unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
     check_network_options(cfg.network, cfg.output.format)
+    if family == "sdxl" and cfg.model.clip_skip != 1:
+        raise RunSetupError(f"model.clip_skip = {cfg.model.clip_skip} has no meaning for SDXL, which is conditioned on "
+                            f"the penultimate layer of both text encoders (kohya ignores clip_skip for SDXL); set "
+                            f"model.clip_skip = 1.")
     d = cfg.data
     captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout, manifest.trigger)
     cache = manifest.cache if d.use_cache else None
@@ -99,6 +104,13 @@ def preflight(cfg: Config) -> Preflight:
     # Cached text outputs are fixed strings' encodings: caption transforms and a trained text encoder
     # need the encoders at every step, so the cache's text part is then ignored.
     use_text = bool(cache and cache.text) and not captions.active and not cfg.network.train_text_encoder
+    if use_text and cache is not None and (cache.clip_skip, cache.max_token_length) != \
+            (cfg.model.clip_skip, cfg.model.max_token_length):
+        raise RunSetupError(f"data.shards '{manifest.root}' holds text-encoder outputs cached with clip_skip = "
+                            f"{cache.clip_skip}, max_token_length = {cache.max_token_length}, but model.clip_skip = "
+                            f"{cfg.model.clip_skip}, model.max_token_length = {cfg.model.max_token_length}; cache "
+                            f"again with `dist-lora cache --clip-skip {cfg.model.clip_skip} --max-token-length "
+                            f"{cfg.model.max_token_length}`, or set data.use_cache = false.")
     # The data plan is checked here, before any model loads (too few shards, bad shard_urls).
     world_size = parallel.launched_world_size()
     manifest.urls(d.shard_urls)
@@ -199,6 +211,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                                  vae_dtype=torch.float32 if cfg.training.vae_fp32 else weight_dtype)
     check_objective(cfg.training, components.prediction_type, components.noise_scheduler.config.num_train_timesteps)
     components.noise_scheduler = training_scheduler(components.noise_scheduler, cfg.training)
+    components.text_encoding = TextEncoding(cfg.model.clip_skip, cfg.model.max_token_length)
     accelerator = parallel.make_accelerator(parallel.TrainingShape(
         cfg.training.mixed_precision, cfg.training.gradient_accumulation_steps, cfg.training.batch_size,
         cfg.optimizer.max_grad_norm, cfg.optimizer.type in BITSANDBYTES_OPTIMIZERS,

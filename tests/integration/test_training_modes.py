@@ -195,12 +195,16 @@ def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_loading(tiny_mo
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_block_lists_of_the_wrong_family_are_refused_before_loading(tiny_models: dict[str, Path],
+def test_options_of_the_wrong_family_are_refused_before_loading(tiny_models: dict[str, Path],
                                                                     shapes_shards: Path, tmp_path: Path) -> None:
     from dist_lora.errors import DistLoraError
 
     raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / "run", network={"block_dims": [4] * 25})
     with pytest.raises(DistLoraError, match=r"network.block_dims has 25 values; a sdxl UNet has 23 kohya blocks"):
+        train(config_from_dict(raw))
+    raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / "run")
+    raw["model"]["clip_skip"] = 2
+    with pytest.raises(DistLoraError, match=r"model.clip_skip = 2 has no meaning for SDXL"):
         train(config_from_dict(raw))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
