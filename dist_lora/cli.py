@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dist_lora.errors import DistLoraError
 
@@ -153,6 +154,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_kohya(args: argparse.Namespace) -> int:
+    from dist_lora.importers.kohya_import import import_kohya_config, write_import
+
+    result = import_kohya_config(args.config, args.out)
+    written = write_import(result, args.out, Path(args.config))
+    report = result.report
+    print(f"{len(report.mapped)} keys mapped, {len(report.no_effect)} without effect here, {len(report.unsupported)} "
+          f"unsupported (see {written[2]})")
+    for key, value, why in report.unsupported:
+        print(f"  unsupported: {key} = {value!r}: {why}")
+    print(f"recipe: {written[0]}\ndata and training commands: bash {written[1]}")
+    return 0
+
+
 def _cmd_config_reference(_: argparse.Namespace) -> int:
     from dist_lora.config import reference_markdown
 
@@ -270,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=-1, help="-1: the prompt's number")
     sample.add_argument("--config-dir", default="", help="diffusers folder with configs for a single-file base")
     sample.set_defaults(func=_cmd_sample)
+
+    imp = sub.add_parser("import-kohya", help="a kohya_ss GUI config (.json) or sd-scripts --config_file (.toml) as "
+                         "a recipe, its data commands and a report of every key")
+    imp.add_argument("config", help="the kohya_ss .json or sd-scripts .toml")
+    imp.add_argument("out", help="new folder for train.toml, prepare.sh and import_report.txt")
+    imp.set_defaults(func=_cmd_import_kohya)
 
     ref = sub.add_parser("config-reference", help="print the config reference (markdown)")
     ref.set_defaults(func=_cmd_config_reference)

@@ -1,0 +1,1 @@
+"""Recipes from other trainers' configuration files."""

@@ -1,0 +1,188 @@
+"""`dist-lora import-kohya`: every key of kohya_ss GUI configs and sd-scripts TOMLs mapped or reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_lora.config import load_config
+from dist_lora.importers.kohya_import import KohyaImportError, import_kohya_config, write_import
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+USER = {"pretrained_model_name_or_path": "/models/sdxl.safetensors", "train_data_dir": "/data/img",
+        "output_dir": "/runs", "output_name": "character"}
+
+
+def _write(tmp_path: Path, content: dict[str, Any] | str, name: str = "config.json") -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def _every_key_once(source: dict[str, Any], result: Any) -> None:
+    report = result.report
+    reported = [k for k, _, _ in report.mapped + report.no_effect + report.unsupported]
+    flat = {k: v for section in source.values() for k, v in section.items()} if all(
+        isinstance(v, dict) for v in source.values()) else source
+    assert sorted(set(reported)) == sorted(flat), set(flat) ^ set(reported)
+
+
+def test_the_sdxl_character_preset(tmp_path: Path) -> None:
+    preset = json.loads((DATA / "kohya_ss SDXL - LoRA AI_characters standard v1.1.json").read_text())
+    config = {**preset, **USER}
+    result = import_kohya_config(_write(tmp_path, config), tmp_path / "out")
+    _every_key_once(config, result)
+    raw = result.raw
+    assert raw["network"] == {"type": "lora", "rank": 32, "alpha": 32.0, "train_text_encoder": True, "dropout": 0.0,
+                              "rank_dropout": 0.0, "module_dropout": 0.0, "lokr_factor": -1,
+                              "lokr_decompose_both": False}
+    assert raw["optimizer"] == {"type": "adamw", "lr": 3e-05, "text_encoder_lr": 3e-05}
+    assert raw["scheduler"] == {"type": "constant"}
+    training = raw["training"]
+    assert (training["epochs"], training["batch_size"], training["gradient_accumulation_steps"]) == (50, 3, 1)
+    assert (training["mixed_precision"], training["min_snr_gamma"], training["attention"]) == ("fp16", 5.0, "xformers")
+    assert training["gradient_checkpointing"] and training["vae_fp32"]
+    assert raw["data"] == {"caption_dropout": 0.05, "keep_tokens": 0, "num_workers": 0, "shuffle_caption": False,
+                           "shards": str(tmp_path / "out" / "cached")}
+    assert raw["model"] == {"pretrained": "/models/sdxl.safetensors", "clip_skip": 1, "max_token_length": 75}
+    assert raw["output"] == {"dir": "/runs", "name": "character", "save_precision": "fp16", "save_every_epochs": 1,
+                             "save_every_steps": 0}
+    assert result.commands == [
+        ["dist-lora", "prepare", "/data/img", str(tmp_path / "out" / "shards"), "--bucket-step", "64",
+         "--max-bucket-side", "2048", "--min-bucket-side", "256", "--resolution", "1024"],
+        ["dist-lora", "cache", str(tmp_path / "out" / "shards"), str(tmp_path / "out" / "cached"), "--model",
+         "/models/sdxl.safetensors", "--no-text", "--clip-skip", "1", "--max-token-length", "75"]]
+    assert [(k, v) for k, v, _ in result.report.unsupported] == [("train_on_input", True)]
+    no_effect = {k: why for k, _, why in result.report.no_effect}
+    assert no_effect["epoch"].startswith("overridden by max_train_epochs")
+    assert no_effect["flip_aug"] == "off" and no_effect["seed"] == "empty"
+    assert no_effect["conv_dim"].startswith("LoRA without convolution layers")
+
+
+def test_locon_with_prodigy_and_warmup_percent(tmp_path: Path) -> None:
+    config = {**USER, "LoRA_type": "LyCORIS/LoCon", "network_dim": 16, "network_alpha": 8, "conv_dim": 8,
+              "conv_alpha": 4, "optimizer": "Prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 0,
+              "optimizer_args": "decouple=True weight_decay=0.01 d_coef=2 betas=0.9,0.99",
+              "lr_scheduler": "cosine", "lr_warmup": 10, "max_train_steps": 1000, "flip_aug": True, "clip_skip": 2,
+              "sample_prompts": "a dlsks robot --n blurry --w 512 --h 512\n# a comment\nsecond prompt",
+              "sample_every_n_steps": 100, "sample_sampler": "euler_a", "noise_offset": 0.0357,
+              "cache_latents": False}
+    result = import_kohya_config(_write(tmp_path, config), tmp_path / "out")
+    _every_key_once(config, result)
+    raw = result.raw
+    assert raw["network"]["type"] == "locon" and (raw["network"]["conv_rank"], raw["network"]["conv_alpha"]) == (8, 4.0)
+    assert raw["network"]["train_text_encoder"] is False  # text_encoder_lr 0: kohya trains the UNet alone
+    assert raw["optimizer"] == {"type": "prodigy", "lr": 1.0, "args": ["decouple=true", "weight_decay=0.01", "d_coef=2",
+                                                                      "betas=[0.9,0.99]"]}
+    assert raw["scheduler"] == {"type": "cosine", "warmup_steps": 100}
+    assert raw["sample"] == {"prompts": ["a dlsks robot --n blurry --w 512 --h 512", "second prompt"],
+                             "every_steps": 100, "sampler": "euler_a"}
+    assert raw["model"]["clip_skip"] == 2 and raw["training"]["noise_offset"] == 0.0357
+    assert raw["data"]["shards"] == str(tmp_path / "out" / "shards") and len(result.commands) == 1
+    assert [k for k, _, _ in result.report.unsupported] == ["flip_aug"]
+
+
+@pytest.mark.parametrize(("gui", "expected"), [
+    ({"LoRA_type": "LyCORIS/LoHa", "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 2},
+     {"type": "loha", "rank": 8, "alpha": 4.0, "conv_rank": 4, "conv_alpha": 2.0}),
+    ({"LoRA_type": "LyCORIS/LoKr", "network_dim": 100000, "network_alpha": 1, "factor": 8, "decompose_both": True},
+     {"type": "lokr", "rank": 100000, "alpha": 1.0, "lokr_factor": 8, "lokr_decompose_both": True}),
+    ({"LoRA_type": "LyCORIS/LoCon", "dora_wd": True, "network_dim": 8, "network_alpha": 8},
+     {"type": "dora", "rank": 8, "alpha": 8.0}),
+])
+def test_lycoris_types(gui: dict[str, Any], expected: dict[str, Any], tmp_path: Path) -> None:
+    config = {**USER, **gui}
+    result = import_kohya_config(_write(tmp_path, config), tmp_path / "out")
+    _every_key_once(config, result)
+    assert {k: v for k, v in result.raw["network"].items() if k != "train_text_encoder"} == expected
+
+
+SD_SCRIPTS_TOML = """
+[model_arguments]
+pretrained_model_name_or_path = "/models/sd15"
+v2 = false
+
+[network_arguments]
+network_module = "networks.lora"
+network_dim = 16
+network_alpha = 8.0
+network_args = ["conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", "down_lr_weight=sine", "algo_x=1"]
+network_train_unet_only = true
+
+[optimizer_arguments]
+optimizer_type = "AdamW8bit"
+optimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]
+learning_rate = 1e-4
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 3
+lr_warmup_steps = 50
+
+[training_arguments]
+train_batch_size = 2
+max_train_steps = 2000
+mixed_precision = "bf16"
+xformers = true
+seed = 1234
+save_every_n_steps = 500
+save_model_as = "safetensors"
+masked_loss = true
+
+[dataset_arguments]
+train_data_dir = "/data/kohya"
+resolution = "512,512"
+enable_bucket = false
+shuffle_caption = true
+keep_tokens = 1
+"""
+
+
+def test_an_sd_scripts_config_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, SD_SCRIPTS_TOML, "config.toml")
+    result = import_kohya_config(path, tmp_path / "out")
+    import tomllib
+
+    source = tomllib.loads(SD_SCRIPTS_TOML)
+    reported = {k for k, _, _ in result.report.mapped + result.report.no_effect + result.report.unsupported}
+    assert {k for section in source.values() for k in section} <= reported | {"network_args"}
+    raw = result.raw
+    assert raw["network"] == {"type": "locon", "rank": 16, "alpha": 8.0, "conv_rank": 4, "conv_alpha": 1.0,
+                              "rank_dropout": 0.1, "down_lr_weight": "sine", "train_text_encoder": False}
+    assert raw["optimizer"] == {"type": "adamw8bit", "lr": 1e-4, "args": ["weight_decay=0.1", "betas=[0.9,0.99]"]}
+    assert raw["scheduler"] == {"type": "cosine_with_restarts", "num_cycles": 3, "warmup_steps": 50}
+    assert raw["training"] == {"batch_size": 2, "max_steps": 2000, "mixed_precision": "bf16", "attention": "xformers",
+                               "seed": 1234}
+    assert result.commands == [["dist-lora", "prepare", "/data/kohya", str(tmp_path / "out" / "shards"), "--no-buckets",
+                                "--resolution", "512"]]
+    assert {k for k, _, _ in result.report.unsupported} == {"masked_loss", "network_args algo_x"}
+    written = write_import(result, tmp_path / "out", path)
+    recipe = load_config(written[0])
+    assert recipe.network.type == "locon" and recipe.optimizer.args == ["weight_decay=0.1", "betas=[0.9,0.99]"]
+    assert "dist-lora prepare /data/kohya" in written[1].read_text()
+    assert "masked_loss = True: masked loss is not implemented yet" in written[2].read_text()
+
+
+@pytest.mark.parametrize(("content", "name", "message"), [
+    ("{not json", "bad.json", r"bad.json' is not valid JSON"),
+    ("a = [", "bad.toml", r"bad.toml' is not valid TOML"),
+    ({**USER, "LoRA_type": "LyCORIS/iA3"}, "c.json", r"c.json': LoRA_type 'LyCORIS/iA3' cannot be trained here"),
+    ({**USER, "network_dim": "many"}, "c.json", r"c.json': network_dim = 'many': 'many' is not a number"),
+    ({"network_dim": 8}, "c.json", r"c.json' names no train_data_dir"),
+    ({**USER, "optimizer": "DAdaptAdam"}, "c.json", r"optimizer = 'DAdaptAdam': 'DAdaptAdam' is not one of"),
+])
+def test_bad_configs_are_refused_naming_file_and_key(content: Any, name: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(KohyaImportError, match=message):
+        import_kohya_config(_write(tmp_path, content, name), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nothing_is_written_into_a_used_folder(tmp_path: Path) -> None:
+    path = _write(tmp_path, {**USER, "network_dim": 8})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    result = import_kohya_config(path, tmp_path / "out")
+    with pytest.raises(KohyaImportError, match="is not empty"):
+        write_import(result, tmp_path / "out", path)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"]
