@@ -21,6 +21,7 @@ from dist_lora.adapters.merge import merge_files
 from dist_lora.config import SampleConfig
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import inspect_model_source, load_pipeline, pipeline_text_encoders
+from dist_lora.models.text import MAX_TOKEN_LENGTHS, TextEncoding
 from dist_lora.sampling.prompts import SamplePrompt, load_prompts
 from dist_lora.sampling.render import RenderModules, a1111_parameters, build_pipeline, grid, png_bytes, render
 from dist_lora.train.tracking import read_validation_log
@@ -120,6 +121,18 @@ def _with_cfg(prompt: SamplePrompt, cfg: float) -> SamplePrompt:
                         prompt.seed, cfg, prompt.steps, prompt.sampler, prompt.origin)
 
 
+def trained_text_encoding(path: Path, family: str) -> TextEncoding:
+    """The clip skip and token length an adapter was trained with (kohya's ss_clip_skip /
+    ss_max_token_length); the pipelines' own where the file does not say."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    clip_skip, length = metadata.get("ss_clip_skip", ""), metadata.get("ss_max_token_length", "")
+    return TextEncoding(int(clip_skip) if clip_skip.isdigit() and family != "sdxl" else 1,
+                        int(length) if length.isdigit() and int(length) in MAX_TOKEN_LENGTHS else 75)
+
+
 def render_grid(job: GridJob) -> list[Path]:
     """Render this process's cells; the main process writes every image and one grid per prompt."""
     from accelerate import PartialState
@@ -145,7 +158,7 @@ def render_grid(job: GridJob) -> list[Path]:
             module.load_state_dict(saved)
         merge_files(pipe.unet, encoders, family, [(job.entries[index].path, weight)])
         render_modules = RenderModules(family, pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler.config,
-                                       autocast)
+                                       autocast, trained_text_encoding(job.entries[index].path, family))
         pipeline = build_pipeline(render_modules)
         pipeline.set_progress_bar_config(disable=True)
         for prompt in job.prompts:

@@ -105,3 +105,16 @@ def test_sdxl_joins_both_encoders_and_pools_the_first_window(sdxl) -> None:  # t
             windows = [encoder(ids[index][:, w], output_hidden_states=True).hidden_states[-2] for w in range(2)]
             expected = torch.cat([windows[0][:, :1], windows[0][:, 1:76], windows[1][:, 1:76], windows[1][:, 76:]], 1)
             torch.testing.assert_close(part, expected)
+
+
+def test_sample_grids_encode_prompts_as_the_adapter_was_trained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    from dist_lora.sampling.grid_cli import trained_text_encoding
+
+    path = tmp_path / "a.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"ss_clip_skip": "2", "ss_max_token_length": "225"})
+    assert trained_text_encoding(path, "sd1") == TextEncoding(2, 225)
+    assert trained_text_encoding(path, "sdxl") == TextEncoding(1, 225)
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"ss_clip_skip": "None"})  # kohya without clip_skip
+    assert trained_text_encoding(path, "sd1") == TextEncoding()
