@@ -85,7 +85,7 @@ def unet_block_settings(cfg: NetworkConfig, family: str) -> BlockSettings | None
     return settings
 
 
-def _block_rank(name: str, spatial: bool, index: int, blocks: BlockSettings) -> ModuleRank | None:
+def _block_rank(spatial: bool, index: int, blocks: BlockSettings) -> ModuleRank | None:
     """A module's rank/alpha from the per-block lists; None outside kohya's blocks."""
     if index < 0:
         return None
@@ -114,7 +114,7 @@ def unet_targets(unet: nn.Module, cfg: NetworkConfig, family: str = "sd1") -> Ta
         rank = (cfg.conv_rank or cfg.rank) if spatial else cfg.rank
         alpha = (cfg.conv_alpha or cfg.alpha) if spatial else cfg.alpha
         if blocks is not None:
-            per_block = _block_rank(name, spatial, block_index(name, family, layout), blocks)
+            per_block = _block_rank(spatial, block_index(name, family, layout), blocks)
             if per_block is not None and per_block.rank == 0:
                 continue
             chosen[name] = per_block or ModuleRank(rank, alpha)

@@ -153,12 +153,13 @@ def render_grid(job: GridJob) -> list[Path]:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     rendered: list[tuple[int, float, int, float, bytes]] = []
+    encodings = {index: trained_text_encoding(entry.path, family) for index, entry in enumerate(job.entries)}
     for index, weight in _cells(job)[state.process_index::state.num_processes]:
         for module, saved in zip(modules, base_state, strict=True):
             module.load_state_dict(saved)
         merge_files(pipe.unet, encoders, family, [(job.entries[index].path, weight)])
         render_modules = RenderModules(family, pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler.config,
-                                       autocast, trained_text_encoding(job.entries[index].path, family))
+                                       autocast, encodings[index])
         pipeline = build_pipeline(render_modules)
         pipeline.set_progress_bar_config(disable=True)
         for prompt in job.prompts:
