@@ -44,8 +44,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                           max_bucket_area=args.max_bucket_area, bucket_step=args.bucket_step,
                           min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
                           workers=args.workers, val_fraction=args.val_fraction)
-    report = prepare_dataset(args.src, args.out, opts)
+    dataset = None
+    if args.dataset_config:
+        from dist_lora.data.dataset_config import read_dataset_config
+
+        if args.src is not None:
+            raise DistLoraError(f"give a dataset folder ('{args.src}') or --dataset-config "
+                                f"'{args.dataset_config}', not both: its subsets name their folders.")
+        dataset = read_dataset_config(args.dataset_config)
+    report = prepare_dataset(args.src, args.out, opts, dataset)
     print(report.summary())
+    for key, value in (dataset.training.items() if dataset is not None else ()):
+        print(f"note: the dataset config sets {key} = {value!r}, a training setting: set training.{key} = "
+              f"{value!r} in the training config")
     print(f"shards, manifest.json and report.json in {args.out}")
     return 0
 
@@ -192,9 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--single-file", default="", help="also write it as one LDM-style .safetensors file")
     tiny.set_defaults(func=_cmd_tiny_model)
 
-    prep = sub.add_parser("prepare", help="kohya folder (<repeats>_<name>/img.png + img.txt) -> WebDataset shards")
-    prep.add_argument("src")
+    prep = sub.add_parser("prepare", help="kohya folder (<repeats>_<name>/img.png + img.txt), or the subsets of an "
+                          "sd-scripts dataset config, -> WebDataset shards")
+    prep.add_argument("src", nargs="?", help="kohya training folder (omit with --dataset-config)")
     prep.add_argument("out")
+    prep.add_argument("--dataset-config", default="",
+                      help="sd-scripts dataset config ([general], [[datasets]], [[datasets.subsets]]): its subsets "
+                           "into one manifest, with their repeats, captions and per-subset caption options; its "
+                           "bucket settings replace the options below")
     prep.add_argument("--resolution", type=int, default=512,
                       help="bucket base side: 512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL")
     prep.add_argument("--trigger", default="", help="trigger word put first in every caption")

@@ -2,12 +2,17 @@
 
 The random draws of a sample come from a generator keyed by (seed, epoch, sample key), so a sample gets
 the same caption wherever it lands in the epoch: on any rank, in any worker, before or after a resume.
+
+A dataset prepared from a kohya dataset config records the caption options each subset set itself
+(``manifest.json`` "subsets"); those apply to that subset's samples, and the training config's data.*
+options fill in the rest, as sd-scripts lets its command line fill in what the dataset config leaves out.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,21 +22,23 @@ class CaptionTransform:
     caption_dropout: float = 0.0  # probability that the whole caption becomes "" (unconditional sample)
     tag_dropout: float = 0.0  # probability that each movable tag is dropped
     trigger: str = ""  # kept as the first tag whatever the other settings
+    dropout_every_n_epochs: int = 0  # every N-th epoch (1-based, as kohya counts) trains without captions
 
     @property
     def active(self) -> bool:
-        return self.shuffle or self.caption_dropout > 0 or self.tag_dropout > 0
+        return self.shuffle or self.caption_dropout > 0 or self.tag_dropout > 0 or self.dropout_every_n_epochs > 0
 
     @staticmethod
     def rng(seed: int, epoch: int, key: str) -> random.Random:
         return random.Random(f"caption/{seed}/{epoch}/{key}")
 
-    def __call__(self, caption: str, rng: random.Random) -> str:
+    def __call__(self, caption: str, rng: random.Random, epoch: int = 0) -> str:
         if not self.active:
             return caption
         # Draw the dropout decision first and always, so the later draws do not depend on its outcome.
         drop_all = rng.random() < self.caption_dropout
-        if drop_all:
+        every = self.dropout_every_n_epochs
+        if drop_all or (every > 0 and (epoch + 1) % every == 0):
             return ""
         tags = [t.strip() for t in caption.split(",") if t.strip()]
         fixed, movable = tags[: self.keep_tokens], tags[self.keep_tokens:]
@@ -46,3 +53,37 @@ class CaptionTransform:
         if self.shuffle:
             rng.shuffle(movable)
         return ", ".join(fixed + movable)
+
+
+# Per-subset caption options a dataset config may set, as CaptionTransform fields.
+SUBSET_CAPTION_FIELDS = ("shuffle", "keep_tokens", "caption_dropout", "tag_dropout", "dropout_every_n_epochs")
+
+
+@dataclass(frozen=True)
+class CaptionPolicy:
+    """The caption transform of every sample: its subset's (``meta["subset"]``), else the default."""
+
+    default: CaptionTransform = CaptionTransform()
+    subsets: tuple[CaptionTransform, ...] = ()
+
+    @classmethod
+    def build(cls, default: CaptionTransform, subset_options: list[dict[str, Any]]) -> CaptionPolicy:
+        """``subset_options``: per subset, the caption fields its dataset config set (the rest: ``default``)."""
+        known = {f.name for f in fields(CaptionTransform)}
+        return cls(default, tuple(replace(default, **{k: v for k, v in options.items() if k in known})
+                                  for options in subset_options))
+
+    @property
+    def active(self) -> bool:
+        return self.default.active or any(t.active for t in self.subsets)
+
+    def for_sample(self, meta: dict[str, Any]) -> CaptionTransform:
+        subset = meta.get("subset")
+        return self.subsets[subset] if subset is not None and subset < len(self.subsets) else self.default
+
+    def to_json(self) -> dict[str, Any]:
+        return {"default": asdict(self.default), "subsets": [asdict(t) for t in self.subsets]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CaptionPolicy:
+        return cls(CaptionTransform(**data["default"]), tuple(CaptionTransform(**t) for t in data["subsets"]))

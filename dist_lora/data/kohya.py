@@ -1,4 +1,5 @@
-"""Reading a kohya_ss-style training folder: ``<repeats>_<class name>/image.png`` + ``image.txt``."""
+"""Reading kohya-style image folders: a training folder of ``<repeats>_<class name>/image.png`` +
+``image.txt``, or the flat image folder of a dataset config's subset."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_lora.data.dataset_config import SubsetSpec
 from dist_lora.errors import DistLoraError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -27,6 +29,9 @@ class SourceImage:
     repeats: int
     caption_path: Path | None
     is_reg: bool = False  # regularization image (prior preservation)
+    subset: int | None = None  # index of its dataset-config subset
+    caption_prefix: str = ""  # put before / after the caption (a subset's caption_prefix / suffix)
+    caption_suffix: str = ""
 
 
 def _caption_for(image: Path) -> Path | None:
@@ -71,9 +76,32 @@ def scan_images(root: Path, *, is_reg: bool = False) -> Iterator[SourceImage]:
                                   repeats, _caption_for(path), is_reg)
 
 
+def scan_subset(subset: SubsetSpec, index: int) -> list[SourceImage]:
+    """The images directly in a subset's folder (sd-scripts reads no sub-folders), sorted; their caption
+    files have the subset's caption_extension. Relative paths start with the subset's index, so two subsets
+    may hold files of the same name."""
+    folder = subset.image_dir
+    prefix = f"{index:02d}_{folder.name}"
+    images = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            caption = path.with_suffix(subset.caption_extension)
+            images.append(SourceImage(path, f"{prefix}/{path.name}", prefix, subset.class_tokens, subset.num_repeats,
+                                      caption if caption.is_file() else None, subset.is_reg, index,
+                                      subset.caption_prefix, subset.caption_suffix))
+    if not images:
+        raise DatasetFolderError(f"{subset.where}.image_dir '{folder}' holds no images "
+                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    return images
+
+
 def read_caption(image: SourceImage, trigger: str) -> tuple[str, str]:
-    """The image's caption (its .txt/.caption file, else the folder's class name) with the trigger word
-    first, and a warning ('' if none) when the file was not UTF-8 and was decoded as Windows-1252/Latin-1."""
+    """The image's caption (its caption file, else the class name) with the trigger word first, and a
+    warning ('' if none) when the file was not UTF-8 and was decoded as Windows-1252/Latin-1, or when a
+    subset image has neither a caption file nor class tokens.
+
+    A subset image's caption is the first line of its file, between the subset's prefix and suffix, as
+    sd-scripts reads it; a folder image's caption is the whole file, its line breaks made spaces."""
     warning = ""
     if image.caption_path is not None:
         raw = image.caption_path.read_bytes()
@@ -88,9 +116,14 @@ def read_caption(image: SourceImage, trigger: str) -> tuple[str, str]:
                 encoding = "Latin-1"
             warning = (f"caption {image.caption_path.name} is not UTF-8 (byte {exc.start}); decoded as {encoding}, "
                        f"check the text and re-save it as UTF-8")
+        if image.subset is not None:
+            caption = caption.split("\n")[0]
         caption = " ".join(caption.split())
     else:
         caption = image.class_name
+        if image.subset is not None and not caption:
+            warning = "no caption file and no class_tokens: trained with an empty caption"
+    caption = " ".join(part for part in (image.caption_prefix, caption, image.caption_suffix) if part)
     if trigger and not caption.startswith(trigger):
         caption = f"{trigger}, {caption}" if caption else trigger
     return caption, warning

@@ -5,8 +5,9 @@ the planners and the trainer read it.
 
 Schema (format ``dist_lora.shards/2``): ``resolution``, ``bucket_spec``, ``image_format``, ``trigger``,
 ``num_samples``, ``num_reg_samples``, ``num_samples_with_repeats``, ``buckets`` (per-bucket totals),
-``tag_frequency`` (per source folder), ``cache`` (absent until cached) and ``shards``: one entry per
-tar, each holding a single bucket: ``file``, ``bucket`` [width, height], ``samples``,
+``tag_frequency`` (per source folder), ``subsets`` (from a dataset config: each subset's source and
+the training-time options it set; absent for a plain folder), ``cache`` (absent until cached) and
+``shards``: one entry per tar, each holding a single bucket: ``file``, ``bucket`` [width, height], ``samples``,
 ``samples_with_repeats``, ``reg_samples``.
 """
 
@@ -81,6 +82,16 @@ class Manifest:
                    str(data.get("trigger", "")), CacheInfo.from_json(data.get("cache")), data)
 
     @property
+    def subsets(self) -> list[dict[str, Any]]:
+        """Per subset of a dataset config (a sample's ``meta["subset"]`` indexes it): where it came from and the
+        training-time options it set; [] for a plain folder."""
+        return list(self.raw.get("subsets", []))
+
+    def subset_options(self, name: str) -> list[dict[str, Any]]:
+        """Per subset, the options of kind ``name`` ("captions", "augment") its dataset config set."""
+        return [dict(s.get(name, {})) for s in self.subsets]
+
+    @property
     def num_samples_with_repeats(self) -> int:
         return sum(int(s["samples_with_repeats"]) for s in self.shards)
 
@@ -127,9 +138,10 @@ def bucket_counts(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def new_manifest(*, resolution: int, bucket_spec: Any, image_format: str, trigger: str, num_samples: int,
-                 shards: list[dict[str, Any]], tag_frequency: dict[str, dict[str, int]]) -> dict[str, Any]:
+                 shards: list[dict[str, Any]], tag_frequency: dict[str, dict[str, int]],
+                 subsets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest `dist-lora prepare` writes."""
-    return {
+    return {**({"subsets": subsets} if subsets else {}),
         "format": MANIFEST_FORMAT,
         "resolution": resolution,
         "bucket_spec": bucket_spec,

@@ -1,4 +1,5 @@
-"""`dist-lora prepare`: a kohya-style folder -> bucketed WebDataset tar shards + manifest.json + report.json.
+"""`dist-lora prepare`: a kohya-style folder, or the subsets of an sd-scripts dataset config, -> bucketed
+WebDataset tar shards + manifest.json + report.json.
 
 Each sample holds the image resized and cropped to its aspect-ratio bucket, its caption and a JSON
 record with what SDXL micro-conditioning needs (original size, crop top-left, target size), the kohya
@@ -32,8 +33,16 @@ from typing import Any
 from PIL import Image
 
 from dist_lora.data.buckets import Bucket, BucketSpec, bucket_set, nearest_bucket, place
+from dist_lora.data.dataset_config import DatasetSpec
 from dist_lora.data.images import DEFAULT_MAX_PIXELS, RejectedImage, open_image
-from dist_lora.data.kohya import IMAGE_EXTENSIONS, DatasetFolderError, SourceImage, read_caption, scan_images
+from dist_lora.data.kohya import (
+    IMAGE_EXTENSIONS,
+    DatasetFolderError,
+    SourceImage,
+    read_caption,
+    scan_images,
+    scan_subset,
+)
 from dist_lora.data.manifest import new_manifest, shard_entry, write_manifest
 from dist_lora.utils.files import check_writable_dir
 
@@ -241,7 +250,12 @@ def _check_output(out: Path, overwrite: bool) -> None:
     check_writable_dir(out)
 
 
-def _scan(src: Path, opts: PrepareOptions) -> list[SourceImage]:
+def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[SourceImage]:
+    if dataset is not None:
+        if opts.reg_src:
+            raise DatasetFolderError(f"--reg '{opts.reg_src}' and a dataset config: give the regularization images "
+                                     f"as a subset with is_reg = true in '{dataset.path}' instead.")
+        return [image for i, subset in enumerate(dataset.subsets) for image in scan_subset(subset, i)]
     images = list(scan_images(src))  # raises DatasetFolderError for a missing folder or one without concepts
     if not images:
         raise DatasetFolderError(f"dataset folder '{src}' has concept folders but no images "
@@ -292,9 +306,17 @@ def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts
             yield image, result
 
 
-def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | None = None) -> PrepareReport:
+def prepare_dataset(src: str | Path | None, out: str | Path, opts: PrepareOptions | None = None,
+                    dataset: DatasetSpec | None = None) -> PrepareReport:
+    """``src``: a kohya training folder; or None with ``dataset``, a dataset config's subsets, whose bucket
+    settings replace those of ``opts``."""
     opts = opts or PrepareOptions()
-    src, out = Path(src), Path(out)
+    if dataset is not None:
+        opts = replace(opts, **dataset.bucket)
+    elif src is None:
+        raise DatasetFolderError("give a dataset folder or a dataset config (--dataset-config).")
+    src = Path(src) if src is not None else dataset.path if dataset is not None else Path()
+    out = Path(out)
     if opts.image_format not in ("png", "jpg"):
         raise DatasetFolderError(f"image format {opts.image_format!r} is not supported; use 'png' or 'jpg'.")
     if opts.resolution < 64 or opts.resolution % 64:
@@ -302,7 +324,7 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
     if opts.shard_size < 1:
         raise DatasetFolderError(f"shard size {opts.shard_size} must be at least 1.")
     opts.bucket_spec()  # raises BucketError naming a bad bucket parameter
-    images = _scan(src, opts)
+    images = _scan(src, opts, dataset)
     _check_output(out, opts.overwrite)
 
     if not 0.0 <= opts.val_fraction < 1.0:
@@ -312,10 +334,11 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        report = _write_folder(src, train_images, staging, out, opts, started)
+        subsets = [s.record() for s in dataset.subsets] if dataset is not None else []
+        report = _write_folder(src, train_images, staging, out, opts, started, subsets)
         if val_images:
             report.validation = _write_folder(src, [replace(i, repeats=1) for i in val_images], staging / "val",
-                                              out / "val", opts, started)
+                                              out / "val", opts, started, subsets)
         _swap_into_place(staging, out)
     finally:
         if staging.exists():
@@ -337,7 +360,7 @@ def split_validation(images: list[SourceImage], fraction: float) -> tuple[list[S
 
 
 def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path, opts: PrepareOptions,
-                  started: float) -> PrepareReport:
+                  started: float, subsets: list[dict[str, Any]]) -> PrepareReport:
     """Encode ``images`` into shards and metadata in ``staging`` (reusing unchanged ones from ``out``)."""
     staging.mkdir(parents=True, exist_ok=True)
     report = PrepareReport(found=len(images))
@@ -358,7 +381,7 @@ def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path
                 report.warnings.append({"path": image.relative, "warning": warning})
             key = _sample_key(image.relative, used_keys)
             meta = {**geometry, "repeats": image.repeats, "folder": image.folder, "source": image.relative,
-                    "is_reg": image.is_reg}
+                    "is_reg": image.is_reg, **({"subset": image.subset} if image.subset is not None else {})}
             members = {opts.image_format: image_bytes, "txt": caption.encode("utf-8"),
                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
             shard = sink.add(key, members, tuple(geometry["bucket"]), image.repeats, image.is_reg)
@@ -371,9 +394,9 @@ def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path
         sink.close()
         assert report.found == report.accepted + len(report.rejected)
         if report.accepted == 0:
-            raise DatasetFolderError(f"dataset folder '{src}': no image could be used; see the reasons: "
+            raise DatasetFolderError(f"'{src}': no image could be used; see the reasons: "
                                      f"{report.rejected[:3]}")
-        _write_metadata(staging, opts, sink.shards, tag_frequency, sources, fingerprint, report, started)
+        _write_metadata(staging, opts, sink.shards, tag_frequency, sources, fingerprint, report, started, subsets)
     finally:
         previous.close()
     return report
@@ -381,10 +404,12 @@ def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path
 
 def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, Any]],
                     tag_frequency: dict[str, Counter[str]], sources: dict[str, dict[str, Any]],
-                    fingerprint: dict[str, Any], report: PrepareReport, started: float) -> None:
+                    fingerprint: dict[str, Any], report: PrepareReport, started: float,
+                    subsets: list[dict[str, Any]]) -> None:
     manifest = new_manifest(resolution=opts.resolution, bucket_spec=fingerprint["buckets"],
                             image_format=opts.image_format, trigger=opts.trigger, num_samples=report.accepted,
-                            shards=shards, tag_frequency={k: dict(v) for k, v in tag_frequency.items()})
+                            shards=shards, tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
+                            subsets=subsets)
     report.shards = len(shards)
     report.samples_with_repeats = manifest["num_samples_with_repeats"]
     report.buckets = {name: c["samples"] for name, c in manifest["buckets"].items()}

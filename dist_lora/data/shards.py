@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dist_lora.data.captions import CaptionTransform
+from dist_lora.data.captions import CaptionPolicy
 from dist_lora.data.manifest import MANIFEST_NAME, Manifest, ShardDataError
 from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec, unpack_chunk
 from dist_lora.data.tar_samples import BadData
@@ -227,13 +227,13 @@ class ShardLoader:
     """Per-epoch batches for one rank, with the same number of steps on every rank."""
 
     def __init__(self, folder: str | Path, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 num_workers: int = 1, shuffle_buffer: int = 64, captions: CaptionTransform | None = None,
+                 num_workers: int = 1, shuffle_buffer: int = 64, captions: CaptionPolicy | None = None,
                  shard_urls: str = "", use_latents: bool = False, use_text: bool = False,
                  multiple_of: int = 1, idle_ranks: bool = False) -> None:
         self.manifest = Manifest.read(folder)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.num_workers, self.shuffle_buffer = seed, num_workers, shuffle_buffer
-        self.captions = captions or CaptionTransform()
+        self.captions = captions or CaptionPolicy()
         self.use_latents, self.use_text, self.multiple_of = use_latents, use_text, multiple_of
         self.idle_ranks = idle_ranks
         cache = self.manifest.cache

@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors_bytes
 from torch.utils.data import IterableDataset
 
-from dist_lora.data.captions import CaptionTransform
+from dist_lora.data.captions import CaptionPolicy, CaptionTransform
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.utils.files import write_text_atomic
 
@@ -80,7 +80,7 @@ class StreamSpec:
     epoch: int
     rank: int
     shuffle_buffer: int
-    captions: CaptionTransform = CaptionTransform()
+    captions: CaptionPolicy = CaptionPolicy()
     use_latents: bool = False  # read cached VAE posteriors instead of decoding images
     use_text: bool = False  # read cached text-encoder outputs instead of captions for encoding
     # On resume: samples consumed before the checkpoint pass as placeholders (nothing decoded), and
@@ -94,8 +94,9 @@ class StreamSpec:
 def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
     key = sample["__key__"]
     caption = sample["txt"].decode("utf-8")
+    transform = spec.captions.for_sample(sample["meta"])
     out: dict[str, Any] = {"key": key, "meta": sample["meta"], "shard": sample["__shard__"],
-                           "caption": spec.captions(caption, CaptionTransform.rng(spec.seed, spec.epoch, key))}
+                           "caption": transform(caption, CaptionTransform.rng(spec.seed, spec.epoch, key), spec.epoch)}
     if spec.use_latents:
         cached = load_safetensors_bytes(sample[LATENT_MEMBER])
         out["latent_mean"], out["latent_std"] = cached["mean"].float(), cached["std"].float()
@@ -156,14 +157,14 @@ class EpochMailbox:
     def post(self, stream: RankShardStream) -> None:
         spec = stream.spec
         record = {"shards": [list(s) for s in stream.shards],
-                  "spec": {**asdict(spec), "captions": asdict(spec.captions), "skip_keys": sorted(spec.skip_keys),
+                  "spec": {**asdict(spec), "captions": spec.captions.to_json(), "skip_keys": sorted(spec.skip_keys),
                            "bad_keys": sorted(spec.bad_keys), "drop_keys": sorted(spec.drop_keys)}}
         write_text_atomic(self.path, json.dumps(record, ensure_ascii=False))
 
     def read(self) -> RankShardStream:
         record = json.loads(self.path.read_text(encoding="utf-8"))
         raw = record["spec"]
-        spec = StreamSpec(**{**raw, "captions": CaptionTransform(**raw["captions"]),
+        spec = StreamSpec(**{**raw, "captions": CaptionPolicy.from_json(raw["captions"]),
                              "skip_keys": frozenset(raw["skip_keys"]), "bad_keys": frozenset(raw["bad_keys"]),
                              "drop_keys": frozenset(raw["drop_keys"])})
         return RankShardStream([(url, name, int(n)) for url, name, n in record["shards"]], spec)

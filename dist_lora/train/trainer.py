@@ -16,7 +16,7 @@ from dist_lora import parallel
 from dist_lora.adapters.network import check_network_options
 from dist_lora.adapters.targets import unet_block_settings
 from dist_lora.config import Config, to_toml
-from dist_lora.data.captions import CaptionTransform
+from dist_lora.data.captions import CaptionPolicy, CaptionTransform
 from dist_lora.data.manifest import Manifest
 from dist_lora.data.shards import ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
@@ -51,7 +51,7 @@ class Preflight:
     manifest: Manifest
     run_dir: Path
     adapter_path: Path
-    captions: CaptionTransform
+    captions: CaptionPolicy
     use_latents: bool  # cached VAE posteriors are read; the VAE is not loaded
     use_text: bool  # cached text-encoder outputs are read; the text encoders are not loaded
     prompts: list[SamplePrompt]  # sample prompts, resolved and checked
@@ -95,7 +95,9 @@ def preflight(cfg: Config) -> Preflight:
                             f"the penultimate layer of both text encoders (kohya ignores clip_skip for SDXL); set "
                             f"model.clip_skip = 1.")
     d = cfg.data
-    captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout, manifest.trigger)
+    captions = CaptionPolicy.build(CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout,
+                                                    d.tag_dropout, manifest.trigger),
+                                   manifest.subset_options("captions"))
     cache = manifest.cache if d.use_cache else None
     if cache is not None and family is not None and family != cache.family:
         raise RunSetupError(f"data.shards '{manifest.root}' was cached with a {cache.family} model "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_lora.data.captions import CaptionTransform
+from dist_lora.data.captions import CaptionPolicy, CaptionTransform
 from dist_lora.data.manifest import Manifest, ShardDataError
 from dist_lora.data.shards import (
     ShardLoader,
@@ -167,7 +167,7 @@ def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: P
 
     def loader() -> ShardLoader:
         return ShardLoader(damaged, rank=1, world_size=2, batch_size=2, seed=3, num_workers=2, shuffle_buffer=4,
-                           captions=CaptionTransform(shuffle=True))
+                           captions=CaptionPolicy(CaptionTransform(shuffle=True)))
 
     full = list(loader().epoch(1))
     assert len(full) == loader().plan(1).steps
@@ -197,12 +197,13 @@ def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: P
 
 def test_workers_persist_across_epochs_and_read_each_epoch_as_a_fresh_loader(uneven_shards: Path) -> None:
     kept = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=3, seed=5, num_workers=2, shuffle_buffer=4,
-                       captions=CaptionTransform(shuffle=True, tag_dropout=0.3))
+                       captions=CaptionPolicy(CaptionTransform(shuffle=True, tag_dropout=0.3)))
     pids = []
     try:
         for epoch in range(3):
             fresh = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=3, seed=5, num_workers=2,
-                                shuffle_buffer=4, captions=CaptionTransform(shuffle=True, tag_dropout=0.3))
+                                shuffle_buffer=4,
+                                captions=CaptionPolicy(CaptionTransform(shuffle=True, tag_dropout=0.3)))
             want = list(fresh.epoch(epoch))
             fresh.close()
             got = list(kept.epoch(epoch))
@@ -215,7 +216,7 @@ def test_workers_persist_across_epochs_and_read_each_epoch_as_a_fresh_loader(une
         partial = kept.epoch(3)
         next(partial)
         fresh = ShardLoader(uneven_shards, rank=0, world_size=1, batch_size=3, seed=5, num_workers=2,
-                            shuffle_buffer=4, captions=CaptionTransform(shuffle=True, tag_dropout=0.3))
+                            shuffle_buffer=4, captions=CaptionPolicy(CaptionTransform(shuffle=True, tag_dropout=0.3)))
         assert [b.keys for b in kept.epoch(4)] == [b.keys for b in fresh.epoch(4)]
         fresh.close()
     finally:
@@ -253,7 +254,7 @@ def test_worker_hand_off_changes_nothing_in_the_batches(uneven_shards: Path) -> 
     """One worker reads the same stream as the training process itself: the chunked hand-off must give
     the same batches, bit for bit, in the same order."""
     options = {"rank": 0, "world_size": 1, "batch_size": 3, "seed": 5, "shuffle_buffer": 4,
-               "captions": CaptionTransform(shuffle=True, tag_dropout=0.3)}
+               "captions": CaptionPolicy(CaptionTransform(shuffle=True, tag_dropout=0.3))}
     inline, worker = ShardLoader(uneven_shards, num_workers=0, **options), ShardLoader(uneven_shards, num_workers=1,
                                                                                         **options)
     try:

@@ -1,0 +1,277 @@
+"""sd-scripts dataset configs (``--dataset_config``): ``[general]``, ``[[datasets]]`` and
+``[[datasets.subsets]]``, read into the subsets `dist-lora prepare` writes into one manifest.
+
+Options cascade as in sd-scripts: a subset's own value, else its dataset's, else ``[general]``'s. What
+none of them sets comes from the prepare command line (bucket settings, resolution) or, for the
+training-time options (captions, augmentation), from the training config's data.* keys: the manifest
+records only what the dataset config set. Every key is checked before anything is read or written: a
+key that would change training and has no counterpart here is refused with the reason, not ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_lora.errors import DistLoraError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class DatasetConfigError(DistLoraError):
+    """A dataset config that cannot be used; the message names the file and the key."""
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("expected true or false")
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("expected a whole number")
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError("expected a number")
+
+
+def _str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("expected a string")
+
+
+def _rate(value: Any) -> float:
+    rate = _float(value)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError("expected a probability between 0 and 1")
+    return rate
+
+
+def _non_negative(value: Any) -> int:
+    number = _int(value)
+    if number < 0:
+        raise ValueError("expected 0 or more")
+    return number
+
+
+def _resolution(value: Any) -> int:
+    """sd-scripts takes one side or [width, height]; buckets here have a square base."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if isinstance(value, list):
+        raise ValueError("a non-square base resolution [width, height] is not supported; give one side, e.g. 1024")
+    side = _int(value)
+    if side < 64 or side % 64:
+        raise ValueError("expected a multiple of 64")
+    return side
+
+
+def _separator(value: Any) -> str:
+    if _str(value) != ",":
+        raise ValueError("captions are split into tags at commas only; remove the key or set it to ','")
+    return ","
+
+
+def _unsupported(why: str) -> Callable[[Any], Any]:
+    def refuse(value: Any) -> Any:
+        raise ValueError(why)
+    return refuse
+
+
+# Options a subset, its dataset or [general] may set: name -> (checker, where it goes).
+# Where: "caption:<CaptionTransform field>" (training time, per sample), "augment:<name>" (training time),
+# "source:<name>" (how prepare reads the subset's files), "none" (no effect here).
+SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "num_repeats": (_int, "source:num_repeats"),
+    "class_tokens": (_str, "source:class_tokens"),
+    "caption_extension": (_str, "source:caption_extension"),
+    "caption_prefix": (_str, "source:caption_prefix"),
+    "caption_suffix": (_str, "source:caption_suffix"),
+    "shuffle_caption": (_bool, "caption:shuffle"),
+    "keep_tokens": (_non_negative, "caption:keep_tokens"),
+    "caption_dropout_rate": (_rate, "caption:caption_dropout"),
+    "caption_tag_dropout_rate": (_rate, "caption:tag_dropout"),
+    "caption_dropout_every_n_epochs": (_non_negative, "caption:dropout_every_n_epochs"),
+    "caption_separator": (_separator, "none"),
+    "cache_info": (_bool, "none"),
+    "flip_aug": (_unsupported("image flipping is not implemented yet; remove flip_aug"), "none"),
+    "color_aug": (_unsupported("colour augmentation is not implemented yet; remove color_aug"), "none"),
+    "random_crop": (_unsupported("random cropping is not implemented yet; remove random_crop"), "none"),
+    "face_crop_aug_range": (_unsupported("face-crop augmentation is not implemented"), "none"),
+    "keep_tokens_separator": (_unsupported("keep_tokens_separator is not implemented; use keep_tokens"), "none"),
+    "secondary_separator": (_unsupported("secondary_separator is not implemented"), "none"),
+    "enable_wildcard": (_unsupported("wildcard captions are not implemented"), "none"),
+    "token_warmup_min": (_unsupported("token warm-up is not implemented"), "none"),
+    "token_warmup_step": (_unsupported("token warm-up is not implemented"), "none"),
+    "custom_attributes": (_unsupported("custom attributes are not used here"), "none"),
+    "resize_interpolation": (_unsupported("images are always resized with Lanczos"), "none"),
+}
+# Only on a subset.
+SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "image_dir": (_str, "source:image_dir"),
+    "is_reg": (_bool, "source:is_reg"),
+    "alpha_mask": (_unsupported("masked loss is not implemented yet; remove alpha_mask"), "none"),
+    "metadata_file": (_unsupported("fine-tuning datasets (metadata_file) are not supported; use image folders with "
+                                   "caption files"), "none"),
+    "conditioning_data_dir": (_unsupported("conditioning images (ControlNet datasets) are not supported"), "none"),
+}
+# A dataset's (or [general]'s) settings: one bucket set and one batch size for the whole manifest.
+DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "resolution": (_resolution, "bucket:resolution"),
+    "enable_bucket": (_bool, "bucket:buckets"),
+    "min_bucket_reso": (_int, "bucket:min_bucket_side"),
+    "max_bucket_reso": (_int, "bucket:max_bucket_side"),
+    "bucket_reso_steps": (_int, "bucket:bucket_step"),
+    "bucket_no_upscale": (_unsupported("buckets always scale images to the bucket size; remove bucket_no_upscale"),
+                          "none"),
+    "validation_split": (_float, "bucket:val_fraction"),
+    "batch_size": (_int, "training:batch_size"),
+    "prior_loss_weight": (_float, "training:prior_loss_weight"),
+    "network_multiplier": (_unsupported("the adapter multiplier is 1 while training"), "none"),
+    "validation_seed": (_unsupported("the validation split is drawn from a hash of each path, not a seed"), "none"),
+    "debug_dataset": (_bool, "none"),
+    "max_token_length": (_unsupported("set model.max_token_length in the training config"), "none"),
+}
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """One ``[[datasets.subsets]]``: a flat folder of images (and caption files) with its options."""
+
+    image_dir: Path
+    num_repeats: int = 1
+    is_reg: bool = False
+    class_tokens: str = ""  # the caption of an image without a caption file
+    caption_extension: str = ".caption"  # sd-scripts' default for dataset configs
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    captions: dict[str, Any] = field(default_factory=dict)  # CaptionTransform fields the config set
+    where: str = ""  # "datasets[0].subsets[1]", for messages
+
+    def record(self) -> dict[str, Any]:
+        """The subset's entry in the manifest."""
+        return {"image_dir": str(self.image_dir), "num_repeats": self.num_repeats, "is_reg": self.is_reg,
+                "class_tokens": self.class_tokens, "captions": dict(self.captions)}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset config says: its subsets, the prepare settings it set (``bucket``: PrepareOptions
+    fields) and the training settings it set (``training``: training config keys)."""
+
+    path: Path
+    subsets: list[SubsetSpec]
+    bucket: dict[str, Any]
+    training: dict[str, Any]
+
+
+def _check(path: Path, where: str, key: str, value: Any, checker: Callable[[Any], Any]) -> Any:
+    try:
+        return checker(value)
+    except ValueError as exc:
+        raise DatasetConfigError(f"dataset config '{path}': {where}{key} = {value!r}: {exc}.") from exc
+
+
+def _table(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DatasetConfigError(f"dataset config '{path}': {where} must be a table, got {type(value).__name__}.")
+    return value
+
+
+def _read_level(path: Path, where: str, table: dict[str, Any], allowed: dict[str, tuple[Callable[[Any], Any], str]],
+                skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, str]]:
+    """A level's keys, each checked: key -> (value, where it goes)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for key, value in table.items():
+        if key in skip:
+            continue
+        if key not in allowed:
+            raise DatasetConfigError(f"dataset config '{path}': unknown key {where}{key}; the keys a "
+                                     f"{'subset' if 'subsets[' in where else 'dataset'} takes are "
+                                     f"{', '.join(sorted(allowed))}.")
+        checker, target = allowed[key]
+        out[key] = (_check(path, where, key, value, checker), target)
+    return out
+
+
+def _subset(path: Path, where: str, options: dict[str, tuple[Any, str]]) -> SubsetSpec:
+    if "image_dir" not in options:
+        raise DatasetConfigError(f"dataset config '{path}': {where} has no image_dir (the folder of its images).")
+    source: dict[str, Any] = {}
+    captions: dict[str, Any] = {}
+    for value, target in options.values():
+        kind, _, name = target.partition(":")
+        if kind == "source":
+            source[name] = value
+        elif kind == "caption":
+            captions[name] = value
+    image_dir = Path(source.pop("image_dir")).expanduser()
+    if not image_dir.is_absolute():
+        image_dir = path.parent / image_dir
+    if not image_dir.is_dir():
+        raise DatasetConfigError(f"dataset config '{path}': {where}.image_dir = '{image_dir}' "
+                                 f"{'is not a folder' if image_dir.exists() else 'does not exist'}.")
+    if source.get("num_repeats", 1) < 1:
+        raise DatasetConfigError(f"dataset config '{path}': {where}.num_repeats = {source['num_repeats']} must be at "
+                                 f"least 1.")
+    return SubsetSpec(image_dir, captions=captions, where=where, **source)
+
+
+def read_dataset_config(path: str | Path) -> DatasetSpec:
+    """The dataset config at ``path``, every key checked and every subset folder found."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetConfigError(f"dataset config '{path}' does not exist.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetConfigError(f"dataset config '{path}' is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - {"general", "datasets"})
+    if unknown:
+        raise DatasetConfigError(f"dataset config '{path}': unknown top-level key(s) {unknown}; a dataset config has "
+                                 f"[general] and [[datasets]] (with [[datasets.subsets]]).")
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise DatasetConfigError(f"dataset config '{path}' has no [[datasets]] table.")
+    level_keys = {**DATASET_KEYS, **SUBSET_KEYS}
+    general = _read_level(path, "general.", _table(path, "[general]", data.get("general", {})), level_keys)
+    subsets: list[SubsetSpec] = []
+    dataset_settings: dict[str, tuple[Any, str, str]] = {}  # key -> (value, target, where it was set)
+    for d, raw_dataset in enumerate(datasets):
+        where_d = f"datasets[{d}]."
+        dataset = _read_level(path, where_d, _table(path, f"datasets[{d}]", raw_dataset), level_keys, ("subsets",))
+        merged = {**general, **dataset}
+        for key, (value, target) in merged.items():
+            if key not in DATASET_KEYS:
+                continue
+            earlier = dataset_settings.get(key)
+            if earlier is not None and earlier[0] != value:
+                raise DatasetConfigError(
+                    f"dataset config '{path}': {where_d}{key} = {value!r} differs from {earlier[2]}{key} = "
+                    f"{earlier[0]!r}; one prepared folder has one bucket set and one batch size. Give the datasets "
+                    f"the same {key}, or prepare each into its own folder.")
+            dataset_settings[key] = (value, target, where_d)
+        raw_subsets = raw_dataset.get("subsets")
+        if not isinstance(raw_subsets, list) or not raw_subsets:
+            raise DatasetConfigError(f"dataset config '{path}': datasets[{d}] has no [[datasets.subsets]].")
+        for s, raw_subset in enumerate(raw_subsets):
+            where_s = f"datasets[{d}].subsets[{s}]"
+            own = _read_level(path, where_s + ".", _table(path, where_s, raw_subset),
+                              {**SUBSET_KEYS, **SUBSET_ONLY_KEYS})
+            inherited = {k: v for k, v in merged.items() if k in SUBSET_KEYS}
+            subsets.append(_subset(path, where_s, {**inherited, **own}))
+    bucket = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("bucket:")}
+    training = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("training:")}
+    return DatasetSpec(path, subsets, bucket, training)

@@ -1,0 +1,177 @@
+"""sd-scripts dataset configs: subsets into one manifest, and their caption options applied per sample."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dist_lora.cli import main
+from dist_lora.data.captions import CaptionPolicy, CaptionTransform
+from dist_lora.data.dataset_config import DatasetConfigError, read_dataset_config
+from dist_lora.data.kohya import DatasetFolderError
+from dist_lora.data.manifest import Manifest
+from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+from dist_lora.data.shards import ShardLoader
+
+CONFIG = """
+[general]
+shuffle_caption = true
+keep_tokens = 1
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+enable_bucket = false
+
+  [[datasets.subsets]]
+  image_dir = "a"
+  num_repeats = 3
+  class_tokens = "zkw cube"
+
+  [[datasets.subsets]]
+  image_dir = "b"
+  caption_extension = ".caption"
+  caption_dropout_rate = 1.0
+  caption_prefix = "photo of"
+
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "cube"
+  shuffle_caption = false
+  caption_dropout_every_n_epochs = 2
+"""
+
+
+def _dataset(root: Path, config: str = CONFIG) -> Path:
+    for folder, count in (("a", 3), ("b", 2), ("reg", 2)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (96, 64), (i * 40, 20, 30)).save(root / folder / f"{i}.png")
+    (root / "a" / "0.txt").write_text("red, cube, big, shiny, round\nsecond line")
+    (root / "a" / "0.caption").write_text("not read: subset a reads .txt")
+    (root / "b" / "0.caption").write_text("blue, sphere")
+    (root / "b" / "sub").mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64)).save(root / "b" / "sub" / "nested.png")  # sd-scripts reads no sub-folders
+    path = root / "dataset.toml"
+    path.write_text(config)
+    return path
+
+
+def _samples(out: Path) -> dict[str, dict[str, object]]:
+    samples: dict[str, dict[str, object]] = {}
+    for shard in sorted(out.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                samples.setdefault(key, {})[ext] = json.loads(data) if ext == "json" else data
+    return samples
+
+
+def test_subsets_into_one_manifest(tmp_path: Path) -> None:
+    spec = read_dataset_config(_dataset(tmp_path))
+    assert spec.training == {"batch_size": 2}
+    assert spec.bucket == {"resolution": 64, "buckets": False}
+    report = prepare_dataset(None, tmp_path / "out", PrepareOptions(resolution=512), spec)
+    assert (report.found, report.accepted) == (7, 7)
+    manifest = Manifest.read(tmp_path / "out")
+    assert manifest.resolution == 64 and manifest.raw["num_samples_with_repeats"] == 3 * 3 + 2 + 2
+    # Each level cascades: [general] < dataset < subset; only what the file set is recorded.
+    assert manifest.subset_options("captions") == [
+        {"shuffle": True, "keep_tokens": 1},
+        {"shuffle": True, "keep_tokens": 1, "caption_dropout": 1.0},
+        {"shuffle": False, "keep_tokens": 1, "dropout_every_n_epochs": 2}]
+    assert [(s["num_repeats"], s["is_reg"]) for s in manifest.subsets] == [(3, False), (1, False), (1, True)]
+    samples = _samples(tmp_path / "out")
+    assert set(samples) == {"00_a/0", "00_a/1", "00_a/2", "01_b/0", "01_b/1", "02_reg/0", "02_reg/1"}
+    captions = {key: sample["txt"].decode() for key, sample in samples.items()}  # type: ignore[union-attr]
+    assert captions["00_a/0"] == "red, cube, big, shiny, round"  # the first line of the .txt
+    assert captions["00_a/1"] == "zkw cube"  # no caption file: the class tokens
+    assert captions["01_b/0"] == "photo of blue, sphere" and captions["01_b/1"] == "photo of"
+    assert captions["02_reg/0"] == "cube"
+    metas = {key: sample["json"] for key, sample in samples.items()}
+    assert [(metas[k]["subset"], metas[k]["repeats"], metas[k]["is_reg"]) for k in ("00_a/0", "01_b/0", "02_reg/1")] \
+        == [(0, 3, False), (1, 1, False), (2, 1, True)]
+    assert Image.open(io.BytesIO(samples["00_a/0"]["png"])).size == (64, 64)  # type: ignore[arg-type]
+    assert [w["path"] for w in report.warnings] == ["01_b/1.png"]
+
+
+def test_subset_caption_options_apply_per_sample(tmp_path: Path) -> None:
+    prepare_dataset(None, tmp_path / "out", PrepareOptions(), read_dataset_config(_dataset(tmp_path)))
+    manifest = Manifest.read(tmp_path / "out")
+    # The training config's data.* options fill in what the dataset config left out: tag dropout here.
+    default = CaptionTransform(tag_dropout=0.5)
+    policy = CaptionPolicy.build(default, manifest.subset_options("captions"))
+    loader = ShardLoader(tmp_path / "out", rank=0, world_size=1, batch_size=1, seed=5, num_workers=0,
+                         captions=policy)
+    originals = {key: s["txt"].decode() for key, s in _samples(tmp_path / "out").items()}  # type: ignore[union-attr]
+    for epoch in (0, 1):
+        got = {key: caption for batch in loader.epoch(epoch)
+               for key, caption in zip(batch.keys, batch.captions, strict=True) if not key.startswith("pad:")}
+        assert len(got) == 13
+        for key, caption in got.items():
+            source = key.split("#")[0]
+            # Each sample's caption is its subset's transform with the draws keyed by (seed, epoch, key).
+            expected = CaptionTransform(shuffle=source.startswith(("00", "01")), keep_tokens=1, tag_dropout=0.5,
+                                        caption_dropout=1.0 if source.startswith("01") else 0.0,
+                                        dropout_every_n_epochs=2 if source.startswith("02") else 0)
+            assert caption == expected(originals[source], CaptionTransform.rng(5, epoch, key), epoch)
+        assert all(got[k] == "" for k in got if k.startswith("01_b"))  # caption_dropout_rate 1
+        reg = [got[k] for k in got if k.startswith("02_reg")]
+        assert reg == (["cube", "cube"] if epoch == 0 else ["", ""])  # every 2nd epoch (kohya counts from 1)
+        first_tags = {got[k].split(", ")[0] for k in got if k.startswith("00_a/0")}
+        assert first_tags == {"red"}  # keep_tokens = 1
+    shuffled = [c for batch in loader.epoch(0) for k, c in zip(batch.keys, batch.captions, strict=True)
+                if k.startswith("00_a/0")]
+    assert len(set(shuffled)) > 1  # three repeats, each drawn on its own
+
+
+def test_cli_prepare_with_a_dataset_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _dataset(tmp_path)
+    assert main(["prepare", str(tmp_path / "out"), "--dataset-config", str(path)]) == 0
+    assert "set training.batch_size = 2" in capsys.readouterr().out
+    assert len(Manifest.read(tmp_path / "out").subsets) == 3
+    assert main(["prepare", str(tmp_path / "a"), str(tmp_path / "out2"), "--dataset-config", str(path)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("image_dir = \"b\"", "image_dir = \"missing\""), "datasets[0].subsets[1].image_dir = "),
+    (("num_repeats = 3", "num_repeats = \"3\""), "datasets[0].subsets[0].num_repeats = '3': expected a whole number"),
+    (("num_repeats = 3", "num_repats = 3"), "unknown key datasets[0].subsets[0].num_repats"),
+    (("keep_tokens = 1", "keep_tokens = 1\nface_crop_aug_range = [2.0, 4.0]"),
+     "general.face_crop_aug_range = [2.0, 4.0]: face-crop augmentation is not implemented"),
+    (("resolution = 64", "resolution = [64, 128]"), "non-square base resolution"),
+    (("caption_dropout_rate = 1.0", "caption_dropout_rate = 1.5"), "expected a probability between 0 and 1"),
+    (("[[datasets]]", "[general2]\n[[datasets]]"), "unknown top-level key(s) ['general2']"),
+    (("  [[datasets.subsets]]\n  image_dir = \"reg\"",
+      "[[datasets]]\nresolution = 128\n  [[datasets.subsets]]\n  image_dir = \"reg\""),
+     "datasets[1].resolution = 128 differs from datasets[0].resolution = 64"),
+    (("[general]", "[general"), "is not valid TOML"),
+])
+def test_bad_dataset_configs_name_the_key_and_write_nothing(tmp_path: Path, change: tuple[str, str],
+                                                            message: str) -> None:
+    assert change[0] in CONFIG
+    path = _dataset(tmp_path, CONFIG.replace(*change, 1))
+    with pytest.raises(DatasetConfigError) as caught:
+        prepare_dataset(None, tmp_path / "out", PrepareOptions(), read_dataset_config(path))
+    assert message in str(caught.value) and str(path) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reg_folder_and_dataset_config_are_refused_together(tmp_path: Path) -> None:
+    spec = read_dataset_config(_dataset(tmp_path))
+    with pytest.raises(DatasetFolderError, match="is_reg = true"):
+        prepare_dataset(None, tmp_path / "out", PrepareOptions(reg_src=str(tmp_path / "reg")), spec)
+    (tmp_path / "empty").mkdir()
+    spec = read_dataset_config(_dataset(tmp_path, CONFIG.replace('image_dir = "b"', 'image_dir = "empty"')))
+    with pytest.raises(DatasetFolderError, match=r"datasets\[0\].subsets\[1\].image_dir .* holds no images"):
+        prepare_dataset(None, tmp_path / "out", PrepareOptions(), spec)
+    assert not (tmp_path / "out").exists()
