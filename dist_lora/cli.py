@@ -168,7 +168,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_import_kohya(args: argparse.Namespace) -> int:
     from dist_lora.importers.kohya_import import import_kohya_config, write_import
 
-    result = import_kohya_config(args.config, args.out)
+    result = import_kohya_config(args.config, args.out, args.dataset_config or None)
     written = write_import(result, args.out, Path(args.config))
     report = result.report
     print(f"{len(report.mapped)} keys mapped, {len(report.no_effect)} without effect here, {len(report.unsupported)} "
@@ -305,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import-kohya", help="a kohya_ss GUI config (.json) or sd-scripts --config_file (.toml) as "
                          "a recipe, its data commands and a report of every key")
     imp.add_argument("config", help="the kohya_ss .json or sd-scripts .toml")
-    imp.add_argument("out", help="new folder for train.toml, prepare.sh and import_report.txt")
+    imp.add_argument("out", help="new folder for train.toml, prepare.sh and import_report.txt (and dataset.toml)")
+    imp.add_argument("--dataset-config", default="",
+                     help="sd-scripts dataset config (TOML with [[datasets]] and [[datasets.subsets]]); default: the "
+                          "config's own dataset_config key, if set")
     imp.set_defaults(func=_cmd_import_kohya)
 
     ref = sub.add_parser("config-reference", help="print the config reference (markdown)")

@@ -191,18 +191,18 @@ def to_toml(config: Config) -> str:
     for section, values in config.to_dict().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
 
@@ -214,7 +214,7 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            shown = "(required)" if f.metadata.get("required") else f"`{_toml_value(default)}`"
+            shown = "(required)" if f.metadata.get("required") else f"`{toml_value(default)}`"
             type_text = _describe_type(hints[f.name])
             out.append(f"| `{section}.{f.name}` | {type_text} | {shown} | {f.metadata['doc']} |")
     return "\n".join(out) + "\n"

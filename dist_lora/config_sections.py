@@ -58,6 +58,9 @@ class DataConfig:
                                     "caption_dropout_rate).", minimum=0.0, maximum=1.0)
     tag_dropout: float = _field(0.0, "Probability that each tag after keep_tokens is dropped (kohya: "
                                 "caption_tag_dropout_rate).", minimum=0.0, maximum=1.0)
+    caption_dropout_every_n_epochs: int = _field(
+        0, "Train every N-th epoch (counted from 1) with empty captions (kohya: caption_dropout_every_n_epochs); 0: "
+        "never.", minimum=0)
 
 
 @dataclass

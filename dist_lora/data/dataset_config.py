@@ -84,9 +84,13 @@ def _separator(value: Any) -> str:
     return ","
 
 
+class UnsupportedKey(ValueError):
+    """A key sd-scripts knows that has no counterpart here (the message says why)."""
+
+
 def _unsupported(why: str) -> Callable[[Any], Any]:
     def refuse(value: Any) -> Any:
-        raise ValueError(why)
+        raise UnsupportedKey(why)
     return refuse
 
 
@@ -229,15 +233,24 @@ def _subset(path: Path, where: str, options: dict[str, tuple[Any, str]]) -> Subs
     return SubsetSpec(image_dir, captions=captions, where=where, **source)
 
 
-def read_dataset_config(path: str | Path) -> DatasetSpec:
-    """The dataset config at ``path``, every key checked and every subset folder found."""
+def load_dataset_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of the dataset config at ``path``, unchecked."""
     path = Path(path)
     if not path.is_file():
         raise DatasetConfigError(f"dataset config '{path}' does not exist.")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DatasetConfigError(f"dataset config '{path}' is not valid TOML: {exc}") from exc
+
+
+def read_dataset_config(path: str | Path) -> DatasetSpec:
+    """The dataset config at ``path``, every key checked and every subset folder found."""
+    return parse_dataset_config(load_dataset_toml(path), Path(path))
+
+
+def parse_dataset_config(data: dict[str, Any], path: Path) -> DatasetSpec:
+    """``data``: the tables of the dataset config at ``path`` (relative image_dir paths are from its folder)."""
     unknown = sorted(set(data) - {"general", "datasets"})
     if unknown:
         raise DatasetConfigError(f"dataset config '{path}': unknown top-level key(s) {unknown}; a dataset config has "

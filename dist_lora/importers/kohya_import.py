@@ -19,6 +19,7 @@ from typing import Any
 
 from dist_lora.config import config_from_dict, to_toml
 from dist_lora.errors import DistLoraError
+from dist_lora.importers.kohya_dataset import ImportedDataset, dataset_toml, import_dataset_config
 from dist_lora.importers.kohya_keys import GUI_NAMES, MAPPED, NO_EFFECT, UNSUPPORTED, ImportValueError
 
 if sys.version_info >= (3, 11):
@@ -59,6 +60,7 @@ class KohyaImport:
     raw: dict[str, dict[str, Any]]  # our config, section by section
     commands: list[list[str]]  # dist-lora prepare / cache, in order
     report: ImportReport
+    dataset: ImportedDataset | None = None  # the dataset config's copy (dataset.toml), if one was given
 
 
 def read_kohya_file(path: Path) -> dict[str, Any]:
@@ -197,11 +199,46 @@ def _learning_rates(keys: dict[str, Any], b: _Builder) -> None:
     b.raw.setdefault("network", {})["train_text_encoder"] = not unet_only
 
 
-def import_kohya_config(path: str | Path, out_dir: str | Path) -> KohyaImport:
-    """Read and map every key (nothing is written)."""
+def _dataset_config(keys: dict[str, Any], given: str | Path | None, b: _Builder) -> ImportedDataset | None:
+    """The dataset config: ``given`` (--dataset-config), else the file's own dataset_config key. sd-scripts
+    then ignores train_data_dir and reg_data_dir."""
+    own = keys.pop("dataset_config", None)
+    if given and not _is_off(own):
+        b.report.no_effect.append((b.name("dataset_config"), own, f"--dataset-config {given} is read instead"))
+    path = given or (None if _is_off(own) else str(own))
+    if path is None:
+        if own is not None:
+            b.report.no_effect.append((b.name("dataset_config"), own, "empty"))
+        return None
+    if not given:
+        b.report.mapped.append((b.name("dataset_config"), own, "dataset.toml (dist-lora prepare --dataset-config)"))
+    dataset = import_dataset_config(path)
+    for key in ("train_data_dir", "reg_data_dir"):
+        if key in keys:
+            b.report.no_effect.append((b.name(key), keys.pop(key), "the dataset config's subsets are read instead"))
+    return dataset
+
+
+def _apply_dataset(dataset: ImportedDataset, b: _Builder) -> None:
+    """The dataset config's training settings win over the main config's (as in sd-scripts)."""
+    for ours, value in dataset.training.items():
+        section, name = ours.split(".")
+        b.raw.setdefault(section, {})[name] = value
+        for entry in [e for e in b.report.mapped if e[2] == ours]:
+            b.report.mapped.remove(entry)
+            b.report.no_effect.append((entry[0], entry[1], f"the dataset config sets {name} = {value!r}"))
+    b.report.mapped += dataset.mapped
+    b.report.no_effect += dataset.no_effect
+    b.report.unsupported += dataset.unsupported
+
+
+def import_kohya_config(path: str | Path, out_dir: str | Path,
+                        dataset_config: str | Path | None = None) -> KohyaImport:
+    """Read and map every key, of the dataset config too (nothing is written)."""
     path, out_dir = Path(path), Path(out_dir)
     b = _Builder(path)
     keys = _normalise(read_kohya_file(path), b)
+    dataset = _dataset_config(keys, dataset_config, b)
     args = _network_args(keys.get("network_args", []), path)
     b.raw.setdefault("network", {})["type"] = _network_type(keys, args, path)
     for key in sorted(_NETWORK_KEYS & keys.keys()):
@@ -246,18 +283,25 @@ def import_kohya_config(path: str | Path, out_dir: str | Path) -> KohyaImport:
             b.report.unsupported.append((name, value, UNSUPPORTED[key]))
         else:
             b.report.unsupported.append((name, value, "not a kohya option known here"))
-    return KohyaImport(b.raw, _data_commands(b, out_dir), b.report)
+    if dataset is not None:
+        _apply_dataset(dataset, b)
+    return KohyaImport(b.raw, _data_commands(b, out_dir, dataset is not None), b.report, dataset)
 
 
-def _data_commands(b: _Builder, out_dir: Path) -> list[list[str]]:
-    """`dist-lora prepare` for the training folder, `dist-lora cache` when kohya cached latents; the recipe
-    reads what the last one writes."""
+def _data_commands(b: _Builder, out_dir: Path, with_dataset: bool) -> list[list[str]]:
+    """`dist-lora prepare` for the training folder or the dataset config's copy (whose settings win over
+    the options given here), `dist-lora cache` when kohya cached latents; the recipe reads what the last
+    one writes."""
     src = b.prepare.pop("src", None)
-    if not src:
-        raise KohyaImportError(f"kohya config '{b.path}' names no train_data_dir: give the training images' folder "
-                               f"(kohya's <repeats>_<name> layout); dataset config files are not read yet.")
     shards = out_dir / "shards"
-    prepare = ["dist-lora", "prepare", str(src), str(shards)]
+    if with_dataset:
+        prepare = ["dist-lora", "prepare", str(shards), "--dataset-config", str(out_dir / "dataset.toml")]
+    elif src:
+        prepare = ["dist-lora", "prepare", str(src), str(shards)]
+    else:
+        raise KohyaImportError(f"kohya config '{b.path}' names no train_data_dir and no dataset_config: give the "
+                               f"training images' folder (kohya's <repeats>_<name> layout) or a dataset config "
+                               f"(--dataset-config).")
     if not b.prepare.pop("buckets", True):
         prepare.append("--no-buckets")
     for option, value in sorted(b.prepare.items()):
@@ -296,6 +340,8 @@ def write_import(result: KohyaImport, out_dir: str | Path, source: Path) -> list
     script.append(f"dist-lora train --config {shlex.quote(str(out_dir / 'train.toml'))}")
     (staging / "prepare.sh").write_text("\n".join(script) + "\n", encoding="utf-8")
     (staging / "import_report.txt").write_text(f"# {source}\n" + result.report.text(), encoding="utf-8")
+    if result.dataset is not None:
+        (staging / "dataset.toml").write_text(dataset_toml(result.dataset.tables, source), encoding="utf-8")
     if out_dir.exists():
         out_dir.rmdir()
     shutil.move(str(staging), str(out_dir))

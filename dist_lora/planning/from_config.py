@@ -74,7 +74,8 @@ def plan_for_config(cfg: Config, *, gpus: int = 1, zero_stage: int = 0, budget: 
     sizes = measure_model(folder, cfg.network, size, WEIGHT_DTYPES[precision])
     cache = manifest.cache if manifest is not None and cfg.data.use_cache else None
     d = cfg.data
-    default_captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout)
+    default_captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout,
+                                        dropout_every_n_epochs=d.caption_dropout_every_n_epochs)
     subset_captions = manifest.subset_options("captions") if manifest is not None else []
     captions_change = CaptionPolicy.build(default_captions, subset_captions).active
     run = RunSettings(

@@ -96,7 +96,8 @@ def preflight(cfg: Config) -> Preflight:
                             f"model.clip_skip = 1.")
     d = cfg.data
     captions = CaptionPolicy.build(CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout,
-                                                    d.tag_dropout, manifest.trigger),
+                                                    d.tag_dropout, manifest.trigger,
+                                                    d.caption_dropout_every_n_epochs),
                                    manifest.subset_options("captions"))
     cache = manifest.cache if d.use_cache else None
     if cache is not None and family is not None and family != cache.family:

@@ -14,10 +14,38 @@ from dist_lora.cli import main
 from dist_lora.data.synthetic import write_shapes_dataset
 
 
+DATASET = """
+[general]
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 128
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "img/2_dlsks shapes"
+  num_repeats = 2
+
+  [[datasets.subsets]]
+  image_dir = "more/2_dlsks shapes"
+  shuffle_caption = true
+  caption_dropout_rate = 0.5
+
+  [[datasets.subsets]]
+  image_dir = "reg/2_dlsks shapes"
+  is_reg = true
+"""
+
+
 def test_an_imported_locon_config_prepares_caches_and_trains(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    write_shapes_dataset(tmp_path / "img", images=6, repeats=2)
+    """With a dataset config of three subsets (one of regularization images)."""
+    for folder, seed in (("img", 0), ("more", 1), ("reg", 2)):
+        write_shapes_dataset(tmp_path / folder, images=3, seed=seed)
+    (tmp_path / "dataset.toml").write_text(DATASET)
     config = {"LoRA_type": "Kohya LoCon", "pretrained_model_name_or_path": str(tiny_models["sd15"]),
-              "train_data_dir": str(tmp_path / "img"), "output_dir": str(tmp_path / "run"), "output_name": "imported",
+              "train_data_dir": "", "dataset_config": str(tmp_path / "dataset.toml"),
+              "output_dir": str(tmp_path / "run"), "output_name": "imported",
               "network_dim": 4, "network_alpha": 2, "conv_dim": 2, "conv_alpha": 1, "max_resolution": "128,128",
               "enable_bucket": False, "train_batch_size": 2, "max_train_steps": 2, "optimizer": "AdamW",
               "learning_rate": 1e-3, "text_encoder_lr": 0, "clip_skip": 2, "mixed_precision": "no",
@@ -30,8 +58,11 @@ def test_an_imported_locon_config_prepares_caches_and_trains(tiny_models: dict[s
     proc = subprocess.run(["bash", str(tmp_path / "imported" / "prepare.sh")], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    cached = json.loads((tmp_path / "imported" / "cached" / "manifest.json").read_text())["cache"]
-    assert cached["text"] and cached["clip_skip"] == 2
+    manifest = json.loads((tmp_path / "imported" / "cached" / "manifest.json").read_text())
+    assert manifest["cache"]["clip_skip"] == 2 and manifest["num_samples_with_repeats"] == 2 * 3 + 3 + 3
+    assert [s["captions"] for s in manifest["subsets"]] == [
+        {"keep_tokens": 1}, {"keep_tokens": 1, "shuffle": True, "caption_dropout": 0.5}, {"keep_tokens": 1}]
+    assert manifest["num_reg_samples"] == 3
     with safe_open(str(tmp_path / "run" / "imported.safetensors"), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     args = json.loads(meta["ss_network_args"])

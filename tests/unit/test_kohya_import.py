@@ -46,7 +46,7 @@ def test_the_sdxl_character_preset(tmp_path: Path) -> None:
     assert (training["mixed_precision"], training["min_snr_gamma"], training["attention"]) == ("fp16", 5.0, "xformers")
     assert training["gradient_checkpointing"] and training["vae_fp32"]
     assert raw["data"] == {"caption_dropout": 0.05, "keep_tokens": 0, "num_workers": 0, "shuffle_caption": False,
-                           "shards": str(tmp_path / "out" / "cached")}
+                           "caption_dropout_every_n_epochs": 0, "shards": str(tmp_path / "out" / "cached")}
     assert raw["model"] == {"pretrained": "/models/sdxl.safetensors", "clip_skip": 1, "max_token_length": 75}
     assert raw["output"] == {"dir": "/runs", "name": "character", "save_precision": "fp16", "save_every_epochs": 1,
                              "save_every_steps": 0}
@@ -186,3 +186,94 @@ def test_nothing_is_written_into_a_used_folder(tmp_path: Path) -> None:
     with pytest.raises(KohyaImportError, match="is not empty"):
         write_import(result, tmp_path / "out", path)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"]
+
+
+DATASET_TOML = """
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+enable_wildcard = true
+
+[[datasets]]
+resolution = 768
+batch_size = 4
+enable_bucket = true
+max_bucket_reso = 1536
+debug_dataset = false
+
+  [[datasets.subsets]]
+  image_dir = "chars/alice"
+  num_repeats = 10
+  class_tokens = "alice woman"
+  face_crop_aug_range = [2.0, 4.0]
+
+  [[datasets.subsets]]
+  image_dir = "chars/bob"
+  num_repeats = 5
+  caption_dropout_rate = 0.1
+  colour = "red"
+
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "woman"
+  shuffle_caption = false
+"""
+
+
+def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
+    for folder in ("chars/alice", "chars/bob", "reg"):
+        (tmp_path / folder).mkdir(parents=True)
+    dataset = _write(tmp_path, DATASET_TOML, "dataset.toml")
+    main_config = {**USER, "train_batch_size": 2, "network_dim": 8, "dataset_config": "ignored.toml"}
+    result = import_kohya_config(_write(tmp_path, main_config), tmp_path / "out", dataset)
+    report = result.report
+    mapped = {k: ours for k, _, ours in report.mapped}
+    copy = "dataset.toml (dist-lora prepare --dataset-config)"
+    assert {k: v for k, v in mapped.items() if k.startswith("dataset ")} == {
+        "dataset general.shuffle_caption": copy, "dataset general.caption_extension": copy,
+        "dataset general.keep_tokens": copy, "dataset datasets[0].resolution": copy,
+        "dataset datasets[0].batch_size": "training.batch_size", "dataset datasets[0].enable_bucket": copy,
+        "dataset datasets[0].max_bucket_reso": copy, **{f"dataset datasets[0].subsets[{i}].{k}": copy for i, k in (
+            (0, "image_dir"), (0, "num_repeats"), (0, "class_tokens"), (1, "image_dir"), (1, "num_repeats"),
+            (1, "caption_dropout_rate"), (2, "image_dir"), (2, "is_reg"), (2, "class_tokens"), (2, "shuffle_caption"))}}
+    assert [(k, why) for k, _, why in report.unsupported] == [
+        ("dataset general.enable_wildcard", "wildcard captions are not implemented"),
+        ("dataset datasets[0].subsets[0].face_crop_aug_range", "face-crop augmentation is not implemented"),
+        ("dataset datasets[0].subsets[1].colour", "not a dataset config key known here")]
+    no_effect = {k: why for k, _, why in report.no_effect}
+    assert no_effect["train_data_dir"] == "the dataset config's subsets are read instead"
+    assert no_effect["train_batch_size"] == "the dataset config sets batch_size = 4"
+    assert no_effect["dataset_config"].startswith("--dataset-config ")
+    assert "dataset datasets[0].debug_dataset" in no_effect
+    assert result.raw["training"]["batch_size"] == 4 and "train_batch_size" not in mapped
+    out = tmp_path / "out"
+    assert result.commands == [["dist-lora", "prepare", str(out / "shards"), "--dataset-config",
+                                str(out / "dataset.toml")]]
+    write_import(result, out, tmp_path / "config.json")
+    import tomllib
+
+    from dist_lora.data.dataset_config import read_dataset_config
+
+    written = tomllib.loads((out / "dataset.toml").read_text())
+    assert "enable_wildcard" not in written["general"] and "batch_size" not in written["datasets"][0]
+    spec = read_dataset_config(out / "dataset.toml")  # the copy is what prepare reads
+    folders = ("chars/alice", "chars/bob", "reg")
+    assert [s.image_dir for s in spec.subsets] == [(tmp_path / f).resolve() for f in folders]
+    assert [s.captions for s in spec.subsets] == [{"shuffle": True, "keep_tokens": 1},
+                                                  {"shuffle": True, "keep_tokens": 1, "caption_dropout": 0.1},
+                                                  {"shuffle": False, "keep_tokens": 1}]
+    assert spec.bucket == {"resolution": 768, "buckets": True, "max_bucket_side": 1536}
+    assert "colour = 'red': not a dataset config key known here" in (out / "import_report.txt").read_text()
+
+
+def test_a_dataset_config_with_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "chars" / "alice").mkdir(parents=True)
+    dataset = _write(tmp_path, DATASET_TOML, "dataset.toml")
+    from dist_lora.data.dataset_config import DatasetConfigError
+
+    with pytest.raises(DatasetConfigError, match=r"dataset.toml': datasets\[0\].subsets\[1\].image_dir = .*chars/bob' "
+                                                 r"does not exist"):
+        import_kohya_config(_write(tmp_path, {**USER, "dataset_config": str(dataset)}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
