@@ -13,7 +13,6 @@ from safetensors import safe_open
 from dist_lora.cli import main
 from dist_lora.data.synthetic import write_shapes_dataset
 
-
 DATASET = """
 [general]
 caption_extension = ".txt"
