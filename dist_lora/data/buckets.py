@@ -102,3 +102,28 @@ def place(width: int, height: int, bucket: Bucket) -> Placement:
     resized_h = max(bucket.height, round(height * scale))
     top, left = (resized_h - bucket.height) // 2, (resized_w - bucket.width) // 2
     return Placement(bucket, (width, height), (resized_w, resized_h), (top, left))
+
+
+def no_upscale_placement(width: int, height: int, spec: BucketSpec) -> Placement:
+    """kohya's bucket_no_upscale: an image within ``spec.max_area`` keeps its size and its bucket is that size
+    rounded down to the step (the remainder centre-cropped); a larger one is scaled down to about max_area,
+    keeping its aspect ratio, first. The bucket set is then whatever the images make it."""
+    aspect = width / height
+    if width * height > spec.max_area:
+        def down(x: float) -> int:
+            whole = int(x + 0.5)
+            return whole - whole % spec.step
+        scaled_w = math.sqrt(spec.max_area * aspect)
+        by_width = down(scaled_w)
+        by_height = down(spec.max_area / scaled_w)
+        width_error = abs(by_width / max(1, down(by_width / aspect)) - aspect)
+        height_error = abs(down(by_height * aspect) / max(1, by_height) - aspect)
+        resized = ((by_width, int(by_width / aspect + 0.5)) if width_error < height_error
+                   else (int(by_height * aspect + 0.5), by_height))
+    else:
+        resized = (width, height)
+    bucket = Bucket(resized[0] - resized[0] % spec.step, resized[1] - resized[1] % spec.step)
+    if bucket.width < spec.step or bucket.height < spec.step:
+        raise BucketError(f"a {width}x{height} image is smaller than one bucket step ({spec.step}) on a side")
+    top, left = (resized[1] - bucket.height) // 2, (resized[0] - bucket.width) // 2
+    return Placement(bucket, (width, height), resized, (top, left))

@@ -11,8 +11,9 @@ options fill in the rest, as sd-scripts lets its command line fill in what the d
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
+
+from dist_lora.data.per_subset import PerSubset
 
 
 @dataclass(frozen=True)
@@ -55,35 +56,4 @@ class CaptionTransform:
         return ", ".join(fixed + movable)
 
 
-# Per-subset caption options a dataset config may set, as CaptionTransform fields.
-SUBSET_CAPTION_FIELDS = ("shuffle", "keep_tokens", "caption_dropout", "tag_dropout", "dropout_every_n_epochs")
-
-
-@dataclass(frozen=True)
-class CaptionPolicy:
-    """The caption transform of every sample: its subset's (``meta["subset"]``), else the default."""
-
-    default: CaptionTransform = CaptionTransform()
-    subsets: tuple[CaptionTransform, ...] = ()
-
-    @classmethod
-    def build(cls, default: CaptionTransform, subset_options: list[dict[str, Any]]) -> CaptionPolicy:
-        """``subset_options``: per subset, the caption fields its dataset config set (the rest: ``default``)."""
-        known = {f.name for f in fields(CaptionTransform)}
-        return cls(default, tuple(replace(default, **{k: v for k, v in options.items() if k in known})
-                                  for options in subset_options))
-
-    @property
-    def active(self) -> bool:
-        return self.default.active or any(t.active for t in self.subsets)
-
-    def for_sample(self, meta: dict[str, Any]) -> CaptionTransform:
-        subset = meta.get("subset")
-        return self.subsets[subset] if subset is not None and subset < len(self.subsets) else self.default
-
-    def to_json(self) -> dict[str, Any]:
-        return {"default": asdict(self.default), "subsets": [asdict(t) for t in self.subsets]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CaptionPolicy:
-        return cls(CaptionTransform(**data["default"]), tuple(CaptionTransform(**t) for t in data["subsets"]))
+CaptionPolicy = PerSubset[CaptionTransform]

@@ -110,9 +110,9 @@ SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "caption_dropout_every_n_epochs": (_non_negative, "caption:dropout_every_n_epochs"),
     "caption_separator": (_separator, "none"),
     "cache_info": (_bool, "none"),
-    "flip_aug": (_unsupported("image flipping is not implemented yet; remove flip_aug"), "none"),
-    "color_aug": (_unsupported("colour augmentation is not implemented yet; remove color_aug"), "none"),
-    "random_crop": (_unsupported("random cropping is not implemented yet; remove random_crop"), "none"),
+    "flip_aug": (_bool, "augment:flip"),
+    "color_aug": (_bool, "augment:color"),
+    "random_crop": (_bool, "source:random_crop"),
     "face_crop_aug_range": (_unsupported("face-crop augmentation is not implemented"), "none"),
     "keep_tokens_separator": (_unsupported("keep_tokens_separator is not implemented; use keep_tokens"), "none"),
     "secondary_separator": (_unsupported("secondary_separator is not implemented"), "none"),
@@ -126,10 +126,11 @@ SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "image_dir": (_str, "source:image_dir"),
     "is_reg": (_bool, "source:is_reg"),
-    "alpha_mask": (_unsupported("masked loss is not implemented yet; remove alpha_mask"), "none"),
+    "alpha_mask": (_bool, "source:alpha_mask"),
     "metadata_file": (_unsupported("fine-tuning datasets (metadata_file) are not supported; use image folders with "
                                    "caption files"), "none"),
-    "conditioning_data_dir": (_unsupported("conditioning images (ControlNet datasets) are not supported"), "none"),
+    # sd-scripts' masked loss reads its masks from the conditioning images' red channel.
+    "conditioning_data_dir": (_str, "source:mask_dir"),
 }
 # A dataset's (or [general]'s) settings: one bucket set and one batch size for the whole manifest.
 DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -138,8 +139,7 @@ DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "min_bucket_reso": (_int, "bucket:min_bucket_side"),
     "max_bucket_reso": (_int, "bucket:max_bucket_side"),
     "bucket_reso_steps": (_int, "bucket:bucket_step"),
-    "bucket_no_upscale": (_unsupported("buckets always scale images to the bucket size; remove bucket_no_upscale"),
-                          "none"),
+    "bucket_no_upscale": (_bool, "bucket:no_upscale"),
     "validation_split": (_float, "bucket:val_fraction"),
     "batch_size": (_int, "training:batch_size"),
     "prior_loss_weight": (_float, "training:prior_loss_weight"),
@@ -162,12 +162,19 @@ class SubsetSpec:
     caption_prefix: str = ""
     caption_suffix: str = ""
     captions: dict[str, Any] = field(default_factory=dict)  # CaptionTransform fields the config set
+    augment: dict[str, Any] = field(default_factory=dict)  # Augment fields the config set
+    random_crop: bool | None = None  # None: the prepare command's setting
+    alpha_mask: bool | None = None
+    mask_dir: Path | None = None  # masks for masked loss (sd-scripts: conditioning_data_dir)
     where: str = ""  # "datasets[0].subsets[1]", for messages
 
     def record(self) -> dict[str, Any]:
         """The subset's entry in the manifest."""
         return {"image_dir": str(self.image_dir), "num_repeats": self.num_repeats, "is_reg": self.is_reg,
-                "class_tokens": self.class_tokens, "captions": dict(self.captions)}
+                "class_tokens": self.class_tokens, "captions": dict(self.captions), "augment": dict(self.augment),
+                **({"mask_dir": str(self.mask_dir)} if self.mask_dir else {}),
+                **({"alpha_mask": self.alpha_mask} if self.alpha_mask is not None else {}),
+                **({"random_crop": self.random_crop} if self.random_crop is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -214,23 +221,30 @@ def _subset(path: Path, where: str, options: dict[str, tuple[Any, str]]) -> Subs
     if "image_dir" not in options:
         raise DatasetConfigError(f"dataset config '{path}': {where} has no image_dir (the folder of its images).")
     source: dict[str, Any] = {}
-    captions: dict[str, Any] = {}
+    per_sample: dict[str, dict[str, Any]] = {"caption": {}, "augment": {}}
     for value, target in options.values():
         kind, _, name = target.partition(":")
         if kind == "source":
             source[name] = value
-        elif kind == "caption":
-            captions[name] = value
-    image_dir = Path(source.pop("image_dir")).expanduser()
-    if not image_dir.is_absolute():
-        image_dir = path.parent / image_dir
-    if not image_dir.is_dir():
-        raise DatasetConfigError(f"dataset config '{path}': {where}.image_dir = '{image_dir}' "
-                                 f"{'is not a folder' if image_dir.exists() else 'does not exist'}.")
+        elif kind in per_sample:
+            per_sample[kind][name] = value
+    image_dir = _folder(path, f"{where}.image_dir", source.pop("image_dir"))
+    if "mask_dir" in source:
+        source["mask_dir"] = _folder(path, f"{where}.conditioning_data_dir", source["mask_dir"])
     if source.get("num_repeats", 1) < 1:
         raise DatasetConfigError(f"dataset config '{path}': {where}.num_repeats = {source['num_repeats']} must be at "
                                  f"least 1.")
-    return SubsetSpec(image_dir, captions=captions, where=where, **source)
+    return SubsetSpec(image_dir, captions=per_sample["caption"], augment=per_sample["augment"], where=where, **source)
+
+
+def _folder(path: Path, key: str, value: str) -> Path:
+    folder = Path(value).expanduser()
+    if not folder.is_absolute():
+        folder = path.parent / folder
+    if not folder.is_dir():
+        raise DatasetConfigError(f"dataset config '{path}': {key} = '{folder}' "
+                                 f"{'is not a folder' if folder.exists() else 'does not exist'}.")
+    return folder
 
 
 def load_dataset_toml(path: str | Path) -> dict[str, Any]:

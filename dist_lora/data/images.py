@@ -26,12 +26,19 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied; CMYK, palette, grey, 16-bit to 8-bit RGB; transparency composited on white."""
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+
+
+def to_rgb(image: Image.Image, keep_alpha: bool = False) -> Image.Image:
+    """EXIF orientation applied; CMYK, palette, grey, 16-bit to 8-bit RGB; transparency composited on white,
+    or with ``keep_alpha`` kept: RGBA whose colour is left as stored (kohya's alpha_mask trains on it)."""
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         return _sixteen_bit_to_rgb(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+    if _has_alpha(image) and keep_alpha:
+        return image.convert("RGBA")
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -39,8 +46,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: Path, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The decoded RGB image, or ``RejectedImage`` saying why not.
+def open_image(path: Path, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               keep_alpha: bool = False) -> Image.Image:
+    """The decoded RGB image (RGBA with ``keep_alpha`` when it has transparency), or ``RejectedImage``
+    saying why not.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb costs
     nothing; the full decode then catches truncated and corrupt files.
@@ -63,7 +72,7 @@ def open_image(path: Path, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXEL
                     raise RejectedImage(f"too small: {width}x{height}, the shorter side is below the minimum of "
                                         f"{min_side} (prepare --min-side)")
                 opened.load()
-                return to_rgb(opened)
+                return to_rgb(opened, keep_alpha)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise RejectedImage(f"decompression bomb: {exc}") from exc
         except UnidentifiedImageError as exc:

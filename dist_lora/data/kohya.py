@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from glob import escape as glob_escape
 from pathlib import Path
+
+from PIL import Image
 
 from dist_lora.data.dataset_config import SubsetSpec
 from dist_lora.errors import DistLoraError
@@ -32,6 +35,9 @@ class SourceImage:
     subset: int | None = None  # index of its dataset-config subset
     caption_prefix: str = ""  # put before / after the caption (a subset's caption_prefix / suffix)
     caption_suffix: str = ""
+    random_crop: bool | None = None  # a subset's own encoding options (None: the prepare command's)
+    alpha_mask: bool | None = None
+    mask_path: Path | None = None  # its mask image, for masked loss
 
 
 def _caption_for(image: Path) -> Path | None:
@@ -76,6 +82,45 @@ def scan_images(root: Path, *, is_reg: bool = False) -> Iterator[SourceImage]:
                                   repeats, _caption_for(path), is_reg)
 
 
+def find_mask(mask_dir: Path, stem: str, key: str) -> Path:
+    """The mask image for the image named ``stem`` (relative to its folder): ``mask_dir/stem.<image ext>``."""
+    for candidate in sorted(mask_dir.glob(f"{glob_escape(stem)}.*")):
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS:
+            return candidate
+    raise DatasetFolderError(f"{key} '{mask_dir}' has no mask for image '{stem}' (expected '{mask_dir / stem}.png' "
+                             f"or another image type); every image needs its mask.")
+
+
+def with_masks(images: list[SourceImage], mask_dir: Path, key: str) -> list[SourceImage]:
+    """A kohya folder's images with their masks from ``mask_dir``, which mirrors the folder's layout."""
+    if not mask_dir.is_dir():
+        raise DatasetFolderError(f"{key} '{mask_dir}' is not a folder of mask images.")
+    return [replace(image, mask_path=find_mask(mask_dir, image.relative.rsplit(".", 1)[0], key)) for image in images]
+
+
+def _oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation, from the header alone."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        turned = opened.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+def check_mask_sizes(images: list[SourceImage]) -> None:
+    """Every mask has its image's size (read from the headers): checked before anything is written."""
+    for image in images:
+        if image.mask_path is None:
+            continue
+        try:
+            sizes = _oriented_size(image.path), _oriented_size(image.mask_path)
+        except (OSError, SyntaxError, ValueError):
+            continue  # an unreadable image is rejected with its reason when it is encoded
+        if sizes[0] != sizes[1]:
+            raise DatasetFolderError(f"mask '{image.mask_path}' is {sizes[1][0]}x{sizes[1][1]} but its image "
+                                     f"'{image.path}' is {sizes[0][0]}x{sizes[0][1]}; a mask must have its "
+                                     f"image's size.")
+
+
 def scan_subset(subset: SubsetSpec, index: int) -> list[SourceImage]:
     """The images directly in a subset's folder (sd-scripts reads no sub-folders), sorted; their caption
     files have the subset's caption_extension. Relative paths start with the subset's index, so two subsets
@@ -86,9 +131,12 @@ def scan_subset(subset: SubsetSpec, index: int) -> list[SourceImage]:
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
             caption = path.with_suffix(subset.caption_extension)
+            mask = find_mask(subset.mask_dir, path.stem, f"{subset.where}.conditioning_data_dir") \
+                if subset.mask_dir is not None else None
             images.append(SourceImage(path, f"{prefix}/{path.name}", prefix, subset.class_tokens, subset.num_repeats,
                                       caption if caption.is_file() else None, subset.is_reg, index,
-                                      subset.caption_prefix, subset.caption_suffix))
+                                      subset.caption_prefix, subset.caption_suffix, subset.random_crop,
+                                      subset.alpha_mask, mask))
     if not images:
         raise DatasetFolderError(f"{subset.where}.image_dir '{folder}' holds no images "
                                  f"({', '.join(sorted(IMAGE_EXTENSIONS))}).")

@@ -30,20 +30,31 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
-from dist_lora.data.buckets import Bucket, BucketSpec, bucket_set, nearest_bucket, place
+from dist_lora.data.buckets import (
+    Bucket,
+    BucketError,
+    BucketSpec,
+    bucket_set,
+    nearest_bucket,
+    no_upscale_placement,
+    place,
+)
 from dist_lora.data.dataset_config import DatasetSpec
 from dist_lora.data.images import DEFAULT_MAX_PIXELS, RejectedImage, open_image
 from dist_lora.data.kohya import (
     IMAGE_EXTENSIONS,
     DatasetFolderError,
     SourceImage,
+    check_mask_sizes,
     read_caption,
     scan_images,
     scan_subset,
+    with_masks,
 )
 from dist_lora.data.manifest import new_manifest, shard_entry, write_manifest
+from dist_lora.data.stream import MASK_MEMBER
 from dist_lora.utils.files import check_writable_dir
 
 REPORT_NAME = "report.json"
@@ -68,6 +79,10 @@ class PrepareOptions:
     reg_src: str = ""  # kohya regularization folder (prior preservation), same <repeats>_<class> layout
     workers: int = 0  # decode processes; 0: one per core
     val_fraction: float = 0.0  # images held out for validation loss, written to <out>/val (repeats 1)
+    no_upscale: bool = False  # kohya's bucket_no_upscale: buckets from each image's own size, never enlarged
+    random_crop: bool = False  # store images uncropped; the loader crops them at a drawn offset each epoch
+    alpha_mask: bool = False  # keep each image's transparency as its loss mask (kohya's alpha_mask)
+    mask_dir: str = ""  # mask images (their red channel) for masked loss, mirroring the source folder's layout
 
     def bucket_spec(self) -> BucketSpec:
         if not self.buckets:
@@ -77,8 +92,10 @@ class PrepareOptions:
                                    max_area=self.max_bucket_area, step=self.bucket_step)
 
     def encoding_fingerprint(self) -> dict[str, Any]:
-        """Everything that changes an encoded image; a re-run reuses images only when this is unchanged."""
-        return {"buckets": asdict(self.bucket_spec()), "image_format": self.image_format}
+        """What changes every encoded image; a re-run reuses images only when this is unchanged (and each
+        image's own options, recorded with it)."""
+        return {"buckets": asdict(self.bucket_spec()), "image_format": self.image_format,
+                **({"no_upscale": True} if self.no_upscale else {})}
 
     @property
     def effective_min_side(self) -> int:
@@ -136,21 +153,63 @@ class _EncodeJob:
     max_pixels: int
     buckets: list[Bucket]
     image_format: str
+    options: dict[str, Any]  # random_crop, alpha_mask, mask (a mask file's path) and no_upscale: the image's own
+    spec: BucketSpec | None = None  # for no_upscale
 
 
-def _encode_image(job: _EncodeJob) -> tuple[bytes, dict[str, Any]] | str:
-    """Worker process: the encoded bucket image and its geometry, or the reason it was rejected."""
+def _placement(image: Image.Image, job: _EncodeJob) -> Any:
+    if job.options.get("no_upscale"):
+        assert job.spec is not None
+        try:
+            return no_upscale_placement(image.width, image.height, job.spec)
+        except BucketError as exc:
+            raise RejectedImage(f"too small: {exc}") from exc
+    return place(image.width, image.height, nearest_bucket(image.width, image.height, job.buckets))
+
+
+def _fit(image: Image.Image, placement: Any, crop: bool) -> Image.Image:
+    """Scaled to the placement (and cropped to its bucket unless ``crop`` is false: random crop)."""
+    if image.size != tuple(placement.resized):
+        image = image.resize(placement.resized, Image.Resampling.LANCZOS)
+    if not crop:
+        return image
+    top, left = placement.crop_top_left
+    return image.crop((left, top, left + placement.bucket.width, top + placement.bucket.height))
+
+
+def _png_bytes(image: Image.Image, image_format: str = "png") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _encode_image(job: _EncodeJob) -> tuple[dict[str, bytes], dict[str, Any]] | str:
+    """Worker process: the encoded members (image, and mask) and their geometry, or why it was rejected."""
+    options = job.options
     try:
-        image = open_image(Path(job.path), min_side=job.min_side, max_pixels=job.max_pixels)
+        image = open_image(Path(job.path), min_side=job.min_side, max_pixels=job.max_pixels,
+                           keep_alpha=bool(options.get("alpha_mask")))
+        placement = _placement(image, job)
     except RejectedImage as exc:
         return str(exc)
-    bucket = nearest_bucket(image.width, image.height, job.buckets)
-    cropped, (top, left) = resize_and_crop(image, bucket)
-    buffer = io.BytesIO()
-    cropped.save(buffer, format="PNG" if job.image_format == "png" else "JPEG", quality=95)
-    geometry = {"original_size": [image.height, image.width], "crop_top_left": [top, left],
-                "target_size": [bucket.height, bucket.width], "bucket": [bucket.width, bucket.height]}
-    return buffer.getvalue(), geometry
+    mask = None
+    if options.get("alpha_mask"):
+        # kohya trains on the stored colour of transparent pixels and weighs their loss by the alpha.
+        mask = image.getchannel("A") if image.mode == "RGBA" else Image.new("L", image.size, 255)
+        image = image.convert("RGB")
+    elif options.get("mask"):
+        with Image.open(options["mask"]) as opened:
+            mask = ImageOps.exif_transpose(opened).convert("RGB").getchannel("R")  # the red channel, as kohya
+    crop = not options.get("random_crop")
+    members = {job.image_format: _png_bytes(_fit(image, placement, crop), job.image_format)}
+    if mask is not None:
+        members[MASK_MEMBER] = _png_bytes(_fit(mask, placement, crop))
+    bucket = placement.bucket
+    geometry = {"original_size": [image.height, image.width], "crop_top_left": list(placement.crop_top_left),
+                "target_size": [bucket.height, bucket.width], "bucket": [bucket.width, bucket.height],
+                "resized_size": [placement.resized[1], placement.resized[0]],
+                **({"uncropped": True} if not crop else {})}
+    return members, geometry
 
 
 def _sample_key(relative: str, used: set[str]) -> str:
@@ -219,19 +278,23 @@ class _PreviousOutput:
         if data.get("fingerprint") == fingerprint:
             self.sources = data.get("sources", {})
 
-    def lookup(self, image: SourceImage) -> tuple[bytes, dict[str, Any]] | None:
+    def lookup(self, image: SourceImage, options: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]] | None:
         entry = self.sources.get(image.relative)
         stat = image.path.stat()
-        if entry is None or entry["size"] != stat.st_size or entry["mtime_ns"] != stat.st_mtime_ns:
+        if entry is None or entry["size"] != stat.st_size or entry["mtime_ns"] != stat.st_mtime_ns \
+                or entry.get("options", {}) != options or "mask" in options:  # a mask file may have changed
             return None
         try:
             tar = self._tars.get(entry["shard"])
             if tar is None:
                 tar = self._tars[entry["shard"]] = tarfile.open(self.out / entry["shard"])  # noqa: SIM115
-            image_member = tar.extractfile(f"{entry['key']}.{entry['ext']}")
-            if image_member is None:
-                return None
-            return image_member.read(), entry["geometry"]
+            members = {}
+            for ext in entry.get("members", [entry["ext"]]):
+                member = tar.extractfile(f"{entry['key']}.{ext}")
+                if member is None:
+                    return None
+                members[ext] = member.read()
+            return members, entry["geometry"]
         except (OSError, KeyError, tarfile.TarError):
             return None
 
@@ -255,7 +318,9 @@ def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[
         if opts.reg_src:
             raise DatasetFolderError(f"--reg '{opts.reg_src}' and a dataset config: give the regularization images "
                                      f"as a subset with is_reg = true in '{dataset.path}' instead.")
-        return [image for i, subset in enumerate(dataset.subsets) for image in scan_subset(subset, i)]
+        images = [image for i, subset in enumerate(dataset.subsets) for image in scan_subset(subset, i)]
+        check_mask_sizes(images)
+        return images
     images = list(scan_images(src))  # raises DatasetFolderError for a missing folder or one without concepts
     if not images:
         raise DatasetFolderError(f"dataset folder '{src}' has concept folders but no images "
@@ -265,6 +330,9 @@ def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[
         if not reg:
             raise DatasetFolderError(f"regularization folder '{opts.reg_src}' has concept folders but no images.")
         images += reg
+    if opts.mask_dir:
+        images = with_masks(images, Path(opts.mask_dir), "--mask-dir")
+        check_mask_sizes(images)
     return images
 
 
@@ -281,6 +349,20 @@ def _encoded_images(todo: list[tuple[int, _EncodeJob]], workers: int) -> Iterato
                        strict=True)
 
 
+def image_options(image: SourceImage, opts: PrepareOptions) -> dict[str, Any]:
+    """How this image is encoded beyond the bucket set: its subset's options, else the command line's."""
+    random_crop = opts.random_crop if image.random_crop is None else image.random_crop
+    alpha_mask = opts.alpha_mask if image.alpha_mask is None else image.alpha_mask
+    options: dict[str, Any] = {"random_crop": True} if random_crop else {}
+    if alpha_mask:
+        options["alpha_mask"] = True
+    elif image.mask_path is not None:
+        options["mask"] = str(image.mask_path)
+    if opts.no_upscale:
+        options["no_upscale"] = True
+    return options
+
+
 def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts: PrepareOptions,
                       report: PrepareReport) -> Iterable[tuple[SourceImage, Any]]:
     spec = opts.bucket_spec()
@@ -288,12 +370,13 @@ def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts
     reused: dict[int, Any] = {}
     todo: list[tuple[int, _EncodeJob]] = []
     for index, image in enumerate(images):
-        hit = previous.lookup(image)
+        options = image_options(image, opts)
+        hit = previous.lookup(image, options)
         if hit is not None:
             reused[index] = hit
         else:
             todo.append((index, _EncodeJob(str(image.path), opts.effective_min_side, opts.max_pixels, buckets,
-                                           opts.image_format)))
+                                           opts.image_format, options, spec)))
     report.reused, report.encoded = len(reused), len(todo)
     workers = opts.workers or os.cpu_count() or 1
     encoded = _encoded_images(todo, workers)
@@ -375,19 +458,21 @@ def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path
             if isinstance(result, str):
                 report.rejected.append({"path": image.relative, "reason": result})
                 continue
-            image_bytes, geometry = result
+            members, geometry = result
             caption, warning = read_caption(image, opts.trigger)
             if warning:
                 report.warnings.append({"path": image.relative, "warning": warning})
             key = _sample_key(image.relative, used_keys)
             meta = {**geometry, "repeats": image.repeats, "folder": image.folder, "source": image.relative,
                     "is_reg": image.is_reg, **({"subset": image.subset} if image.subset is not None else {})}
-            members = {opts.image_format: image_bytes, "txt": caption.encode("utf-8"),
+            encoded = list(members)
+            members = {**members, "txt": caption.encode("utf-8"),
                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
             shard = sink.add(key, members, tuple(geometry["bucket"]), image.repeats, image.is_reg)
             stat = image.path.stat()
-            sources[image.relative] = {"shard": shard, "key": key, "ext": opts.image_format, "size": stat.st_size,
-                                       "mtime_ns": stat.st_mtime_ns, "geometry": geometry}
+            sources[image.relative] = {"shard": shard, "key": key, "ext": opts.image_format, "members": encoded,
+                                       "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "geometry": geometry,
+                                       "options": image_options(image, opts)}
             report.accepted += 1
             tags = [t.strip() for t in caption.split(",") if t.strip()]
             tag_frequency.setdefault(image.folder, Counter()).update(tags)

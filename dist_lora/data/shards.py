@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dist_lora.data.captions import CaptionPolicy
+from dist_lora.data.augment import Augment, AugmentPolicy
+from dist_lora.data.captions import CaptionPolicy, CaptionTransform
 from dist_lora.data.manifest import MANIFEST_NAME, Manifest, ShardDataError
 from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec, unpack_chunk
 from dist_lora.data.tar_samples import BadData
@@ -117,6 +118,7 @@ class Batch:
     hidden: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     shards: list[str] = field(default_factory=list)  # the shard file of each sample
+    masks: torch.Tensor | None = None  # uint8 [B, 1, H, W], the loss weight of each pixel (255 = 1)
 
     @property
     def real_keys(self) -> list[str]:
@@ -136,7 +138,7 @@ def collate(samples: list[dict[str, Any]], weights: list[float]) -> Batch:
     return Batch([s["key"] for s in samples], [s["caption"] for s in samples], [s["meta"] for s in samples],
                  torch.tensor(weights, dtype=torch.float32), _stack(samples, "pixels"),
                  _stack(samples, "latent_mean"), _stack(samples, "latent_std"), _stack(samples, "hidden"),
-                 _stack(samples, "pooled"), [s["shard"] for s in samples])
+                 _stack(samples, "pooled"), [s["shard"] for s in samples], _stack(samples, "mask"))
 
 
 def _padded(samples: list[dict[str, Any]], batch_size: int) -> Batch:
@@ -229,11 +231,13 @@ class ShardLoader:
     def __init__(self, folder: str | Path, *, rank: int, world_size: int, batch_size: int, seed: int,
                  num_workers: int = 1, shuffle_buffer: int = 64, captions: CaptionPolicy | None = None,
                  shard_urls: str = "", use_latents: bool = False, use_text: bool = False,
-                 multiple_of: int = 1, idle_ranks: bool = False) -> None:
+                 multiple_of: int = 1, idle_ranks: bool = False, augment: AugmentPolicy | None = None,
+                 use_masks: bool = False) -> None:
         self.manifest = Manifest.read(folder)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.num_workers, self.shuffle_buffer = seed, num_workers, shuffle_buffer
-        self.captions = captions or CaptionPolicy()
+        self.captions = captions or CaptionPolicy(CaptionTransform())
+        self.augment, self.use_masks = augment or AugmentPolicy(Augment()), use_masks
         self.use_latents, self.use_text, self.multiple_of = use_latents, use_text, multiple_of
         self.idle_ranks = idle_ranks
         cache = self.manifest.cache
@@ -285,7 +289,7 @@ class ShardLoader:
         bad = frozenset(resume.bad) if resume else frozenset()
         drop = frozenset(k for keys in resume.inherited().values() for k in keys) if resume else frozenset()
         spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.captions, self.use_latents,
-                          self.use_text, skip, bad, drop)
+                          self.use_text, skip, bad, drop, self.augment, self.use_masks)
         shards = [(self.urls[i], self.manifest.shards[i]["file"], int(self.manifest.shards[i]["samples"]))
                   for i in shard_indices]
         return RankShardStream(shards, spec)
@@ -333,7 +337,7 @@ class ShardLoader:
                 yield Batch([f"pad:{k.removeprefix('pad:')}" for k in template.keys], template.captions,
                             template.metas, torch.zeros_like(template.weights), template.pixels,
                             template.latent_mean, template.latent_std, template.hidden, template.pooled,
-                            template.shards)
+                            template.shards, template.masks)
 
     def _filler_template(self, epoch: int) -> Batch | None:
         """A batch to copy as weight-0 filler, decoded in this process from the epoch's first readable sample."""

@@ -23,11 +23,14 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors_bytes
 from torch.utils.data import IterableDataset
 
+from dist_lora.data.augment import Augment, AugmentPolicy, Draw, apply, draw
 from dist_lora.data.captions import CaptionPolicy, CaptionTransform
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.utils.files import write_text_atomic
 
 LATENT_MEMBER = "vae.safetensors"  # cached VAE posterior: "mean" and "std", unscaled
+LATENT_FLIP_MEMBER = "vae_flip.safetensors"  # the same of the mirrored image (cached for flip_aug)
+MASK_MEMBER = "mask.png"  # the loss weight of each pixel, 8-bit grey (prepare --alpha-mask / --mask-dir)
 TEXT_MEMBER = "te.safetensors"  # cached text-encoder outputs: "hidden" (and "pooled" for SDXL)
 
 
@@ -69,6 +72,13 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def decode_mask(data: bytes) -> torch.Tensor:
+    """A mask member -> uint8 tensor [1, H, W]."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("L"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).unsqueeze(0)
+
+
 def pixels_to_unit_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [0, 255] -> ``dtype`` in [-1, 1] on ``device``, the VAE's input range."""
     return pixels.to(device).to(dtype).div(127.5).sub(1.0)
@@ -80,7 +90,7 @@ class StreamSpec:
     epoch: int
     rank: int
     shuffle_buffer: int
-    captions: CaptionPolicy = CaptionPolicy()
+    captions: CaptionPolicy = CaptionPolicy(CaptionTransform())
     use_latents: bool = False  # read cached VAE posteriors instead of decoding images
     use_text: bool = False  # read cached text-encoder outputs instead of captions for encoding
     # On resume: samples consumed before the checkpoint pass as placeholders (nothing decoded), and
@@ -89,6 +99,8 @@ class StreamSpec:
     bad_keys: frozenset[str] = frozenset()
     # On a resume on another layout of ranks: samples the stopped run trained on this epoch, left out.
     drop_keys: frozenset[str] = frozenset()
+    augment: AugmentPolicy = AugmentPolicy(Augment())
+    use_masks: bool = False  # every sample gets a "mask" (all 255 where the data holds none)
 
 
 def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
@@ -97,20 +109,46 @@ def decode_sample(sample: dict[str, Any], spec: StreamSpec) -> dict[str, Any]:
     transform = spec.captions.for_sample(sample["meta"])
     out: dict[str, Any] = {"key": key, "meta": sample["meta"], "shard": sample["__shard__"],
                            "caption": transform(caption, CaptionTransform.rng(spec.seed, spec.epoch, key), spec.epoch)}
+    how = _augmentation(sample["meta"], spec, key)
     if spec.use_latents:
-        cached = load_safetensors_bytes(sample[LATENT_MEMBER])
+        if how is not None and (how.crop_top_left is not None or how.hue_shift is not None or how.gamma is not None):
+            raise ValueError("cached latents cannot be cropped or colour-augmented at load time")
+        member = LATENT_FLIP_MEMBER if how is not None and how.flip else LATENT_MEMBER
+        if member not in sample:
+            raise ValueError(f"no {member} member: cache the dataset again with `dist-lora cache --flip-aug`")
+        cached = load_safetensors_bytes(sample[member])
         out["latent_mean"], out["latent_std"] = cached["mean"].float(), cached["std"].float()
     else:
         image_bytes = sample.get("png") or sample.get("jpg")
         if image_bytes is None:
             raise ValueError("no png/jpg member")
         out["pixels"] = decode_image(image_bytes)
+    if spec.use_masks:
+        if MASK_MEMBER in sample:
+            out["mask"] = decode_mask(sample[MASK_MEMBER])
+        else:
+            height, width = out["pixels"].shape[1:] if "pixels" in out else reversed(sample["meta"]["bucket"])
+            out["mask"] = torch.full((1, int(height), int(width)), 255, dtype=torch.uint8)
+    if how is not None:
+        apply(out, how)
     if spec.use_text:
         text = load_safetensors_bytes(sample[TEXT_MEMBER])
         out["hidden"] = text["hidden"].float()
         if "pooled" in text:
             out["pooled"] = text["pooled"].float()
     return out
+
+
+def _augmentation(meta: dict[str, Any], spec: StreamSpec, key: str) -> Draw | None:
+    """The sample's augmentation this epoch; None when nothing changes it."""
+    augment = spec.augment.for_sample(meta)
+    room = None
+    if meta.get("uncropped"):  # prepared with --random-crop: cropped here
+        (resized_h, resized_w), (bucket_w, bucket_h) = meta["resized_size"], meta["bucket"]
+        room = (int(resized_h) - int(bucket_h), int(resized_w) - int(bucket_w))
+    if not augment.active and room is None:
+        return None
+    return draw(augment, Augment.rng(spec.seed, spec.epoch, key), room)
 
 
 class RankShardStream(IterableDataset):  # type: ignore[type-arg]
@@ -157,14 +195,16 @@ class EpochMailbox:
     def post(self, stream: RankShardStream) -> None:
         spec = stream.spec
         record = {"shards": [list(s) for s in stream.shards],
-                  "spec": {**asdict(spec), "captions": spec.captions.to_json(), "skip_keys": sorted(spec.skip_keys),
-                           "bad_keys": sorted(spec.bad_keys), "drop_keys": sorted(spec.drop_keys)}}
+                  "spec": {**asdict(spec), "captions": spec.captions.to_json(), "augment": spec.augment.to_json(),
+                           "skip_keys": sorted(spec.skip_keys), "bad_keys": sorted(spec.bad_keys),
+                           "drop_keys": sorted(spec.drop_keys)}}
         write_text_atomic(self.path, json.dumps(record, ensure_ascii=False))
 
     def read(self) -> RankShardStream:
         record = json.loads(self.path.read_text(encoding="utf-8"))
         raw = record["spec"]
-        spec = StreamSpec(**{**raw, "captions": CaptionPolicy.from_json(raw["captions"]),
+        spec = StreamSpec(**{**raw, "captions": CaptionPolicy.from_json(raw["captions"], CaptionTransform),
+                             "augment": AugmentPolicy.from_json(raw["augment"], Augment),
                              "skip_keys": frozenset(raw["skip_keys"]), "bad_keys": frozenset(raw["bad_keys"]),
                              "drop_keys": frozenset(raw["drop_keys"])})
         return RankShardStream([(url, name, int(n)) for url, name, n in record["shards"]], spec)
@@ -174,7 +214,7 @@ class EpochMailbox:
 # the worker (about 1 ms per tensor measured on a 2-core machine, 4 ms a step at batch 4). Workers therefore
 # send their records in chunks, the tensors of each name packed into one, and the training process unpacks
 # them into views: one exchange per name and chunk.
-TENSOR_FIELDS = ("pixels", "latent_mean", "latent_std", "hidden", "pooled")
+TENSOR_FIELDS = ("pixels", "latent_mean", "latent_std", "hidden", "pooled", "mask")
 
 
 def pack_chunk(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -233,7 +233,8 @@ def test_packed_chunks_give_back_every_record_in_order() -> None:
         {"key": "b", "meta": {}, "shard": "s0.tar", "placeholder": True},
         {"bad": bad},
         {"key": "c", "meta": {}, "shard": "s1.tar", "caption": "y",
-         "pixels": torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)},
+         "pixels": torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8),
+         "mask": torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8)},
         {"key": "d", "meta": {}, "shard": "s1.tar", "caption": "z", "latent_mean": torch.randn(4, 8, 8),
          "latent_std": torch.rand(4, 8, 8), "hidden": torch.randn(77, 32), "pooled": torch.randn(32)},
     ]
