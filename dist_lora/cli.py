@@ -43,7 +43,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                           min_bucket_side=args.min_bucket_side, max_bucket_side=args.max_bucket_side,
                           max_bucket_area=args.max_bucket_area, bucket_step=args.bucket_step,
                           min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
-                          workers=args.workers, val_fraction=args.val_fraction)
+                          workers=args.workers, val_fraction=args.val_fraction, no_upscale=args.bucket_no_upscale,
+                          random_crop=args.random_crop, alpha_mask=args.alpha_mask, mask_dir=args.mask_dir)
     dataset = None
     if args.dataset_config:
         from dist_lora.data.dataset_config import read_dataset_config
@@ -66,7 +67,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     opts = CacheOptions(model=args.model, config_dir=args.config_dir, text=not args.no_text, dtype=args.dtype,
                         batch_size=args.batch_size, overwrite=args.overwrite, clip_skip=args.clip_skip,
-                        max_token_length=args.max_token_length)
+                        max_token_length=args.max_token_length, flip_aug=args.flip_aug)
     import torch
 
     from dist_lora.parallel import launched_rank, shutdown
@@ -229,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.0,
                       help="hold out this fraction of the images (by a hash of their path) as a validation set in "
                            "OUT/val, for validation.shards")
+    prep.add_argument("--bucket-no-upscale", action="store_true",
+                      help="kohya's bucket_no_upscale: an image within the bucket area keeps its size (its bucket is "
+                           "its size rounded down to --bucket-step); larger ones are scaled down to the area")
+    prep.add_argument("--random-crop", action="store_true",
+                      help="store images scaled but uncropped; training crops each at a random offset every epoch "
+                           "(recorded for SDXL's crop conditioning). Such samples cannot be cached")
+    prep.add_argument("--alpha-mask", action="store_true",
+                      help="keep each image's transparency as its loss mask (kohya's alpha_mask) instead of "
+                           "compositing it on white")
+    prep.add_argument("--mask-dir", default="",
+                      help="folder of mask images (their red channel weights the loss, kohya's masked_loss) laid out "
+                           "as the source folder: MASKS/20_robot/a.png for SRC/20_robot/a.jpg")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty output folder (a previous prepare output is updated in place)")
     prep.set_defaults(func=_cmd_prepare)
@@ -247,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--clip-skip", type=int, default=1, help="encode captions as model.clip_skip will (SD 1.x/2.x)")
     cache.add_argument("--max-token-length", type=int, choices=[75, 150, 225], default=75,
                        help="encode captions as model.max_token_length will")
+    cache.add_argument("--flip-aug", action="store_true",
+                       help="also cache the latents of the mirrored images, for data.flip_aug (on anyway for a "
+                            "dataset config's subsets with flip_aug)")
     cache.add_argument("--overwrite", action="store_true")
     cache.set_defaults(func=_cmd_cache)
 

@@ -61,6 +61,11 @@ class DataConfig:
     caption_dropout_every_n_epochs: int = _field(
         0, "Train every N-th epoch (counted from 1) with empty captions (kohya: caption_dropout_every_n_epochs); 0: "
         "never.", minimum=0)
+    flip_aug: bool = _field(False, "Mirror each sample left-right with probability 0.5 each epoch (kohya: "
+                            "flip_aug); with cached latents, cache them with `dist-lora cache --flip-aug`.")
+    color_aug: bool = _field(False, "kohya's color_aug: a hue shift of up to 16 degrees or a gamma of 0.95-1.05, "
+                             "on a third of the samples each epoch; needs images (data.use_cache = false for "
+                             "cached latents).")
 
 
 @dataclass
@@ -192,6 +197,9 @@ class TrainingConfig:
                                  minimum=0.0)
     prior_loss_weight: float = _field(1.0, "Loss weight of regularization images (prepare --reg; kohya: "
                                       "prior_loss_weight).", minimum=0.0)
+    masked_loss: bool = _field(True, "Weight each pixel's loss by the sample's mask where the data holds one "
+                               "(prepare --alpha-mask / --mask-dir; kohya: masked_loss, alpha_mask), the mask "
+                               "area-resized to the latent grid; false ignores the masks.")
     min_snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is common); 0 disables it.",
                                   minimum=0.0)
     scale_weight_norms: float = _field(0.0, "After each optimizer step, shrink every adapter whose update (delta "

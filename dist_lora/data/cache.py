@@ -18,7 +18,7 @@ import json
 import shutil
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from dist_lora import parallel
 from dist_lora.data.manifest import CacheInfo, Manifest, ShardDataError, cached_manifest, shard_entry, write_manifest
 from dist_lora.data.prepare import REPORT_NAME
-from dist_lora.data.stream import LATENT_MEMBER, TEXT_MEMBER, decode_image, pixels_to_unit_range
+from dist_lora.data.stream import LATENT_FLIP_MEMBER, LATENT_MEMBER, TEXT_MEMBER, decode_image, pixels_to_unit_range
 from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.models.load import Components, inspect_model_source, load_components
 from dist_lora.models.text import MAX_TOKEN_LENGTHS, TextEncoding, encode_prompts, tokenize
@@ -48,6 +48,7 @@ class CacheOptions:
     overwrite: bool = False
     clip_skip: int = 1  # kohya's text-encoding options; training refuses cached text made otherwise
     max_token_length: int = 75
+    flip_aug: bool = False  # also cache the mirrored images' latents (on anyway for subsets with flip_aug)
 
 
 @dataclass
@@ -63,6 +64,10 @@ def _check(src: Path, out: Path, opts: CacheOptions) -> Manifest:
     if manifest.cache is not None:
         raise ShardDataError(f"'{src}' already holds cached outputs (from '{manifest.cache.model}'); cache the "
                              f"output of `dist-lora prepare` instead.")
+    if manifest.uncropped_samples:
+        raise ShardDataError(f"'{src}' holds {manifest.uncropped_samples} sample(s) prepared for random cropping "
+                             f"(--random-crop or a subset's random_crop), cropped anew every epoch, so their latents "
+                             f"cannot be cached; train from the images, or prepare without random cropping.")
     if opts.dtype not in CACHE_DTYPES:
         raise ShardDataError(f"cache dtype {opts.dtype!r} is not one of {sorted(CACHE_DTYPES)}.")
     if opts.batch_size < 1:
@@ -111,8 +116,9 @@ def _batches(items: Iterator[dict[str, Any] | BadData], size: int,
 
 
 class _Encoder:
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, text: bool) -> None:
-        self.c, self.device, self.dtype, self.text = components, device, dtype, text
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, text: bool,
+                 flip: bool) -> None:
+        self.c, self.device, self.dtype, self.text, self.flip = components, device, dtype, text, flip
 
     @torch.no_grad()
     def encode(self, batch: list[dict[str, Any]]) -> list[dict[str, bytes]]:
@@ -121,6 +127,7 @@ class _Encoder:
         pixels = pixels_to_unit_range(torch.stack([s["__pixels__"] for s in batch]), self.device,
                                       next(vae.parameters()).dtype)
         dist = vae.encode(pixels).latent_dist
+        mirrored = vae.encode(pixels.flip(-1)).latent_dist if self.flip else None
         hidden = pooled = None
         if self.text:
             ids = tokenize(self.c.tokenizers, [s["txt"].decode("utf-8") for s in batch], self.c.text_encoding)
@@ -130,6 +137,10 @@ class _Encoder:
             latent = {"mean": dist.mean[i].to(self.dtype).contiguous().cpu(),
                       "std": dist.std[i].to(self.dtype).contiguous().cpu()}
             added = {LATENT_MEMBER: save_safetensors_bytes(latent)}
+            if mirrored is not None:
+                added[LATENT_FLIP_MEMBER] = save_safetensors_bytes(
+                    {"mean": mirrored.mean[i].to(self.dtype).contiguous().cpu(),
+                     "std": mirrored.std[i].to(self.dtype).contiguous().cpu()})
             if hidden is not None:
                 text = {"hidden": hidden[i].to(self.dtype).contiguous().cpu()}
                 if pooled is not None:
@@ -167,7 +178,7 @@ OPTIONS_NAME = ".cache_options.json"
 
 def _options_record(src: Path, opts: CacheOptions) -> dict[str, Any]:
     return {"src": str(src.resolve()), "model": opts.model, "text": opts.text, "dtype": opts.dtype,
-            "clip_skip": opts.clip_skip, "max_token_length": opts.max_token_length}
+            "clip_skip": opts.clip_skip, "max_token_length": opts.max_token_length, "flip_aug": opts.flip_aug}
 
 
 def _claim(staging: Path, src: Path, opts: CacheOptions) -> None:
@@ -179,6 +190,8 @@ def _claim(staging: Path, src: Path, opts: CacheOptions) -> None:
 def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> CacheReport:
     src, out = Path(src), Path(out)
     manifest = _check(src, out, opts)  # every input checked before the models load
+    if any(options.get("flip") for options in manifest.subset_options("augment")):
+        opts = replace(opts, flip_aug=True)
     urls = manifest.urls()  # raises for missing shard files
     world = parallel.process_world()
     staging = out.with_name(f".{out.name}.partial")
@@ -201,7 +214,7 @@ def cache_dataset(src: str | Path, out: str | Path, opts: CacheOptions) -> Cache
     assert components.vae is not None
     for module in [components.vae, *components.text_encoders]:
         module.requires_grad_(False).eval().to(world.device)
-    encoder = _Encoder(components, world.device, CACHE_DTYPES[opts.dtype], opts.text)
+    encoder = _Encoder(components, world.device, CACHE_DTYPES[opts.dtype], opts.text, opts.flip_aug)
     signals = StopSignals.current()
     # Rounds of one shard per rank, the same count on every rank, so that after each round all ranks can
     # agree whether a stop signal arrived: a finished shard is kept and the next run resumes after it.
@@ -244,7 +257,7 @@ def _finish(manifest: Manifest, staging: Path, out: Path, opts: CacheOptions, co
     assert components.vae is not None
     cache = CacheInfo(latents=True, text=opts.text, model=opts.model, family=components.family, dtype=opts.dtype,
                       scaling_factor=float(components.vae.config.scaling_factor), clip_skip=opts.clip_skip,
-                      max_token_length=opts.max_token_length)
+                      max_token_length=opts.max_token_length, flipped=opts.flip_aug)
     (staging / OPTIONS_NAME).unlink()
     write_manifest(staging, cached_manifest(manifest, shards, cache))
     (staging / REPORT_NAME).write_text(json.dumps({"cache_bad_samples": bad}, indent=1, ensure_ascii=False),

@@ -6,7 +6,8 @@ the planners and the trainer read it.
 Schema (format ``dist_lora.shards/2``): ``resolution``, ``bucket_spec``, ``image_format``, ``trigger``,
 ``num_samples``, ``num_reg_samples``, ``num_samples_with_repeats``, ``buckets`` (per-bucket totals),
 ``tag_frequency`` (per source folder), ``subsets`` (from a dataset config: each subset's source and
-the training-time options it set; absent for a plain folder), ``cache`` (absent until cached) and
+the training-time options it set; absent for a plain folder), ``masks`` (true when samples carry a
+``mask.png``), ``uncropped_samples`` (stored for random cropping), ``cache`` (absent until cached) and
 ``shards``: one entry per tar, each holding a single bucket: ``file``, ``bucket`` [width, height], ``samples``,
 ``samples_with_repeats``, ``reg_samples``.
 """
@@ -42,6 +43,7 @@ class CacheInfo:
     scaling_factor: float
     clip_skip: int = 1  # how the text outputs were encoded (kohya's options; older caches: the defaults)
     max_token_length: int = 75
+    flipped: bool = False  # the mirrored images' latents are cached too (flip_aug)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> CacheInfo | None:
@@ -49,7 +51,7 @@ class CacheInfo:
             return None
         return cls(bool(data["latents"]), bool(data["text"]), str(data["model"]), str(data["family"]),
                    str(data["dtype"]), float(data["scaling_factor"]), int(data.get("clip_skip", 1)),
-                   int(data.get("max_token_length", 75)))
+                   int(data.get("max_token_length", 75)), bool(data.get("flipped", False)))
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,16 @@ class Manifest:
                                  f"Re-run `dist-lora prepare` to rebuild the shards.")
         return cls(root, int(data["resolution"]), list(data["shards"]), dict(data.get("tag_frequency", {})),
                    str(data.get("trigger", "")), CacheInfo.from_json(data.get("cache")), data)
+
+    @property
+    def has_masks(self) -> bool:
+        """Some samples carry a loss mask (prepare --alpha-mask / --mask-dir, or a subset's)."""
+        return bool(self.raw.get("masks"))
+
+    @property
+    def uncropped_samples(self) -> int:
+        """Samples stored uncropped, to be cropped at a random offset when loaded (prepare --random-crop)."""
+        return int(self.raw.get("uncropped_samples", 0))
 
     @property
     def subsets(self) -> list[dict[str, Any]]:
@@ -139,9 +151,11 @@ def bucket_counts(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def new_manifest(*, resolution: int, bucket_spec: Any, image_format: str, trigger: str, num_samples: int,
                  shards: list[dict[str, Any]], tag_frequency: dict[str, dict[str, int]],
-                 subsets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 subsets: list[dict[str, Any]] | None = None, masks: bool = False,
+                 uncropped: int = 0) -> dict[str, Any]:
     """The manifest `dist-lora prepare` writes."""
-    return {**({"subsets": subsets} if subsets else {}),
+    return {**({"subsets": subsets} if subsets else {}), **({"masks": True} if masks else {}),
+            **({"uncropped_samples": uncropped} if uncropped else {}),
         "format": MANIFEST_FORMAT,
         "resolution": resolution,
         "bucket_spec": bucket_spec,

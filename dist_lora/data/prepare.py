@@ -30,19 +30,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
-
 from dist_lora.data.buckets import (
-    Bucket,
-    BucketError,
     BucketSpec,
     bucket_set,
-    nearest_bucket,
-    no_upscale_placement,
-    place,
 )
 from dist_lora.data.dataset_config import DatasetSpec
-from dist_lora.data.images import DEFAULT_MAX_PIXELS, RejectedImage, open_image
+from dist_lora.data.encode import EncodeJob, encode_image
+from dist_lora.data.images import DEFAULT_MAX_PIXELS
 from dist_lora.data.kohya import (
     IMAGE_EXTENSIONS,
     DatasetFolderError,
@@ -136,80 +130,6 @@ class PrepareReport:
             lines.append(f"held out for validation (in val/): {self.validation.accepted} images in "
                          f"{self.validation.shards} shards")
         return "\n".join(lines)
-
-
-def resize_and_crop(image: Image.Image, bucket: Bucket) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale ``image`` to cover ``bucket`` and centre-crop it; return the crop's (top, left)."""
-    placement = place(image.width, image.height, bucket)
-    resized = image.resize(placement.resized, Image.Resampling.LANCZOS)
-    top, left = placement.crop_top_left
-    return resized.crop((left, top, left + bucket.width, top + bucket.height)), (top, left)
-
-
-@dataclass(frozen=True)
-class _EncodeJob:
-    path: str
-    min_side: int
-    max_pixels: int
-    buckets: list[Bucket]
-    image_format: str
-    options: dict[str, Any]  # random_crop, alpha_mask, mask (a mask file's path) and no_upscale: the image's own
-    spec: BucketSpec | None = None  # for no_upscale
-
-
-def _placement(image: Image.Image, job: _EncodeJob) -> Any:
-    if job.options.get("no_upscale"):
-        assert job.spec is not None
-        try:
-            return no_upscale_placement(image.width, image.height, job.spec)
-        except BucketError as exc:
-            raise RejectedImage(f"too small: {exc}") from exc
-    return place(image.width, image.height, nearest_bucket(image.width, image.height, job.buckets))
-
-
-def _fit(image: Image.Image, placement: Any, crop: bool) -> Image.Image:
-    """Scaled to the placement (and cropped to its bucket unless ``crop`` is false: random crop)."""
-    if image.size != tuple(placement.resized):
-        image = image.resize(placement.resized, Image.Resampling.LANCZOS)
-    if not crop:
-        return image
-    top, left = placement.crop_top_left
-    return image.crop((left, top, left + placement.bucket.width, top + placement.bucket.height))
-
-
-def _png_bytes(image: Image.Image, image_format: str = "png") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _encode_image(job: _EncodeJob) -> tuple[dict[str, bytes], dict[str, Any]] | str:
-    """Worker process: the encoded members (image, and mask) and their geometry, or why it was rejected."""
-    options = job.options
-    try:
-        image = open_image(Path(job.path), min_side=job.min_side, max_pixels=job.max_pixels,
-                           keep_alpha=bool(options.get("alpha_mask")))
-        placement = _placement(image, job)
-    except RejectedImage as exc:
-        return str(exc)
-    mask = None
-    if options.get("alpha_mask"):
-        # kohya trains on the stored colour of transparent pixels and weighs their loss by the alpha.
-        mask = image.getchannel("A") if image.mode == "RGBA" else Image.new("L", image.size, 255)
-        image = image.convert("RGB")
-    elif options.get("mask"):
-        with Image.open(options["mask"]) as opened:
-            mask = ImageOps.exif_transpose(opened).convert("RGB").getchannel("R")  # the red channel, as kohya
-    crop = not options.get("random_crop")
-    members = {job.image_format: _png_bytes(_fit(image, placement, crop), job.image_format)}
-    if mask is not None:
-        members[MASK_MEMBER] = _png_bytes(_fit(mask, placement, crop))
-    bucket = placement.bucket
-    geometry = {"original_size": [image.height, image.width], "crop_top_left": list(placement.crop_top_left),
-                "target_size": [bucket.height, bucket.width], "bucket": [bucket.width, bucket.height],
-                "resized_size": [placement.resized[1], placement.resized[0]],
-                **({"uncropped": True} if not crop else {})}
-    return members, geometry
 
 
 def _sample_key(relative: str, used: set[str]) -> str:
@@ -336,16 +256,16 @@ def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[
     return images
 
 
-def _encoded_images(todo: list[tuple[int, _EncodeJob]], workers: int) -> Iterator[tuple[int, Any]]:
+def _encoded_images(todo: list[tuple[int, EncodeJob]], workers: int) -> Iterator[tuple[int, Any]]:
     if workers <= 1 or len(todo) < PARALLEL_THRESHOLD:
         for index, job in todo:
-            yield index, _encode_image(job)
+            yield index, encode_image(job)
         return
     # Spawned (not forked) workers: the caller may hold threads (torch, tokenizers) that fork would copy.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
         chunk = max(1, min(32, len(todo) // (workers * 4)))
-        yield from zip((i for i, _ in todo), pool.map(_encode_image, [j for _, j in todo], chunksize=chunk),
+        yield from zip((i for i, _ in todo), pool.map(encode_image, [j for _, j in todo], chunksize=chunk),
                        strict=True)
 
 
@@ -368,14 +288,14 @@ def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts
     spec = opts.bucket_spec()
     buckets = bucket_set(spec)
     reused: dict[int, Any] = {}
-    todo: list[tuple[int, _EncodeJob]] = []
+    todo: list[tuple[int, EncodeJob]] = []
     for index, image in enumerate(images):
         options = image_options(image, opts)
         hit = previous.lookup(image, options)
         if hit is not None:
             reused[index] = hit
         else:
-            todo.append((index, _EncodeJob(str(image.path), opts.effective_min_side, opts.max_pixels, buckets,
+            todo.append((index, EncodeJob(str(image.path), opts.effective_min_side, opts.max_pixels, buckets,
                                            opts.image_format, options, spec)))
     report.reused, report.encoded = len(reused), len(todo)
     workers = opts.workers or os.cpu_count() or 1
@@ -494,7 +414,8 @@ def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, 
     manifest = new_manifest(resolution=opts.resolution, bucket_spec=fingerprint["buckets"],
                             image_format=opts.image_format, trigger=opts.trigger, num_samples=report.accepted,
                             shards=shards, tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
-                            subsets=subsets)
+                            subsets=subsets, masks=any(MASK_MEMBER in e["members"] for e in sources.values()),
+                            uncropped=sum(bool(e["geometry"].get("uncropped")) for e in sources.values()))
     report.shards = len(shards)
     report.samples_with_repeats = manifest["num_samples_with_repeats"]
     report.buckets = {name: c["samples"] for name, c in manifest["buckets"].items()}

@@ -99,3 +99,9 @@ def dataset_toml(tables: dict[str, Any], source: Path) -> str:
             lines += ["", "  [[datasets.subsets]]"]
             lines += [f"  {key} = {toml_value(value)}" for key, value in subset.items()]
     return "\n".join(lines) + "\n"
+
+
+def sets_true(tables: dict[str, Any], key: str) -> bool:
+    """Whether any level of the copy turns ``key`` on."""
+    levels = [tables["general"], *tables["datasets"], *(s for d in tables["datasets"] for s in d["subsets"])]
+    return any(level.get(key) is True for level in levels)

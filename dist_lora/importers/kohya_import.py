@@ -19,7 +19,7 @@ from typing import Any
 
 from dist_lora.config import config_from_dict, to_toml
 from dist_lora.errors import DistLoraError
-from dist_lora.importers.kohya_dataset import ImportedDataset, dataset_toml, import_dataset_config
+from dist_lora.importers.kohya_dataset import ImportedDataset, dataset_toml, import_dataset_config, sets_true
 from dist_lora.importers.kohya_keys import GUI_NAMES, MAPPED, NO_EFFECT, UNSUPPORTED, ImportValueError
 
 if sys.version_info >= (3, 11):
@@ -285,6 +285,11 @@ def import_kohya_config(path: str | Path, out_dir: str | Path,
             b.report.unsupported.append((name, value, "not a kohya option known here"))
     if dataset is not None:
         _apply_dataset(dataset, b)
+        for key in ("color_aug", "random_crop"):
+            if b.cache.get("latents") and sets_true(dataset.tables, key):
+                raise KohyaImportError(f"dataset config '{dataset_config or keys.get('dataset_config')}' turns {key} "
+                                       f"on, which changes the images every epoch, but '{path}' caches latents "
+                                       f"(sd-scripts refuses it too); turn cache_latents or {key} off.")
     return KohyaImport(b.raw, _data_commands(b, out_dir, dataset is not None), b.report, dataset)
 
 
@@ -304,17 +309,27 @@ def _data_commands(b: _Builder, out_dir: Path, with_dataset: bool) -> list[list[
                                f"(--dataset-config).")
     if not b.prepare.pop("buckets", True):
         prepare.append("--no-buckets")
+    for flag in ("--bucket-no-upscale", "--random-crop", "--alpha-mask"):
+        if b.prepare.pop(flag, False):
+            prepare.append(flag)
     for option, value in sorted(b.prepare.items()):
         prepare += [option, str(value)]
     commands = [prepare]
     data = b.raw.setdefault("data", {})
     data["shards"] = str(shards)
     if b.cache.get("latents"):
+        for key, on in (("color_aug", data.get("color_aug")), ("random_crop", "--random-crop" in prepare)):
+            if on:
+                raise KohyaImportError(f"kohya config '{b.path}': {key} changes the images every epoch, so their "
+                                       f"latents cannot be cached (sd-scripts refuses it too); turn cache_latents or "
+                                       f"{key} off.")
         model = b.raw.get("model", {}).get("pretrained", "")
         cached = out_dir / "cached"
         cache = ["dist-lora", "cache", str(shards), str(cached), "--model", str(model)]
         if not b.cache.get("text"):
             cache.append("--no-text")
+        if data.get("flip_aug"):
+            cache.append("--flip-aug")
         model_section = b.raw.get("model", {})
         cache += ["--clip-skip", str(model_section.get("clip_skip", 1)),
                   "--max-token-length", str(model_section.get("max_token_length", 75))]

@@ -177,6 +177,9 @@ MAPPED: dict[str, Target] = {
     "caption_tag_dropout_rate": Target("data.tag_dropout", _float),
     "caption_dropout_every_n_epochs": Target("data.caption_dropout_every_n_epochs", _int),
     "max_data_loader_n_workers": Target("data.num_workers", _int),
+    "flip_aug": Target("data.flip_aug", _bool),
+    "color_aug": Target("data.color_aug", _bool),
+    "masked_loss": Target("training.masked_loss", _bool),
     "output_dir": Target("output.dir", str),
     "output_name": Target("output.name", str),
     "save_precision": Target("output.save_precision", _choice(SAVE_PRECISIONS)),
@@ -194,6 +197,9 @@ MAPPED: dict[str, Target] = {
     "max_bucket_reso": Target("prepare:--max-bucket-side", _int),
     "bucket_reso_steps": Target("prepare:--bucket-step", _int),
     "enable_bucket": Target("prepare:buckets", _bool),
+    "bucket_no_upscale": Target("prepare:--bucket-no-upscale", _bool),
+    "random_crop": Target("prepare:--random-crop", _bool),
+    "alpha_mask": Target("prepare:--alpha-mask", _bool),
     "cache_latents": Target("cache:latents", _bool),
     "cache_latents_to_disk": Target("cache:latents", _bool),
     "cache_text_encoder_outputs": Target("cache:text", _bool),
@@ -226,12 +232,6 @@ NO_EFFECT = {
 
 # Keys with no counterpart yet, or with another meaning here, and why.
 UNSUPPORTED = {
-    "flip_aug": "image flipping is not implemented yet",
-    "color_aug": "colour augmentation is not implemented yet",
-    "random_crop": "random cropping is not implemented yet",
-    "bucket_no_upscale": "buckets always scale images to the bucket size",
-    "masked_loss": "masked loss is not implemented yet",
-    "alpha_mask": "masked loss is not implemented yet",
     "weighted_captions": "prompt weighting in captions is not implemented",
     "stop_text_encoder_training_pct": "text encoders train for the whole run or not at all",
     "full_fp16": "adapters always train in fp32 (fp16 autocast otherwise)",

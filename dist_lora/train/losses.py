@@ -1,5 +1,6 @@
 """kohya's loss options as pure functions: the per-element loss (l2, l1, huber, smooth_l1 with a Huber
-parameter per timestep) and the per-sample weights that depend on the timestep's SNR."""
+parameter per timestep), the per-pixel weights of masked loss and the per-sample weights that depend on
+the timestep's SNR."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from dist_lora.train.diffusion import alphas_cumprod_at, min_snr_weights
 
@@ -55,6 +57,12 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, options: Lo
         smooth = torch.sqrt(difference.square() + c.square()) - c
         return 2 * c * smooth if options.loss_type == "huber" else 2 * smooth
     raise ValueError(f"unknown loss_type {options.loss_type!r}; expected l2, l1, huber or smooth_l1")
+
+
+def mask_weights(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks (uint8 [B, 1, H, W], 255 = full weight) as per-element loss weights on the ``size`` grid of the
+    latents: area-averaged, as kohya's apply_masked_loss resizes them."""
+    return F.interpolate(masks.float() / 255.0, size=size, mode="area")
 
 
 def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str,

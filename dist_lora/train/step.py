@@ -9,7 +9,7 @@ from dist_lora.data.shards import Batch
 from dist_lora.parallel import World
 from dist_lora.train.conditioning import Conditioner
 from dist_lora.train.diffusion import add_noise, sample_generators, training_target
-from dist_lora.train.losses import elementwise_loss, huber_parameter, snr_weights
+from dist_lora.train.losses import elementwise_loss, huber_parameter, mask_weights, snr_weights
 from dist_lora.train.noise import draw_noise, draw_timesteps
 from dist_lora.train.objective import loss_options, noise_options
 from dist_lora.train.setup import Setup
@@ -62,4 +62,6 @@ class StepRunner:
         if self.loss_options.loss_type in ("huber", "smooth_l1"):
             huber_c = huber_parameter(timesteps, self.alphas_cumprod, self.num_train_timesteps, self.loss_options)
         per_element = elementwise_loss(prediction, target, self.loss_options, huber_c)
+        if batch.masks is not None:  # masked loss: a pixel's loss counts by its mask (0 = not at all)
+            per_element = per_element * mask_weights(cond.to_device(batch.masks), tuple(per_element.shape[-2:]))
         return (per_element.mean(dim=list(range(1, per_element.ndim))) * weights).mean()

@@ -16,8 +16,9 @@ from dist_lora import parallel
 from dist_lora.adapters.network import check_network_options
 from dist_lora.adapters.targets import unet_block_settings
 from dist_lora.config import Config, to_toml
+from dist_lora.data.augment import Augment, AugmentPolicy
 from dist_lora.data.captions import CaptionPolicy, CaptionTransform
-from dist_lora.data.manifest import Manifest
+from dist_lora.data.manifest import CacheInfo, Manifest
 from dist_lora.data.shards import ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
 from dist_lora.models.load import ModelSource, inspect_model_source, load_components
@@ -56,6 +57,8 @@ class Preflight:
     use_text: bool  # cached text-encoder outputs are read; the text encoders are not loaded
     prompts: list[SamplePrompt]  # sample prompts, resolved and checked
     validation: Manifest | None  # the held-out set, if validation is on
+    augment: AugmentPolicy  # flip / colour augmentation per sample
+    use_masks: bool  # the loss is weighted by each sample's mask
 
 
 @dataclass
@@ -134,8 +137,28 @@ def preflight(cfg: Config) -> Preflight:
         raise RunSetupError("sample prompts are set, but this launch uses DeepSpeed ZeRO-3, which shards the UNet "
                             "across ranks; render samples under DDP or ZeRO-2, or remove sample.prompts / "
                             "sample.prompt_file.")
+    augment = _augmentation(cfg, manifest, cache)
     return Preflight(source, manifest, run_dir, adapter_path, captions, bool(cache and cache.latents), use_text,
-                     prompts, validation)
+                     prompts, validation, augment, cfg.training.masked_loss and manifest.has_masks)
+
+
+def _augmentation(cfg: Config, manifest: Manifest, cache: CacheInfo | None) -> AugmentPolicy:
+    """data.flip_aug / color_aug, or what each subset of the dataset config set; checked against cached latents."""
+    augment = AugmentPolicy.build(Augment(cfg.data.flip_aug, cfg.data.color_aug), manifest.subset_options("augment"))
+    if cache is None or not cache.latents:
+        return augment
+    options = [("data", augment.default), *((f"subset {i} of the dataset config", a)
+                                            for i, a in enumerate(augment.subsets))]
+    for where, option in options:
+        if option.color:
+            raise RunSetupError(f"color_aug ({where}) changes the pixels every epoch, but data.shards "
+                                f"'{manifest.root}' holds cached latents; set data.use_cache = false to train from the "
+                                f"images, or turn color_aug off.")
+        if option.flip and not cache.flipped:
+            raise RunSetupError(f"flip_aug ({where}) needs the latents of the mirrored images, which data.shards "
+                                f"'{manifest.root}' lacks; cache again with `dist-lora cache --flip-aug`, or set "
+                                f"data.use_cache = false.")
+    return augment
 
 
 def _check_validation(cfg: Config, family: str | None, use_latents: bool, use_text: bool,
@@ -225,7 +248,8 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                          seed=cfg.training.seed, num_workers=cfg.data.num_workers,
                          shuffle_buffer=cfg.data.shuffle_buffer, captions=pre.captions,
                          shard_urls=cfg.data.shard_urls, use_latents=pre.use_latents, use_text=pre.use_text,
-                         multiple_of=cfg.training.gradient_accumulation_steps)
+                         multiple_of=cfg.training.gradient_accumulation_steps, augment=pre.augment,
+                         use_masks=pre.use_masks)
     start = find_resume_point(cfg, pre.run_dir, loader)
     run_plan = plan_run(cfg, loader, start)
     total_steps = run_plan.total_steps

@@ -46,7 +46,8 @@ def test_the_sdxl_character_preset(tmp_path: Path) -> None:
     assert (training["mixed_precision"], training["min_snr_gamma"], training["attention"]) == ("fp16", 5.0, "xformers")
     assert training["gradient_checkpointing"] and training["vae_fp32"]
     assert raw["data"] == {"caption_dropout": 0.05, "keep_tokens": 0, "num_workers": 0, "shuffle_caption": False,
-                           "caption_dropout_every_n_epochs": 0, "shards": str(tmp_path / "out" / "cached")}
+                           "caption_dropout_every_n_epochs": 0, "flip_aug": False, "color_aug": False,
+                           "shards": str(tmp_path / "out" / "cached")}
     assert raw["model"] == {"pretrained": "/models/sdxl.safetensors", "clip_skip": 1, "max_token_length": 75}
     assert raw["output"] == {"dir": "/runs", "name": "character", "save_precision": "fp16", "save_every_epochs": 1,
                              "save_every_steps": 0}
@@ -58,7 +59,9 @@ def test_the_sdxl_character_preset(tmp_path: Path) -> None:
     assert [(k, v) for k, v, _ in result.report.unsupported] == [("train_on_input", True)]
     no_effect = {k: why for k, _, why in result.report.no_effect}
     assert no_effect["epoch"].startswith("overridden by max_train_epochs")
-    assert no_effect["flip_aug"] == "off" and no_effect["seed"] == "empty"
+    assert no_effect["seed"] == "empty"
+    assert {k: ours for k, _, ours in result.report.mapped if k in ("flip_aug", "color_aug", "random_crop")} == {
+        "flip_aug": "data.flip_aug", "color_aug": "data.color_aug", "random_crop": "prepare:--random-crop"}
     assert no_effect["conv_dim"].startswith("LoRA without convolution layers")
 
 
@@ -67,6 +70,7 @@ def test_locon_with_prodigy_and_warmup_percent(tmp_path: Path) -> None:
               "conv_alpha": 4, "optimizer": "Prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 0,
               "optimizer_args": "decouple=True weight_decay=0.01 d_coef=2 betas=0.9,0.99",
               "lr_scheduler": "cosine", "lr_warmup": 10, "max_train_steps": 1000, "flip_aug": True, "clip_skip": 2,
+              "color_aug": True, "random_crop": True, "bucket_no_upscale": True, "masked_loss": True,
               "sample_prompts": "a dlsks robot --n blurry --w 512 --h 512\n# a comment\nsecond prompt",
               "sample_every_n_steps": 100, "sample_sampler": "euler_a", "noise_offset": 0.0357,
               "cache_latents": False}
@@ -82,7 +86,9 @@ def test_locon_with_prodigy_and_warmup_percent(tmp_path: Path) -> None:
                              "every_steps": 100, "sampler": "euler_a"}
     assert raw["model"]["clip_skip"] == 2 and raw["training"]["noise_offset"] == 0.0357
     assert raw["data"]["shards"] == str(tmp_path / "out" / "shards") and len(result.commands) == 1
-    assert [k for k, _, _ in result.report.unsupported] == ["flip_aug"]
+    assert (raw["data"]["flip_aug"], raw["data"]["color_aug"], raw["training"]["masked_loss"]) == (True, True, True)
+    assert result.commands[0][-2:] == ["--bucket-no-upscale", "--random-crop"]
+    assert result.report.unsupported == []
 
 
 @pytest.mark.parametrize(("gui", "expected"), [
@@ -153,15 +159,16 @@ def test_an_sd_scripts_config_file(tmp_path: Path) -> None:
     assert raw["optimizer"] == {"type": "adamw8bit", "lr": 1e-4, "args": ["weight_decay=0.1", "betas=[0.9,0.99]"]}
     assert raw["scheduler"] == {"type": "cosine_with_restarts", "num_cycles": 3, "warmup_steps": 50}
     assert raw["training"] == {"batch_size": 2, "max_steps": 2000, "mixed_precision": "bf16", "attention": "xformers",
+                               "masked_loss": True,
                                "seed": 1234}
     assert result.commands == [["dist-lora", "prepare", "/data/kohya", str(tmp_path / "out" / "shards"), "--no-buckets",
                                 "--resolution", "512"]]
-    assert {k for k, _, _ in result.report.unsupported} == {"masked_loss", "network_args algo_x"}
+    assert {k for k, _, _ in result.report.unsupported} == {"network_args algo_x"}
     written = write_import(result, tmp_path / "out", path)
     recipe = load_config(written[0])
     assert recipe.network.type == "locon" and recipe.optimizer.args == ["weight_decay=0.1", "betas=[0.9,0.99]"]
     assert "dist-lora prepare /data/kohya" in written[1].read_text()
-    assert "masked_loss = True: masked loss is not implemented yet" in written[2].read_text()
+    assert "masked_loss = True -> training.masked_loss" in written[2].read_text()
 
 
 @pytest.mark.parametrize(("content", "name", "message"), [
@@ -170,6 +177,8 @@ def test_an_sd_scripts_config_file(tmp_path: Path) -> None:
     ({**USER, "LoRA_type": "LyCORIS/iA3"}, "c.json", r"c.json': LoRA_type 'LyCORIS/iA3' cannot be trained here"),
     ({**USER, "network_dim": "many"}, "c.json", r"c.json': network_dim = 'many': 'many' is not a number"),
     ({"network_dim": 8}, "c.json", r"c.json' names no train_data_dir"),
+    ({**USER, "cache_latents": True, "color_aug": True}, "c.json", r"c.json': color_aug changes the images every"),
+    ({**USER, "cache_latents": True, "random_crop": True}, "c.json", r"c.json': random_crop changes the images"),
     ({**USER, "optimizer": "DAdaptAdam"}, "c.json", r"optimizer = 'DAdaptAdam': 'DAdaptAdam' is not one of"),
 ])
 def test_bad_configs_are_refused_naming_file_and_key(content: Any, name: str, message: str, tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from dist_lora.data.buckets import Bucket
+from dist_lora.data.encode import resize_and_crop
 from dist_lora.data.kohya import DatasetFolderError
-from dist_lora.data.prepare import PrepareOptions, prepare_dataset, resize_and_crop
+from dist_lora.data.prepare import PrepareOptions, prepare_dataset
 
 
 def _png(path: Path, size: tuple[int, int], mode: str = "RGB", colour: object = (10, 20, 30)) -> None:
