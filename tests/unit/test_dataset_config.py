@@ -175,3 +175,34 @@ def test_reg_folder_and_dataset_config_are_refused_together(tmp_path: Path) -> N
     with pytest.raises(DatasetFolderError, match=r"datasets\[0\].subsets\[1\].image_dir .* holds no images"):
         prepare_dataset(None, tmp_path / "out", PrepareOptions(), spec)
     assert not (tmp_path / "out").exists()
+
+
+def test_subset_augmentation_masks_and_no_upscale(tmp_path: Path) -> None:
+    config = CONFIG.replace("resolution = 64", "resolution = 128")  # the 96x64 images are within 128^2
+    config = config.replace("enable_bucket = false", "enable_bucket = true\nbucket_no_upscale = true\n"
+                            "min_bucket_reso = 64\nmax_bucket_reso = 128\nbucket_reso_steps = 16")
+    config = config.replace('class_tokens = "zkw cube"', 'class_tokens = "zkw cube"\n  flip_aug = true\n'
+                            '  random_crop = true\n  conditioning_data_dir = "masks"')
+    config = config.replace('caption_prefix = "photo of"', 'caption_prefix = "photo of"\n  color_aug = true')
+    path = _dataset(tmp_path, config)
+    (tmp_path / "masks").mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 64), (255 if i else 0, 0, 0)).save(tmp_path / "masks" / f"{i}.png")
+    spec = read_dataset_config(path)
+    assert spec.bucket["no_upscale"] is True and spec.subsets[0].mask_dir == tmp_path / "masks"
+    prepare_dataset(None, tmp_path / "out", PrepareOptions(), spec)
+    manifest = Manifest.read(tmp_path / "out")
+    assert manifest.subset_options("augment") == [{"flip": True}, {"color": True}, {}]
+    assert manifest.has_masks and manifest.uncropped_samples == 3
+    samples = _samples(tmp_path / "out")
+    # Subset a: uncropped (random crop) with masks from the red channel; the others cropped, no mask.
+    for key, sample in samples.items():
+        meta = sample["json"]
+        assert isinstance(meta, dict)
+        assert ("mask.png" in sample, bool(meta.get("uncropped"))) == ((True, True) if key.startswith("00_a")
+                                                                       else (False, False))
+        # No upscaling: the 96x64 images keep their size, their bucket is exactly that.
+        assert meta["resized_size"] == [64, 96] and meta["bucket"] == [96, 64]
+    masks = {k: Image.open(io.BytesIO(s["mask.png"])).getpixel((5, 5)) for k, s in samples.items()  # type: ignore[arg-type]
+             if "mask.png" in s}
+    assert masks == {"00_a/0": 0, "00_a/1": 255, "00_a/2": 255}
