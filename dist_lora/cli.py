@@ -44,7 +44,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                           max_bucket_area=args.max_bucket_area, bucket_step=args.bucket_step,
                           min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
                           workers=args.workers, val_fraction=args.val_fraction, no_upscale=args.bucket_no_upscale,
-                          random_crop=args.random_crop, alpha_mask=args.alpha_mask, mask_dir=args.mask_dir)
+                          random_crop=args.random_crop, alpha_mask=args.alpha_mask, mask_dir=args.mask_dir,
+                          caption_extension=args.caption_extension)
     dataset = None
     if args.dataset_config:
         from dist_lora.data.dataset_config import read_dataset_config
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--mask-dir", default="",
                       help="folder of mask images (their red channel weights the loss, kohya's masked_loss) laid out "
                            "as the source folder: MASKS/20_robot/a.png for SRC/20_robot/a.jpg")
+    prep.add_argument("--caption-extension", default=".caption",
+                      help="caption files of a dataset config's subsets that set no caption_extension (sd-scripts' "
+                           "default); a kohya folder's captions are always .txt or .caption")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty output folder (a previous prepare output is updated in place)")
     prep.set_defaults(func=_cmd_prepare)

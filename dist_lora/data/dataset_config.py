@@ -158,7 +158,7 @@ class SubsetSpec:
     num_repeats: int = 1
     is_reg: bool = False
     class_tokens: str = ""  # the caption of an image without a caption file
-    caption_extension: str = ".caption"  # sd-scripts' default for dataset configs
+    caption_extension: str | None = None  # None: prepare --caption-extension (sd-scripts' default: .caption)
     caption_prefix: str = ""
     caption_suffix: str = ""
     captions: dict[str, Any] = field(default_factory=dict)  # CaptionTransform fields the config set

@@ -106,8 +106,9 @@ def _oriented_size(path: Path) -> tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
-def check_mask_sizes(images: list[SourceImage]) -> None:
-    """Every mask has its image's size (read from the headers): checked before anything is written."""
+def check_mask_sizes(images: list[SourceImage], key: str) -> None:
+    """Every mask has its image's size (read from the headers): checked before anything is written.
+    ``key`` names the setting the masks came from."""
     for image in images:
         if image.mask_path is None:
             continue
@@ -116,21 +117,22 @@ def check_mask_sizes(images: list[SourceImage]) -> None:
         except (OSError, SyntaxError, ValueError):
             continue  # an unreadable image is rejected with its reason when it is encoded
         if sizes[0] != sizes[1]:
-            raise DatasetFolderError(f"mask '{image.mask_path}' is {sizes[1][0]}x{sizes[1][1]} but its image "
+            raise DatasetFolderError(f"{key}: mask '{image.mask_path}' is {sizes[1][0]}x{sizes[1][1]} but its image "
                                      f"'{image.path}' is {sizes[0][0]}x{sizes[0][1]}; a mask must have its "
                                      f"image's size.")
 
 
-def scan_subset(subset: SubsetSpec, index: int) -> list[SourceImage]:
+def scan_subset(subset: SubsetSpec, index: int, caption_extension: str = ".caption") -> list[SourceImage]:
     """The images directly in a subset's folder (sd-scripts reads no sub-folders), sorted; their caption
-    files have the subset's caption_extension. Relative paths start with the subset's index, so two subsets
-    may hold files of the same name."""
+    files have the subset's caption_extension, else ``caption_extension``. Relative paths start with the
+    subset's index, so two subsets may hold files of the same name."""
     folder = subset.image_dir
     prefix = f"{index:02d}_{folder.name}"
+    extension = subset.caption_extension or caption_extension
     images = []
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            caption = path.with_suffix(subset.caption_extension)
+            caption = path.with_suffix(extension)
             mask = find_mask(subset.mask_dir, path.stem, f"{subset.where}.conditioning_data_dir") \
                 if subset.mask_dir is not None else None
             images.append(SourceImage(path, f"{prefix}/{path.name}", prefix, subset.class_tokens, subset.num_repeats,

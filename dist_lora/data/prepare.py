@@ -77,6 +77,7 @@ class PrepareOptions:
     random_crop: bool = False  # store images uncropped; the loader crops them at a drawn offset each epoch
     alpha_mask: bool = False  # keep each image's transparency as its loss mask (kohya's alpha_mask)
     mask_dir: str = ""  # mask images (their red channel) for masked loss, mirroring the source folder's layout
+    caption_extension: str = ".caption"  # of a dataset config's subsets that set none (sd-scripts' default)
 
     def bucket_spec(self) -> BucketSpec:
         if not self.buckets:
@@ -238,8 +239,11 @@ def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[
         if opts.reg_src:
             raise DatasetFolderError(f"--reg '{opts.reg_src}' and a dataset config: give the regularization images "
                                      f"as a subset with is_reg = true in '{dataset.path}' instead.")
-        images = [image for i, subset in enumerate(dataset.subsets) for image in scan_subset(subset, i)]
-        check_mask_sizes(images)
+        images = []
+        for i, subset in enumerate(dataset.subsets):
+            found = scan_subset(subset, i, opts.caption_extension)
+            check_mask_sizes(found, f"{subset.where}.conditioning_data_dir")
+            images += found
         return images
     images = list(scan_images(src))  # raises DatasetFolderError for a missing folder or one without concepts
     if not images:
@@ -252,7 +256,7 @@ def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[
         images += reg
     if opts.mask_dir:
         images = with_masks(images, Path(opts.mask_dir), "--mask-dir")
-        check_mask_sizes(images)
+        check_mask_sizes(images, "--mask-dir")
     return images
 
 

@@ -216,6 +216,9 @@ def _dataset_config(keys: dict[str, Any], given: str | Path | None, b: _Builder)
     for key in ("train_data_dir", "reg_data_dir"):
         if key in keys:
             b.report.no_effect.append((b.name(key), keys.pop(key), "the dataset config's subsets are read instead"))
+    if not _is_off(keys.get("caption_extension")):  # sd-scripts: the subsets' fallback
+        extension = keys.pop("caption_extension")
+        b.set("prepare:--caption-extension", str(extension), "caption_extension", extension)
     return dataset
 
 

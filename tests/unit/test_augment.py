@@ -153,7 +153,8 @@ def test_mask_folder_red_channel_and_bad_masks(tmp_path: Path) -> None:
         mask = _array(members["mask.png"])
         assert mask.shape == (64, 64) and mask[:20].min() > 200 and mask[-20:].max() < 50
     Image.new("RGB", (10, 10)).save(masks / "1.png")
-    with pytest.raises(DatasetFolderError, match=r"mask '.*1.png' is 10x10 but its image '.*1.png' is 80x80"):
+    with pytest.raises(DatasetFolderError,
+                       match=r"--mask-dir: mask '.*1.png' is 10x10 but its image '.*1.png' is 80x80"):
         prepare_dataset(src, tmp_path / "out2", PrepareOptions(resolution=64, mask_dir=str(tmp_path / "masks")))
     (masks / "1.png").unlink()
     with pytest.raises(DatasetFolderError, match=r"--mask-dir '.*masks' has no mask for image '2_cube/1'"):

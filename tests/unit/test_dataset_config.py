@@ -206,3 +206,12 @@ def test_subset_augmentation_masks_and_no_upscale(tmp_path: Path) -> None:
     masks = {k: Image.open(io.BytesIO(s["mask.png"])).getpixel((5, 5)) for k, s in samples.items()  # type: ignore[arg-type]
              if "mask.png" in s}
     assert masks == {"00_a/0": 0, "00_a/1": 255, "00_a/2": 255}
+    Image.new("RGB", (64, 64)).save(tmp_path / "masks" / "1.png")
+    with pytest.raises(DatasetFolderError, match=r"datasets\[0\]\.subsets\[0\]\.conditioning_data_dir: mask .*1.png' "
+                                                 r"is 64x64 but its image .*1.png' is 96x64"):
+        prepare_dataset(None, tmp_path / "out2", PrepareOptions(), spec)
+    # A subset without caption_extension uses prepare's (sd-scripts' --caption_extension), default .caption.
+    spec = read_dataset_config(_dataset(tmp_path, CONFIG.replace('caption_extension = ".txt"', "")))
+    prepare_dataset(None, tmp_path / "out3", PrepareOptions(caption_extension=".txt"), spec)
+    assert _samples(tmp_path / "out3")["00_a/0"]["txt"] == b"red, cube, big, shiny, round"
+    assert not (tmp_path / "out2").exists()

@@ -235,7 +235,8 @@ def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
     for folder in ("chars/alice", "chars/bob", "reg"):
         (tmp_path / folder).mkdir(parents=True)
     dataset = _write(tmp_path, DATASET_TOML, "dataset.toml")
-    main_config = {**USER, "train_batch_size": 2, "network_dim": 8, "dataset_config": "ignored.toml"}
+    main_config = {**USER, "train_batch_size": 2, "network_dim": 8, "dataset_config": "ignored.toml",
+                   "caption_extension": ".txt"}
     result = import_kohya_config(_write(tmp_path, main_config), tmp_path / "out", dataset)
     report = result.report
     mapped = {k: ours for k, _, ours in report.mapped}
@@ -258,8 +259,10 @@ def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
     assert "dataset datasets[0].debug_dataset" in no_effect
     assert result.raw["training"]["batch_size"] == 4 and "train_batch_size" not in mapped
     out = tmp_path / "out"
+    # sd-scripts' --caption_extension is the subsets' fallback: prepare's own.
+    assert mapped["caption_extension"] == "prepare:--caption-extension"
     assert result.commands == [["dist-lora", "prepare", str(out / "shards"), "--dataset-config",
-                                str(out / "dataset.toml")]]
+                                str(out / "dataset.toml"), "--caption-extension", ".txt"]]
     write_import(result, out, tmp_path / "config.json")
     import tomllib
 
