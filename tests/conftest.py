@@ -70,6 +70,17 @@ def expected_sample_keys(shards: Path) -> Counter[str]:
     return keys
 
 
+def shard_members(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a prepared folder's tars: key -> {member extension: bytes}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(folder.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return samples
+
+
 def tiny_train_config(model: Path, shards: Path, out: Path, **sections: dict[str, object]) -> dict[str, dict]:
     raw: dict[str, dict] = {
         "model": {"pretrained": str(model)},

@@ -6,7 +6,6 @@ import colorsys
 import io
 import json
 import math
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,7 @@ from dist_lora.data.kohya import DatasetFolderError
 from dist_lora.data.prepare import PrepareOptions, prepare_dataset
 from dist_lora.data.shards import ShardLoader
 from dist_lora.train.losses import mask_weights
-
-
-def _members(out: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("train-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    return samples
+from tests.conftest import shard_members
 
 
 def _array(data: bytes) -> np.ndarray:
@@ -125,7 +115,7 @@ def test_alpha_mask_keeps_the_colour_and_places_the_mask_like_the_image(tmp_path
                                                           min_bucket_side=32, max_bucket_side=128))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["masks"] is True
-    for key, members in _members(tmp_path / "out").items():
+    for key, members in shard_members(tmp_path / "out").items():
         meta = json.loads(members["json"])
         source = np.asarray(Image.open(src.parent / "src" / f"{key}.png"))
         size = tuple(reversed(meta["resized_size"]))
@@ -149,7 +139,7 @@ def test_mask_folder_red_channel_and_bad_masks(tmp_path: Path) -> None:
         Image.fromarray(red).save(masks / f"{i}.jpg" if i == 2 else masks / f"{i}.png")
     prepare_dataset(src, tmp_path / "out", PrepareOptions(resolution=64, mask_dir=str(tmp_path / "masks"),
                                                           buckets=False))
-    for members in _members(tmp_path / "out").values():
+    for members in shard_members(tmp_path / "out").values():
         mask = _array(members["mask.png"])
         assert mask.shape == (64, 64) and mask[:20].min() > 200 and mask[-20:].max() < 50
     Image.new("RGB", (10, 10)).save(masks / "1.png")
@@ -167,7 +157,7 @@ def test_random_crop_is_drawn_per_epoch_and_recorded(tmp_path: Path) -> None:
     prepare_dataset(src, tmp_path / "out", PrepareOptions(resolution=64, random_crop=True, alpha_mask=True,
                                                           buckets=False))
     stored = {key: (json.loads(m["json"]), _array(m["png"]), _array(m["mask.png"]))
-              for key, m in _members(tmp_path / "out").items()}
+              for key, m in shard_members(tmp_path / "out").items()}
     assert all(meta["uncropped"] and image.shape[:2] == tuple(meta["resized_size"])
                for meta, image, _ in stored.values())
     loader = ShardLoader(tmp_path / "out", rank=0, world_size=1, batch_size=1, seed=2, num_workers=1,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from dist_lora.data.kohya import DatasetFolderError
 from dist_lora.data.manifest import Manifest
 from dist_lora.data.prepare import PrepareOptions, prepare_dataset
 from dist_lora.data.shards import ShardLoader
+from tests.conftest import shard_members
 
 CONFIG = """
 [general]
@@ -65,14 +65,9 @@ def _dataset(root: Path, config: str = CONFIG) -> Path:
 
 
 def _samples(out: Path) -> dict[str, dict[str, object]]:
-    samples: dict[str, dict[str, object]] = {}
-    for shard in sorted(out.glob("train-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                samples.setdefault(key, {})[ext] = json.loads(data) if ext == "json" else data
-    return samples
+    """The samples' members, their JSON records parsed."""
+    return {key: {ext: json.loads(data) if ext == "json" else data for ext, data in members.items()}
+            for key, members in shard_members(out).items()}
 
 
 def test_subsets_into_one_manifest(tmp_path: Path) -> None:
