@@ -67,9 +67,6 @@ SchedulerParameters=sched_interval=2
 JobRequeue=1
 ReturnToService=2
 KillWait=20
-# On a loaded machine a slurmd may answer a signal RPC after slurmctld's default 10 s; the agent then sends
-# it again about a minute later, when a requeued job (same job and step ids) may be running.
-MessageTimeout=60
 SlurmdParameters=config_overrides
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE

@@ -96,11 +96,3 @@ def tiny_train_config(model: Path, shards: Path, out: Path, **sections: dict[str
         raw.setdefault(name, {}).update(values)
     return raw
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (scripts/test.sh runs 2 workers), every test of the real Slurm cluster goes to
-    one worker, one after another: two jobs at once would wait for each other's nodes, and the
-    preemption test must be the only job its urgent job can preempt."""
-    for item in items:
-        if "tests/slurm/" in item.nodeid:
-            item.add_marker(pytest.mark.xdist_group("slurm_cluster"))

@@ -20,7 +20,10 @@ from dist_lora.config import config_from_dict, to_toml
 from tests.conftest import tiny_train_config
 from tests.integration.distributed_helpers import REPO
 
-pytestmark = [pytest.mark.slow,
+# Under pytest-xdist (scripts/test.sh runs 2 workers, --dist loadgroup) these tests run on one worker, one
+# after another: two jobs at once would wait for each other's nodes, and the preemption test's urgent job
+# must have only its own victim to preempt.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm_cluster"),
               pytest.mark.skipif(not os.environ.get("DIST_LORA_SLURM_CLUSTER"),
                                  reason="no Slurm cluster: run `bash scripts/slurm_cluster.sh start DIR` and source "
                                         "DIR/env")]
@@ -134,18 +137,7 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(how: str, straight: dic
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "requeueing" in log and "DataLoader worker" not in log
     _assert_same_run(run, straight)
-    _assert_each_resume_follows_a_signal_stop(run, log)
-
-
-def _assert_each_resume_follows_a_signal_stop(run: Path, log: str) -> None:
-    """One resume per signal stop, at that stop's checkpoint. Usually one: a loaded slurmctld may deliver
-    a signal again (its agent retries a signal RPC a node was slow to answer, and the requeued job keeps
-    its job and step ids), and the run must then stop, checkpoint and resume once more, just as exactly."""
-    resumes = json.loads((run / "summary.json").read_text())["resumes"]
-    stops = [int(step) for step in re.findall(r"stopped at step (\d+) \(SIG(?:TERM|USR1)\)", log)]
-    assert resumes, log[-3000:]
-    # Every rank reports its stop; the stops of one start name one step.
-    assert [r["step"] for r in resumes] == sorted(set(stops)), log[-3000:]
+    assert len(json.loads((run / "summary.json").read_text())["resumes"]) == 1
 
 
 def test_preemption_by_a_higher_priority_partition(tiny_models: dict[str, Path], shapes_shards: Path,
@@ -164,8 +156,8 @@ def test_preemption_by_a_higher_priority_partition(tiny_models: dict[str, Path],
     assert info["JobState"] == "COMPLETED", log[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 201))
-    _assert_each_resume_follows_a_signal_stop(run, log)
-    assert 0 < json.loads((run / "summary.json").read_text())["resumes"][0]["step"] < 200
+    resumes = json.loads((run / "summary.json").read_text())["resumes"]
+    assert len(resumes) == 1 and 0 < resumes[0]["step"] < 200
 
 
 def test_signal_during_start_up_requeues_before_the_first_step(straight: dict[str, object],
