@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hold out this fraction of the images (by a hash of their path) as a validation set in "
                            "OUT/val, for validation.shards")
     prep.add_argument("--bucket-no-upscale", action="store_true",
-                      help="kohya's bucket_no_upscale: an image within the bucket area keeps its size (its bucket is "
-                           "its size rounded down to --bucket-step); larger ones are scaled down to the area")
+                      help="kohya's bucket_no_upscale (with buckets; sd-scripts ignores it without): an image "
+                           "within the bucket area keeps its size (its bucket is its size rounded down to "
+                           "--bucket-step); larger ones are scaled down to the area")
     prep.add_argument("--random-crop", action="store_true",
                       help="store images scaled but uncropped; training crops each at a random offset every epoch "
                            "(recorded for SDXL's crop conditioning). Such samples cannot be cached")

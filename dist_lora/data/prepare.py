@@ -90,7 +90,7 @@ class PrepareOptions:
         """What changes every encoded image; a re-run reuses images only when this is unchanged (and each
         image's own options, recorded with it)."""
         return {"buckets": asdict(self.bucket_spec()), "image_format": self.image_format,
-                **({"no_upscale": True} if self.no_upscale else {})}
+                **({"no_upscale": True} if self.no_upscale and self.buckets else {})}
 
     @property
     def effective_min_side(self) -> int:
@@ -282,7 +282,7 @@ def image_options(image: SourceImage, opts: PrepareOptions) -> dict[str, Any]:
         options["alpha_mask"] = True
     elif image.mask_path is not None:
         options["mask"] = str(image.mask_path)
-    if opts.no_upscale:
+    if opts.no_upscale and opts.buckets:  # without buckets sd-scripts ignores bucket_no_upscale too
         options["no_upscale"] = True
     return options
 

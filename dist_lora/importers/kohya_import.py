@@ -20,7 +20,14 @@ from typing import Any
 from dist_lora.config import config_from_dict, to_toml
 from dist_lora.errors import DistLoraError
 from dist_lora.importers.kohya_dataset import ImportedDataset, dataset_toml, import_dataset_config, sets_true
-from dist_lora.importers.kohya_keys import GUI_NAMES, MAPPED, NO_EFFECT, UNSUPPORTED, ImportValueError
+from dist_lora.importers.kohya_keys import (
+    GUI_NAMES,
+    MAPPED,
+    NO_EFFECT,
+    UNSUPPORTED,
+    ImportUnsupported,
+    ImportValueError,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +38,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 LORA_TYPES = {"standard": "lora", "kohya locon": "locon", "lycoris/locon": "locon", "lycoris/loha": "loha",
               "lycoris/lokr": "lokr"}
 LYCORIS_ALGOS = {"locon": "locon", "lora": "locon", "loha": "loha", "lokr": "lokr"}
-_NETWORK_KEYS = {"LoRA_type", "network_module", "network_args", "dora_wd", "algo", "preset",
+_NETWORK_KEYS = {"LoRA_type", "network_module", "network_args", "dora_wd", "algo",
                  "network_train_unet_only", "network_train_text_encoder_only"}
 
 
@@ -85,6 +92,11 @@ def read_kohya_file(path: Path) -> dict[str, Any]:
 
 
 def _is_off(value: Any) -> bool:
+    if isinstance(value, str) and value.strip():
+        try:
+            return float(value) == 0  # the GUI stores many numbers as text: "0"
+        except ValueError:
+            return False
     return value is None or value is False or value == "" or (not isinstance(value, bool) and value == 0) \
         or value == []
 
@@ -140,6 +152,10 @@ class _Builder:
         return self.names.get(key, key)
 
     def set(self, key: str, value: Any, kohya_key: str, original: Any) -> None:
+        self._put(key, value)
+        self.report.mapped.append((self.name(kohya_key), original, key))
+
+    def _put(self, key: str, value: Any) -> None:
         if key.startswith("prepare:"):
             self.prepare[key.removeprefix("prepare:")] = value
         elif key.startswith("cache:"):
@@ -148,12 +164,16 @@ class _Builder:
         else:
             section, name = key.split(".")
             self.raw.setdefault(section, {})[name] = value
-        self.report.mapped.append((self.name(kohya_key), original, key))
 
     def map_key(self, key: str, value: Any) -> None:
         target = MAPPED[key]
         try:
             converted = target.convert(value)
+        except ImportUnsupported as exc:
+            self.report.unsupported.append((self.name(key), value, str(exc)))
+            if exc.fallback is not None:
+                self._put(target.key, exc.fallback)
+            return
         except ImportValueError as exc:
             raise KohyaImportError(f"kohya config '{self.path}': {self.name(key)} = {value!r}: {exc}.") from exc
         self.set(target.key, converted, key, value)
@@ -250,7 +270,7 @@ def import_kohya_config(path: str | Path, out_dir: str | Path,
         name = {"factor": "lokr_factor", "dropout": "network_dropout"}.get(key, key)
         if name in MAPPED:
             keys.setdefault(name, value)
-        elif key not in ("algo", "dora_wd", "preset"):
+        elif key not in ("algo", "dora_wd"):
             b.report.unsupported.append((f"network_args {key}", value, "no counterpart here"))
     if b.raw["network"]["type"] == "lora":
         for key in ("conv_dim", "conv_alpha"):
@@ -312,6 +332,10 @@ def _data_commands(b: _Builder, out_dir: Path, with_dataset: bool) -> list[list[
                                f"(--dataset-config).")
     if not b.prepare.pop("buckets", True):
         prepare.append("--no-buckets")
+        if b.prepare.pop("--bucket-no-upscale", False):  # sd-scripts ignores it without buckets
+            entry = next(e for e in b.report.mapped if e[2] == "prepare:--bucket-no-upscale")
+            b.report.mapped.remove(entry)
+            b.report.no_effect.append((entry[0], entry[1], "enable_bucket is off, and sd-scripts ignores it then"))
     for flag in ("--bucket-no-upscale", "--random-crop", "--alpha-mask"):
         if b.prepare.pop(flag, False):
             prepare.append(flag)

@@ -6,6 +6,7 @@ Keys are sd-scripts' argument names; the kohya_ss GUI's own names are translated
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ GUI_NAMES = {
     "lora_network_weights": "network_weights", "factor": "lokr_factor", "decompose_both": "decompose_both",
     "xformers": "attention", "sdxl_no_half_vae": "no_half_vae", "lr_warmup": "lr_warmup_percent",
     "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs", "max_resolution": "resolution",
-    "debiased_estimation_loss": "debiased_estimation",
+    "debiased_estimation_loss": "debiased_estimation", "LyCORIS_preset": "preset",
 }
 
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "paged_adamw8bit", "lion": "lion",
@@ -30,6 +31,44 @@ ATTENTION = {"xformers": "xformers", "sdpa": "sdpa", "none": "sdpa", "": "sdpa"}
 
 class ImportValueError(ValueError):
     """A value this key cannot take here (the caller names the file and key)."""
+
+
+class ImportUnsupported(ImportValueError):
+    """A valid kohya value with no counterpart here: reported as unsupported, with the reason. ``fallback``,
+    when given, is set instead (and the reason says so); otherwise the default stays."""
+
+    def __init__(self, why: str, fallback: Any = None) -> None:
+        super().__init__(why)
+        self.fallback = fallback
+
+
+def _resolution(value: Any) -> int:
+    sides = _ints(value)
+    if not sides:
+        raise ImportValueError(f"{value!r} is not a resolution")
+    if len(sides) > 1 and sides[1] != sides[0]:
+        raise ImportUnsupported(f"a non-square base resolution is not supported; square buckets of side {sides[0]} "
+                                f"are used (prepare --resolution {sides[0]})", fallback=sides[0])
+    return sides[0]
+
+
+# LyCORIS' module presets with an exact counterpart in network.preset.
+LYCORIS_PRESETS = {"full": "full", "attn-mlp": "attn_ff", "attn-only": "attn"}
+
+
+def _lycoris_preset(value: Any) -> str:
+    name = str(value).strip().lower()
+    if name not in LYCORIS_PRESETS:
+        raise ImportUnsupported(f"LyCORIS preset {value!r} has no counterpart here (network.preset takes "
+                                f"{', '.join(LYCORIS_PRESETS)} as full, attn_ff, attn)")
+    return LYCORIS_PRESETS[name]
+
+
+def _bucket_step(value: Any) -> int:
+    step = _int(value)
+    if step < 8 or step % 8:
+        raise ImportUnsupported("bucket sides are multiples of 8 here (the latent grid); the default 64 is used")
+    return step
 
 
 def _int(value: Any) -> int:
@@ -82,7 +121,8 @@ def _choice(options: dict[str, str] | tuple[str, ...]) -> Callable[[Any], str]:
 def optimizer_args(value: Any) -> list[str]:
     """kohya's ``key=value key=value`` (values Python-ish: ``betas=0.9,0.99``, ``decouple=True``) as our
     TOML-valued ``key=value`` list."""
-    items = value if isinstance(value, list) else str(value).split()
+    # The GUI passes the text to a shell: "d0=1e-5" "d_coef=1.0" is quoted there.
+    items = value if isinstance(value, list) else shlex.split(str(value))
     out = []
     for item in items:
         key, sep, raw = str(item).partition("=")
@@ -125,6 +165,7 @@ MAPPED: dict[str, Target] = {
     "mid_lr_weight": Target("network.mid_lr_weight", str),
     "up_lr_weight": Target("network.up_lr_weight", str),
     "block_lr_zero_threshold": Target("network.block_lr_zero_threshold", _float),
+    "preset": Target("network.preset", _lycoris_preset),
     "lokr_factor": Target("network.lokr_factor", _int),
     "decompose_both": Target("network.lokr_decompose_both", _bool),
     "loraplus_lr_ratio": Target("network.loraplus_lr_ratio", _float),
@@ -192,10 +233,10 @@ MAPPED: dict[str, Target] = {
     # The data commands.
     "train_data_dir": Target("prepare:src", str),
     "reg_data_dir": Target("prepare:--reg", str),
-    "resolution": Target("prepare:--resolution", lambda v: _ints(v)[0]),
+    "resolution": Target("prepare:--resolution", _resolution),
     "min_bucket_reso": Target("prepare:--min-bucket-side", _int),
     "max_bucket_reso": Target("prepare:--max-bucket-side", _int),
-    "bucket_reso_steps": Target("prepare:--bucket-step", _int),
+    "bucket_reso_steps": Target("prepare:--bucket-step", _bucket_step),
     "enable_bucket": Target("prepare:buckets", _bool),
     "bucket_no_upscale": Target("prepare:--bucket-no-upscale", _bool),
     "random_crop": Target("prepare:--random-crop", _bool),

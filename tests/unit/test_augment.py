@@ -15,8 +15,8 @@ from PIL import Image
 
 from dist_lora.data.augment import Augment, AugmentPolicy, Draw, apply, draw, kohya_gamma, shift_hue
 from dist_lora.data.buckets import BucketSpec, no_upscale_placement
-from dist_lora.data.kohya import DatasetFolderError
-from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+from dist_lora.data.kohya import DatasetFolderError, SourceImage
+from dist_lora.data.prepare import PrepareOptions, image_options, prepare_dataset
 from dist_lora.data.shards import ShardLoader
 from dist_lora.train.losses import mask_weights
 from tests.conftest import shard_members
@@ -94,6 +94,9 @@ def test_bucket_no_upscale_keeps_small_images_and_shrinks_large_ones() -> None:
         assert large.resized[0] >= bucket.width and large.resized[1] >= bucket.height
         assert large.resized[0] <= width and large.resized[1] <= height
         assert abs(math.log(large.resized[0] / large.resized[1]) - math.log(width / height)) < 0.02
+    image = SourceImage(Path("a.png"), "1_a/a.png", "1_a", "a", 1, None)
+    assert image_options(image, PrepareOptions(no_upscale=True)) == {"no_upscale": True}
+    assert image_options(image, PrepareOptions(no_upscale=True, buckets=False)) == {}  # as sd-scripts
 
 
 def _rgba_folder(root: Path) -> Path:

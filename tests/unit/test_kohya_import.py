@@ -65,6 +65,45 @@ def test_the_sdxl_character_preset(tmp_path: Path) -> None:
     assert no_effect["conv_dim"].startswith("LoRA without convolution layers")
 
 
+SD15_PRESETS = {  # kohya_ss' own presets, as shipped
+    "kohya_ss sd15 - EDG_LoConOptiSettings.json": (
+        {"type": "locon", "rank": 64, "alpha": 64.0, "conv_rank": 32, "conv_alpha": 1.0, "train_text_encoder": True},
+        ["--no-buckets", "--bucket-step", "64", "--resolution", "512"],
+        [("max_resolution", "a non-square base resolution is not supported; square buckets of side 512 are used "
+                            "(prepare --resolution 512)")]),
+    "kohya_ss sd15-EDG_LoHaOptiSettings.json": (
+        {"type": "loha", "rank": 32, "alpha": 32.0, "conv_rank": 32, "conv_alpha": 1.0, "train_text_encoder": True},
+        ["--no-buckets", "--bucket-step", "64", "--resolution", "512"],
+        [("max_resolution", "a non-square base resolution is not supported; square buckets of side 512 are used "
+                            "(prepare --resolution 512)")]),
+    "kohya_ss sd15 - LoKr v2.0.json": (
+        {"type": "lokr", "rank": 100000, "alpha": 1.0, "conv_rank": 100000, "conv_alpha": 1.0, "lokr_factor": 6,
+         "lokr_decompose_both": False, "preset": "full", "dropout": 0.0, "rank_dropout": 0.0, "module_dropout": 0.0,
+         "train_text_encoder": True},
+        ["--bucket-no-upscale", "--max-bucket-side", "2048", "--min-bucket-side", "256", "--resolution", "512"],
+        [("bucket_reso_steps", "bucket sides are multiples of 8 here (the latent grid); the default 64 is used")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SD15_PRESETS))
+def test_the_sd15_lycoris_presets(name: str, tmp_path: Path) -> None:
+    network, prepare_options, unsupported = SD15_PRESETS[name]
+    config = {**json.loads((DATA / name).read_text()), **USER}
+    result = import_kohya_config(_write(tmp_path, config), tmp_path / "out")
+    _every_key_once(config, result)
+    assert result.raw["network"] == network
+    assert result.commands[0][4:] == prepare_options
+    assert [(k, why) for k, _, why in result.report.unsupported] == unsupported
+    no_effect = {k: why for k, _, why in result.report.no_effect}
+    assert no_effect["lr_warmup"] == "off"  # "0", as the GUI writes it
+    if "--no-buckets" in prepare_options:
+        assert no_effect["bucket_no_upscale"] == "enable_bucket is off, and sd-scripts ignores it then"
+    if network["type"] == "lokr":  # the GUI's shell-quoted optimizer arguments
+        assert result.raw["optimizer"]["args"] == ["d0=1e-5", "d_coef=1.0", "weight_decay=0.4", "decouple=true",
+                                                   "safeguard_warmup=true", "use_bias_correction=true"]
+    write_import(result, tmp_path / "out", tmp_path / "config.json")  # the recipe validates
+
+
 def test_locon_with_prodigy_and_warmup_percent(tmp_path: Path) -> None:
     config = {**USER, "LoRA_type": "LyCORIS/LoCon", "network_dim": 16, "network_alpha": 8, "conv_dim": 8,
               "conv_alpha": 4, "optimizer": "Prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 0,
