@@ -96,7 +96,8 @@ def _unsupported(why: str) -> Callable[[Any], Any]:
 
 # Options a subset, its dataset or [general] may set: name -> (checker, where it goes).
 # Where: "caption:<CaptionTransform field>" (training time, per sample), "augment:<name>" (training time),
-# "source:<name>" (how prepare reads the subset's files), "none" (no effect here).
+# "source:<name>" (how prepare reads the subset's files), "prepare:<PrepareOptions field>" (a dataset's),
+# "training:<training config key>" (a dataset's), "none" (no effect here).
 SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "num_repeats": (_int, "source:num_repeats"),
     "class_tokens": (_str, "source:class_tokens"),
@@ -134,13 +135,13 @@ SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 # A dataset's (or [general]'s) settings: one bucket set and one batch size for the whole manifest.
 DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "resolution": (_resolution, "bucket:resolution"),
-    "enable_bucket": (_bool, "bucket:buckets"),
-    "min_bucket_reso": (_int, "bucket:min_bucket_side"),
-    "max_bucket_reso": (_int, "bucket:max_bucket_side"),
-    "bucket_reso_steps": (_int, "bucket:bucket_step"),
-    "bucket_no_upscale": (_bool, "bucket:no_upscale"),
-    "validation_split": (_float, "bucket:val_fraction"),
+    "resolution": (_resolution, "prepare:resolution"),
+    "enable_bucket": (_bool, "prepare:buckets"),
+    "min_bucket_reso": (_int, "prepare:min_bucket_side"),
+    "max_bucket_reso": (_int, "prepare:max_bucket_side"),
+    "bucket_reso_steps": (_int, "prepare:bucket_step"),
+    "bucket_no_upscale": (_bool, "prepare:no_upscale"),
+    "validation_split": (_float, "prepare:val_fraction"),
     "batch_size": (_int, "training:batch_size"),
     "prior_loss_weight": (_float, "training:prior_loss_weight"),
     "network_multiplier": (_unsupported("the adapter multiplier is 1 while training"), "none"),
@@ -179,12 +180,12 @@ class SubsetSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset config says: its subsets, the prepare settings it set (``bucket``: PrepareOptions
+    """What a dataset config says: its subsets, the prepare settings it set (``prepare``: PrepareOptions
     fields) and the training settings it set (``training``: training config keys)."""
 
     path: Path
     subsets: list[SubsetSpec]
-    bucket: dict[str, Any]
+    prepare: dict[str, Any]
     training: dict[str, Any]
 
 
@@ -299,6 +300,6 @@ def parse_dataset_config(data: dict[str, Any], path: Path) -> DatasetSpec:
                               {**SUBSET_KEYS, **SUBSET_ONLY_KEYS})
             inherited = {k: v for k, v in merged.items() if k in SUBSET_KEYS}
             subsets.append(_subset(path, where_s, {**inherited, **own}))
-    bucket = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("bucket:")}
+    prepare = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("prepare:")}
     training = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("training:")}
-    return DatasetSpec(path, subsets, bucket, training)
+    return DatasetSpec(path, subsets, prepare, training)

@@ -319,7 +319,7 @@ def prepare_dataset(src: str | Path | None, out: str | Path, opts: PrepareOption
     settings replace those of ``opts``."""
     opts = opts or PrepareOptions()
     if dataset is not None:
-        opts = replace(opts, **dataset.bucket)
+        opts = replace(opts, **dataset.prepare)
     elif src is None:
         raise DatasetFolderError("give a dataset folder or a dataset config (--dataset-config).")
     src = Path(src) if src is not None else dataset.path if dataset is not None else Path()

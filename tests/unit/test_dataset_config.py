@@ -73,7 +73,7 @@ def _samples(out: Path) -> dict[str, dict[str, object]]:
 def test_subsets_into_one_manifest(tmp_path: Path) -> None:
     spec = read_dataset_config(_dataset(tmp_path))
     assert spec.training == {"batch_size": 2}
-    assert spec.bucket == {"resolution": 64, "buckets": False}
+    assert spec.prepare == {"resolution": 64, "buckets": False}
     report = prepare_dataset(None, tmp_path / "out", PrepareOptions(resolution=512), spec)
     assert (report.found, report.accepted) == (7, 7)
     manifest = Manifest.read(tmp_path / "out")
@@ -184,7 +184,7 @@ def test_subset_augmentation_masks_and_no_upscale(tmp_path: Path) -> None:
     for i in range(3):
         Image.new("RGB", (96, 64), (255 if i else 0, 0, 0)).save(tmp_path / "masks" / f"{i}.png")
     spec = read_dataset_config(path)
-    assert spec.bucket["no_upscale"] is True and spec.subsets[0].mask_dir == tmp_path / "masks"
+    assert spec.prepare["no_upscale"] is True and spec.subsets[0].mask_dir == tmp_path / "masks"
     prepare_dataset(None, tmp_path / "out", PrepareOptions(), spec)
     manifest = Manifest.read(tmp_path / "out")
     assert manifest.subset_options("augment") == [{"flip": True}, {"color": True}, {}]

@@ -315,7 +315,7 @@ def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
     assert [s.captions for s in spec.subsets] == [{"shuffle": True, "keep_tokens": 1},
                                                   {"shuffle": True, "keep_tokens": 1, "caption_dropout": 0.1},
                                                   {"shuffle": False, "keep_tokens": 1}]
-    assert spec.bucket == {"resolution": 768, "buckets": True, "max_bucket_side": 1536}
+    assert spec.prepare == {"resolution": 768, "buckets": True, "max_bucket_side": 1536}
     assert "colour = 'red': not a dataset config key known here" in (out / "import_report.txt").read_text()
 
 
