@@ -72,7 +72,10 @@ def draw(augment: Augment, rng: random.Random, crop_room: tuple[int, int] | None
 
 def shift_hue(pixels: torch.Tensor, shift: float) -> torch.Tensor:
     """uint8 RGB [3, H, W] with the hue turned by ``shift`` OpenCV units (180 per turn), saturation and value
-    kept (PIL's 8-bit HSV: 256 hue steps per turn)."""
+    kept (PIL's 8-bit HSV: 256 hue steps per turn).
+
+    kohya converts its RGB array as if it were BGR, whose hue circle is this one mirrored: its shift turns
+    the other way. The shift is drawn symmetrically around 0, so the augmentation is the same."""
     rgb = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     hsv = np.array(rgb.convert("HSV"))
     steps = round(shift * 256 / 180)
