@@ -204,8 +204,8 @@ class TrainingConfig:
                                   minimum=0.0)
     scale_weight_norms: float = _field(0.0, "After each optimizer step, shrink every adapter whose update (delta "
                                        "weight) norm exceeds this to this norm; the count is logged as "
-                                       "keys_scaled (kohya: scale_weight_norms, 1 is common). Not under DeepSpeed "
-                                       "(its optimizer holds the weights). 0 disables it.", minimum=0.0)
+                                       "keys_scaled (kohya: scale_weight_norms, 1 is common). 0 disables it.",
+                                       minimum=0.0)
     noise_offset_random_strength: bool = _field(False, "Scale noise_offset by a uniform draw in [0, 1) per sample "
                                                 "(kohya: noise_offset_random_strength, a draw per batch).")
     adaptive_noise_scale: float = _field(0.0, "Add this times |the latent's channel mean| to noise_offset, per "

@@ -7,9 +7,11 @@ cross-rank reduction.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,8 +50,34 @@ def deepspeed_requested() -> bool:
 _OFFLOAD_VARS = ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
 
 
+def _deepspeed_config_file() -> dict[str, Any]:
+    """The DeepSpeed JSON an accelerate config names with deepspeed_config_file ({} without one): its
+    settings then reach the processes through that file instead of accelerate's variables."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if path in ("", "None"):
+        return {}
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DistLoraError(f"deepspeed_config_file '{path}' (from the accelerate config) cannot be read as "
+                            f"JSON: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise DistLoraError(f"deepspeed_config_file '{path}' (from the accelerate config) holds a "
+                            f"{type(loaded).__name__}; DeepSpeed needs a JSON object.")
+    return loaded
+
+
+def _zero_section() -> dict[str, Any]:
+    section = _deepspeed_config_file().get("zero_optimization", {})
+    return section if isinstance(section, dict) else {}
+
+
 def _offload_requested() -> bool:
-    return any(os.environ.get(var, "none").lower() not in ("none", "") for var in _OFFLOAD_VARS)
+    if any(os.environ.get(var, "none").lower() not in ("none", "") for var in _OFFLOAD_VARS):
+        return True
+    zero = _zero_section()
+    return any(isinstance(zero.get(key), dict) and str(zero[key].get("device", "none")).lower() != "none"
+               for key in ("offload_optimizer", "offload_param"))
 
 
 def check_launch(shape: TrainingShape) -> None:
@@ -80,7 +108,9 @@ def requested_zero_stage() -> int:
     """The ZeRO stage the launch asks for (0 without DeepSpeed), before the accelerator exists."""
     if not deepspeed_requested():
         return 0
-    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ:
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    return int(_zero_section().get("stage", 2))
 
 
 # ZeRO-3 partitioned frozen parameters again during a non-reentrant checkpoint's recompute, which then
@@ -345,6 +375,43 @@ def master_weights(accelerator: Accelerator, params: list[nn.Parameter]) -> Iter
     finally:
         for param, data in zip(params, kept, strict=True):
             param.data = data
+
+
+@contextlib.contextmanager
+def editable_master_weights(accelerator: Accelerator, params: list[nn.Parameter]) -> Iterator[None]:
+    """As :func:`master_weights`, and what the block writes into ``params`` in place becomes their trained
+    value; call on all ranks, every rank writing the same values.
+
+    Under DeepSpeed the written values go to the optimizer's fp32 master copy (else its next step would
+    restore the old values) and to the module's own copy (else the next forward would still use them)."""
+    if not uses_deepspeed(accelerator):
+        yield
+        return
+    with master_weights(accelerator, params):
+        yield
+        edited = [p.data for p in params]
+    _write_master_weights(params, edited)
+
+
+def _write_master_weights(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    for param, value in zip(params, values, strict=True):
+        if not hasattr(param, "ds_id"):  # ZeRO-1/2: every rank holds the whole module copy
+            safe_set_full_fp32_param(param, value)
+            param.data.copy_(value)
+            continue
+        # ZeRO-3: this rank's slice of the flattened value, padded at the end as DeepSpeed partitions it.
+        # (safe_set_full_fp32_param cuts the last rank's slice past the end when the size does not divide.)
+        local = param.ds_tensor
+        group = param.ds_process_group
+        rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        flat = torch.nn.functional.pad(value.detach().flatten(), (0, local.numel() * size - value.numel()))
+        part = flat.narrow(0, local.numel() * rank, local.numel())
+        safe_set_local_fp32_param(param, part)
+        local.data.copy_(part)
+        if param.data.numel() == value.numel():  # a small parameter ZeRO-3 keeps gathered between steps
+            param.data.copy_(value)
 
 
 def sum_across_ranks(accelerator: Accelerator, values: list[int]) -> list[int]:

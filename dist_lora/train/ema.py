@@ -23,7 +23,10 @@ EMA_STATE = "ema.json"
 class AdapterEMA:
     """The average of ``params``, updated every ``update_every`` optimizer steps. Its decay warms up as
     diffusers' EMAModel does, min(decay, (1 + n) / (10 + n)) at the n-th update, so early weights
-    (the untrained start) fade out quickly."""
+    (the untrained start) fade out quickly.
+
+    It reads and writes the parameters' ``data`` as they are when called: under DeepSpeed the caller makes
+    them the whole fp32 master weights first (creation, update, and a swap for a file)."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: EmaConfig) -> None:
         # Names as the checkpoint's adapter_state.safetensors spells them: the saved average reads alike.
@@ -31,9 +34,22 @@ class AdapterEMA:
         self.params, self.cfg = [p for _, p in named_params], cfg
         self.average = EMAModel(self.params, decay=cfg.decay, foreach=True)
 
-    def after_step(self, step: int) -> None:
-        if step % self.cfg.update_every == 0:
-            self.average.step(self.params)
+    def due(self, step: int) -> bool:
+        """Whether the average takes the weights after optimizer step ``step``."""
+        return step % self.cfg.update_every == 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Average in the parameters' current values: EMAModel.step's arithmetic, done here because under
+        ZeRO-3 that method gathers the parameters itself (over the fp32 values the caller put in place),
+        through a deepspeed import that diffusers makes only if ZeRO-3 was on when it was imported."""
+        average = self.average
+        average.optimization_step += 1
+        decay = average.get_decay(average.optimization_step)
+        average.cur_decay_value = decay
+        values = [p.detach() for p in self.params]
+        torch._foreach_sub_(average.shadow_params, torch._foreach_sub(average.shadow_params, values),
+                            alpha=1 - decay)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -206,7 +206,9 @@ class TrainingLoop:
             st.consecutive_skips = 0
             if cfg.training.scale_weight_norms > 0:
                 # Before any hook: a checkpoint of this step holds the scaled weights.
-                st.norm_scaling = scale_weight_norms(s.model, cfg.training.scale_weight_norms)
+                with parallel.editable_master_weights(self.acc, s.trainable_params):
+                    st.norm_scaling = scale_weight_norms(parallel.unwrap(self.acc, s.model),
+                                                         cfg.training.scale_weight_norms)
             st.losses.append(outcome.mean_loss)
             if st.first_loss is None:
                 st.first_loss = outcome.mean_loss
@@ -223,6 +225,8 @@ class TrainingLoop:
                     f"{st.consecutive_skips} optimizer steps in a row (up to step {step}) had a non-finite loss or "
                     f"gradient and were skipped. Lower optimizer.lr, use training.mixed_precision = 'bf16' or 'no', "
                     f"check the data for broken images; the last checkpoint is intact.")
-        if s.ema is not None:
-            s.ema.after_step(step)  # before the hooks: a checkpoint of this step holds this average
+        if s.ema is not None and s.ema.due(step):
+            # Before the hooks: a checkpoint of this step holds this average.
+            with parallel.master_weights(self.acc, s.trainable_params):
+                s.ema.update()
         self.hooks.run(self._context(Moment.STEP, epoch, epoch_finished))

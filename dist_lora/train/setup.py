@@ -108,6 +108,7 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     ema = None
     if cfg.ema.decay > 0:
         names = {id(p): name for name, p in parallel.unwrap(accelerator, model).named_parameters()}
-        ema = AdapterEMA([(names[id(p)], p) for p in unet_params + text_params], cfg.ema)
+        with parallel.master_weights(accelerator, unet_params + text_params):
+            ema = AdapterEMA([(names[id(p)], p) for p in unet_params + text_params], cfg.ema)
     return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
                  comm, ema, adapter_dropout)

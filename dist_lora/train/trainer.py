@@ -123,15 +123,6 @@ def preflight(cfg: Config) -> Preflight:
     plan_epoch(manifest, seed=cfg.training.seed, epoch=0, rank=0, world_size=world_size,
                batch_size=cfg.training.batch_size, num_workers=d.num_workers)
     validation = _check_validation(cfg, source.family, bool(cache and cache.latents), use_text, world_size)
-    if cfg.ema.decay > 0 and parallel.requested_zero_stage():
-        raise RunSetupError(f"ema.decay = {cfg.ema.decay} averages the adapter weights after each step, but this "
-                            f"launch uses DeepSpeed ZeRO-{parallel.requested_zero_stage()}, whose optimizer keeps its "
-                            f"own copy of them; launch with DDP (launch/multi_gpu_ddp.yaml) or set ema.decay = 0.")
-    if cfg.training.scale_weight_norms > 0 and parallel.requested_zero_stage():
-        raise RunSetupError(f"training.scale_weight_norms = {cfg.training.scale_weight_norms} rescales the adapter "
-                            f"weights after each step, but this launch uses DeepSpeed ZeRO-"
-                            f"{parallel.requested_zero_stage()}, whose optimizer keeps its own copy of them; "
-                            f"launch with DDP (launch/multi_gpu_ddp.yaml) or set scale_weight_norms = 0.")
     prompts = load_prompts(cfg.sample, manifest.resolution, cfg.training.seed)
     if prompts and parallel.requested_zero_stage() == 3:
         raise RunSetupError("sample prompts are set, but this launch uses DeepSpeed ZeRO-3, which shards the UNet "

@@ -143,24 +143,56 @@ def test_bf16_zero2_equals_bf16_ddp(tiny_models: dict[str, Path], same_shards: P
     assert max(errors.values()) <= 0.05, max(errors.items(), key=lambda kv: kv[1])
 
 
-def test_weight_average_and_max_norm_on_two_processes_equal_one(tiny_models: dict[str, Path], same_shards: Path,
-                                                                 tmp_path: Path) -> None:
-    """Both act on every rank's replica after each step; the ranks must stay identical and equal to one
-    process (the exported file is the average, of weights shrunk to the norm limit)."""
-    import json
+def _averaged_and_scaled(model: Path, shards: Path, out: Path, batch_size: int) -> dict:
+    made = _raw(model, shards, out, batch_size=batch_size, scale_weight_norms=2e-4)
+    made["ema"] = {"decay": 0.9, "export": True}
+    return made
 
+
+@pytest.fixture(scope="module")
+def averaged_and_scaled_reference(tiny_models: dict[str, Path], same_shards: Path,
+                                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 process x batch 4, weight average exported, update norms capped."""
     from dist_lora.config import config_from_dict
     from dist_lora.train.trainer import train
 
-    def raw(name: str, batch_size: int) -> dict:
-        made = _raw(tiny_models["sd15"], same_shards, tmp_path / name, batch_size=batch_size,
-                    scale_weight_norms=2e-4)
-        made["ema"] = {"decay": 0.9, "export": True}
-        return made
+    run = tmp_path_factory.mktemp("averaged") / "run"
+    train(config_from_dict(_averaged_and_scaled(tiny_models["sd15"], same_shards, run, 4)))
+    return run
 
-    one = train(config_from_dict(raw("one", 4)))
-    run_training(raw("two", 2), tmp_path, launch="cpu_2proc.yaml")
-    _assert_same_adapter(load_file(str(tmp_path / "two" / "adapter.safetensors")), load_file(str(one.adapter_path)))
-    for run in ("one", "two"):
-        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+def _zero3_everything_partitioned(folder: Path) -> Path:
+    """ZeRO-3 that keeps no parameter whole between steps: by default it keeps small ones (under 1e5
+    elements, which covers a tiny model's adapters) gathered, and writes to those take another path."""
+    import json
+
+    ds_config = folder / "zero3_partitioned.json"
+    ds_config.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}))
+    launch = folder / "zero3_partitioned.yaml"
+    launch.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_config}\n"
+                      f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
+    return launch
+
+
+@pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml", "zero3 partitioned"])
+def test_weight_average_and_max_norm_on_two_processes_equal_one(launch: str, tiny_models: dict[str, Path],
+                                                                 same_shards: Path,
+                                                                 averaged_and_scaled_reference: Path,
+                                                                 tmp_path: Path) -> None:
+    """Both act after each step: under DDP on every rank's replica, which must stay identical; under
+    DeepSpeed on the optimizer's (partitioned) fp32 master weights and the module's copy, which must both
+    take the scaled values. The exported file is the average, of weights shrunk to the norm limit."""
+    import json
+
+    if launch == "zero3 partitioned":
+        launch = str(_zero3_everything_partitioned(tmp_path))
+    run_training(_averaged_and_scaled(tiny_models["sd15"], same_shards, tmp_path / "two", 2), tmp_path,
+                 launch=launch)
+    _assert_same_adapter(load_file(str(tmp_path / "two" / "adapter.safetensors")),
+                         load_file(str(averaged_and_scaled_reference / "adapter.safetensors")))
+    for run in (averaged_and_scaled_reference, tmp_path / "two"):
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert records[-1]["keys_scaled"] > 0, records[-1]

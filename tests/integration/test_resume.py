@@ -84,14 +84,26 @@ def test_exact_resume_single_process(tiny_models: dict[str, Path], shapes_shards
 @pytest.mark.parametrize("launch", ["zero3.yaml"])
 def test_exact_resume_two_processes(launch: str, tiny_models: dict[str, Path], shapes_shards: Path,
                                     tmp_path: Path) -> None:
+    """With the weight average exported and scale_weight_norms on: both write into ZeRO-3's partitioned
+    master weights after each step, and the average lives outside the engine's checkpoint."""
     model = tiny_models["sd15"]
-    run_training(_raw(model, shapes_shards, tmp_path / "straight"), tmp_path, launch=launch)
-    stopped = run_training(_raw(model, shapes_shards, tmp_path / "split", stop_at_step=3), tmp_path, launch=launch,
-                           check=False)
+
+    def raw(run: str, **checkpoint: object) -> dict:
+        made = _raw(model, shapes_shards, tmp_path / run, **checkpoint)
+        made["training"]["scale_weight_norms"] = 2e-3
+        made["ema"] = {"decay": 0.8, "export": True}
+        return made
+
+    run_training(raw("straight"), tmp_path, launch=launch)
+    stopped = run_training(raw("split", stop_at_step=3), tmp_path, launch=launch, check=False)
     _assert_preempted(stopped.returncode, stopped.stderr, tmp_path / "split", step=3)
-    run_training(_raw(model, shapes_shards, tmp_path / "split", resume="latest"), tmp_path, launch=launch)
-    _assert_bitwise(_adapter(tmp_path / "split"), _adapter(tmp_path / "straight"))
+    run_training(raw("split", resume="latest"), tmp_path, launch=launch)
+    _assert_bitwise(_adapter(tmp_path / "split"), _adapter(tmp_path / "straight"))  # the average
+    last = Path("checkpoints") / "step-00000006" / "adapter_state.safetensors"  # the trained weights
+    _assert_bitwise(load_file(str(tmp_path / "split" / last)), load_file(str(tmp_path / "straight" / last)))
     assert _keys_after(tmp_path / "split", 3) == _keys_after(tmp_path / "straight", 3)
+    metrics = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("keys_scaled", 0) > 0 for m in metrics), metrics
 
 
 def test_kill_during_checkpoint_keeps_previous(tiny_models: dict[str, Path], shapes_shards: Path,

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from dist_lora.errors import DistLoraError
@@ -37,3 +40,25 @@ def test_zero3_checkpointing_needs_a_fixed_deepspeed(monkeypatch: pytest.MonkeyP
     check_launch(TrainingShape("no", 1, 2, 1.0, False, gradient_checkpointing=False))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     check_launch(TrainingShape("no", 1, 2, 1.0, False, gradient_checkpointing=True))
+
+
+def test_a_deepspeed_config_file_gives_the_stage_and_offload(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    """accelerate passes deepspeed_config_file's settings through the file alone, not its variables."""
+    from dist_lora import parallel
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", raising=False)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert parallel.requested_zero_stage() == 3
+    with pytest.raises(DistLoraError, match="bitsandbytes optimizer cannot run with DeepSpeed optimizer offload"):
+        check_launch(_shape(bnb=True))
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}}}))
+    assert parallel.requested_zero_stage() == 1
+    check_launch(_shape(bnb=True))
+    config.write_text("{not json")
+    with pytest.raises(DistLoraError, match=rf"deepspeed_config_file '{config}' .* cannot be read as JSON"):
+        parallel.requested_zero_stage()
