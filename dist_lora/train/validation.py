@@ -2,9 +2,10 @@
 
 Every sample's timestep, VAE posterior draw and noise come from a generator keyed by (seed, sample key)
 alone, so an evaluation of the same adapter gives the same number every time, and the curve moves only
-because the adapter does. Each rank evaluates its share of the set (padding weighs 0); per-sample losses
-and counts are summed over all ranks in one all-reduce, so the mean is the same on any number of ranks
-(up to the order of a float sum).
+because the adapter does. Where the set holds masks and training.masked_loss is on, each pixel's
+loss counts by its mask, as in training. Each rank evaluates its share of the set (padding weighs 0);
+per-sample losses and counts are summed over all ranks in one all-reduce, so the mean is the same on
+any number of ranks (up to the order of a float sum).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dist_lora.train.conditioning import Conditioner
 from dist_lora.train.diffusion import add_noise, key_generators, training_target
 from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Schedule, Scope
+from dist_lora.train.losses import mask_weights
 from dist_lora.train.noise import NoiseOptions, draw_noise, draw_timesteps
 from dist_lora.train.setup import Setup
 from dist_lora.train.tracking import MetricsLog, read_validation_log
@@ -64,8 +66,11 @@ class ValidationHook:
                     prediction = module(add_noise(latents, noise, timesteps, alphas), timesteps,
                                         **cond.model_inputs(batch))
                 target = training_target(latents, noise, timesteps, alphas, c.prediction_type)
-                per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-                    dim=list(range(1, prediction.ndim)))
+                per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+                if batch.masks is not None:  # as training weighs it (training.masked_loss)
+                    per_element = per_element * mask_weights(cond.to_device(batch.masks),
+                                                             tuple(per_element.shape[-2:]))
+                per_sample = per_element.mean(dim=list(range(1, prediction.ndim)))
                 weights = cond.to_device(batch.weights)
                 totals += torch.stack([(per_sample * weights).sum(), weights.sum()])
         loss_sum, count = parallel.sum_tensor_across_ranks(self.acc, totals).tolist()

@@ -3,6 +3,7 @@ mirrored latents."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,22 +76,34 @@ def test_resume_is_exact_with_every_augmentation_and_masks(tiny_models: dict[str
 
 def test_masks_weight_the_loss(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """All-zero masks: no gradient reaches the adapters (kohya's LoRA starts with lora_up = 0, so it stays
-    0). All-one masks: the run equals one without masks, bit for bit. masked_loss = false ignores masks."""
-    runs = {}
+    0). All-one masks: the run equals one without masks, bit for bit. masked_loss = false ignores masks.
+    The held-out set's loss is weighed alike: 0 under all-zero masks, the unmasked value under all-one."""
+    runs, val_losses = {}, {}
+
+    def raw(shards: Path, run: Path, masked_loss: bool = True) -> dict:
+        return _raw(tiny_models["sd15"], shards, run, training={"batch_size": 2, "max_steps": 4,
+                                                                "masked_loss": masked_loss},
+                    validation={"shards": str(shards / "val"), "every_steps": 2})
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(x)["val_loss"] for x in (run / "validation.jsonl").read_text().splitlines()]
+
     for masks in ("black", "white", None):
-        shards = _prepared(tmp_path / f"data-{masks}", masks)
+        shards = _prepared(tmp_path / f"data-{masks}", masks, val_fraction=0.25)
         run = tmp_path / f"run-{masks}"
-        train(config_from_dict(_raw(tiny_models["sd15"], shards, run)))
-        runs[masks] = load_file(str(run / "adapter.safetensors"))
+        train(config_from_dict(raw(shards, run)))
+        runs[masks], val_losses[masks] = load_file(str(run / "adapter.safetensors")), losses(run)
     ups = [k for k in runs["black"] if k.endswith("lora_up.weight")]
     assert ups and all(torch.count_nonzero(runs["black"][k]) == 0 for k in ups)
     assert all(torch.count_nonzero(runs[None][k]) > 0 for k in ups)
     assert all(torch.equal(runs["white"][k], runs[None][k]) for k in runs[None])
+    assert len(val_losses[None]) == 2 and all(v > 0 for v in val_losses[None])
+    assert val_losses["black"] == [0.0, 0.0] and val_losses["white"] == val_losses[None]
     ignored = tmp_path / "run-ignored"
-    train(config_from_dict(_raw(tiny_models["sd15"], tmp_path / "data-black" / "shards", ignored,
-                                training={"batch_size": 2, "max_steps": 4, "masked_loss": False})))
+    train(config_from_dict(raw(tmp_path / "data-black" / "shards", ignored, masked_loss=False)))
     got = load_file(str(ignored / "adapter.safetensors"))
     assert all(torch.equal(got[k], runs[None][k]) for k in runs[None])
+    assert losses(ignored) == val_losses[None]
 
 
 def test_cached_mirrored_latents(tiny_models: dict[str, Path], tmp_path: Path) -> None:
