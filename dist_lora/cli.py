@@ -45,15 +45,25 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                           min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
                           workers=args.workers, val_fraction=args.val_fraction, no_upscale=args.bucket_no_upscale,
                           random_crop=args.random_crop, alpha_mask=args.alpha_mask, mask_dir=args.mask_dir,
-                          caption_extension=args.caption_extension)
+                          caption_extension=args.caption_extension, wildcard=args.enable_wildcard)
     dataset = None
     if args.dataset_config:
         from dist_lora.data.dataset_config import read_dataset_config
 
-        if args.src is not None:
-            raise DistLoraError(f"give a dataset folder ('{args.src}') or --dataset-config "
-                                f"'{args.dataset_config}', not both: its subsets name their folders.")
+        if args.src is not None or args.metadata_file:
+            raise DistLoraError(f"give a dataset folder ('{args.src}'), --metadata-file or --dataset-config "
+                                f"'{args.dataset_config}', not several: the config's subsets name their files.")
         dataset = read_dataset_config(args.dataset_config)
+    elif args.metadata_file:
+        from dist_lora.data.dataset_config import metadata_dataset
+
+        for flag, value in (("--reg", args.reg), ("--mask-dir", args.mask_dir)):
+            if value:
+                raise DistLoraError(f"{flag} '{value}' and --metadata-file: a fine-tuning dataset has no "
+                                    f"{'regularization images' if flag == '--reg' else 'mask folder'} in sd-scripts; "
+                                    f"use a dataset config (--dataset-config) with an image-folder subset.")
+        dataset = metadata_dataset(args.metadata_file, args.src, args.repeats)
+        args.src = None
     report = prepare_dataset(args.src, args.out, opts, dataset)
     print(report.summary())
     for key, value in (dataset.training.items() if dataset is not None else ()):
@@ -207,12 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare", help="kohya folder (<repeats>_<name>/img.png + img.txt), or the subsets of an "
                           "sd-scripts dataset config, -> WebDataset shards")
-    prep.add_argument("src", nargs="?", help="kohya training folder (omit with --dataset-config)")
+    prep.add_argument("src", nargs="?", help="kohya training folder (omit with --dataset-config; with "
+                      "--metadata-file, the images' folder)")
     prep.add_argument("out")
     prep.add_argument("--dataset-config", default="",
                       help="sd-scripts dataset config ([general], [[datasets]], [[datasets.subsets]]): its subsets "
                            "into one manifest, with their repeats, captions and per-subset caption options; its "
                            "bucket settings replace the options below")
+    prep.add_argument("--metadata-file", default="",
+                      help="sd-scripts' fine-tuning metadata (.json or .jsonl; sd-scripts: in_json): the images it "
+                           "lists, with its captions and tags; SRC, if given, is the folder its relative keys are "
+                           "in (sd-scripts: train_data_dir)")
+    prep.add_argument("--repeats", type=int, default=1,
+                      help="repeats of each --metadata-file image (sd-scripts: dataset_repeats)")
     prep.add_argument("--resolution", type=int, default=512,
                       help="bucket base side: 512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL")
     prep.add_argument("--trigger", default="", help="trigger word put first in every caption")
@@ -247,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--caption-extension", default=".caption",
                       help="caption files of a dataset config's subsets that set no caption_extension (sd-scripts' "
                            "default); a kohya folder's captions are always .txt or .caption")
+    prep.add_argument("--enable-wildcard", action="store_true",
+                      help="kohya's enable_wildcard: captions keep every line; training picks one line and one "
+                           "option of each {a|b|c} per sample and epoch (a dataset config's subsets may set it)")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty output folder (a previous prepare output is updated in place)")
     prep.set_defaults(func=_cmd_prepare)

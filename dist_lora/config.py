@@ -216,6 +216,7 @@ def reference_markdown() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = "(required)" if f.metadata.get("required") else f"`{toml_value(default)}`"
             type_text = _describe_type(hints[f.name])
-            out.append(f"| `{section}.{f.name}` | {type_text} | {shown} | {f.metadata['doc']} |")
+            doc = f.metadata["doc"].replace("|", "\\|")  # a bar would end the table cell
+            out.append(f"| `{section}.{f.name}` | {type_text} | {shown} | {doc} |")
     return "\n".join(out) + "\n"
 

@@ -61,6 +61,13 @@ class DataConfig:
     caption_dropout_every_n_epochs: int = _field(
         0, "Train every N-th epoch (counted from 1) with empty captions (kohya: caption_dropout_every_n_epochs); 0: "
         "never.", minimum=0)
+    keep_tokens_separator: str = _field(
+        "", "Where a caption holds this text (e.g. '|||'), the tags before it, and after a second one, are never "
+        "shuffled or dropped, instead of the first keep_tokens (kohya: keep_tokens_separator); it is removed from "
+        "the caption either way (sd-scripts leaves it in when neither shuffle_caption nor tag_dropout is on).")
+    secondary_separator: str = _field(
+        "", "Joins the words of one tag so they move and drop together (e.g. 'red;;;cube'); replaced by a comma "
+        "once the tags are placed (kohya: secondary_separator).")
     flip_aug: bool = _field(False, "Mirror each sample left-right with probability 0.5 each epoch (kohya: "
                             "flip_aug); with cached latents, cache them with `dist-lora cache --flip-aug`.")
     color_aug: bool = _field(False, "kohya's color_aug: a hue shift of up to 16 degrees or a gamma of 0.95-1.05, "

@@ -115,9 +115,9 @@ SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "color_aug": (_bool, "augment:color"),
     "random_crop": (_bool, "source:random_crop"),
     "face_crop_aug_range": (_unsupported("face-crop augmentation is not implemented"), "none"),
-    "keep_tokens_separator": (_unsupported("keep_tokens_separator is not implemented; use keep_tokens"), "none"),
-    "secondary_separator": (_unsupported("secondary_separator is not implemented"), "none"),
-    "enable_wildcard": (_unsupported("wildcard captions are not implemented"), "none"),
+    "keep_tokens_separator": (_str, "caption:keep_tokens_separator"),
+    "secondary_separator": (_str, "caption:secondary_separator"),
+    "enable_wildcard": (_bool, "caption:wildcard"),
     "token_warmup_min": (_unsupported("token warm-up is not implemented"), "none"),
     "token_warmup_step": (_unsupported("token warm-up is not implemented"), "none"),
     "custom_attributes": (_unsupported("custom attributes are not used here"), "none"),
@@ -128,11 +128,14 @@ SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "image_dir": (_str, "source:image_dir"),
     "is_reg": (_bool, "source:is_reg"),
     "alpha_mask": (_bool, "source:alpha_mask"),
-    "metadata_file": (_unsupported("fine-tuning datasets (metadata_file) are not supported; use image folders with "
-                                   "caption files"), "none"),
+    # A fine-tuning subset: captions (and tags) from a metadata file instead of caption files.
+    "metadata_file": (_str, "source:metadata_file"),
     # sd-scripts' masked loss reads its masks from the conditioning images' red channel.
     "conditioning_data_dir": (_str, "source:mask_dir"),
 }
+# What only a DreamBooth-style subset (image files with caption files) takes; sd-scripts' schema refuses
+# them on a fine-tuning subset or its dataset.
+DREAMBOOTH_ONLY_KEYS = ("is_reg", "class_tokens", "caption_extension", "conditioning_data_dir")
 # A dataset's (or [general]'s) settings: one bucket set and one batch size for the whole manifest.
 DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "resolution": (_resolution, "prepare:resolution"),
@@ -153,9 +156,10 @@ DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 
 @dataclass(frozen=True)
 class SubsetSpec:
-    """One ``[[datasets.subsets]]``: a flat folder of images (and caption files) with its options."""
+    """One ``[[datasets.subsets]]``: a flat folder of images (and caption files), or the images a metadata
+    file lists with their captions (a fine-tuning subset), with its options."""
 
-    image_dir: Path
+    image_dir: Path | None  # None: a fine-tuning subset whose metadata names every image by absolute path
     num_repeats: int = 1
     is_reg: bool = False
     class_tokens: str = ""  # the caption of an image without a caption file
@@ -167,11 +171,14 @@ class SubsetSpec:
     random_crop: bool | None = None  # None: the prepare command's setting
     alpha_mask: bool | None = None
     mask_dir: Path | None = None  # masks for masked loss (sd-scripts: conditioning_data_dir)
+    metadata_file: Path | None = None  # sd-scripts' fine-tuning metadata (.json, or .jsonl)
     where: str = ""  # "datasets[0].subsets[1]", for messages
 
     def record(self) -> dict[str, Any]:
         """The subset's entry in the manifest."""
-        return {"image_dir": str(self.image_dir), "num_repeats": self.num_repeats, "is_reg": self.is_reg,
+        return {"image_dir": str(self.image_dir) if self.image_dir else None,
+                **({"metadata_file": str(self.metadata_file)} if self.metadata_file else {}),
+                "num_repeats": self.num_repeats, "is_reg": self.is_reg,
                 "class_tokens": self.class_tokens, "captions": dict(self.captions), "augment": dict(self.augment),
                 **({"mask_dir": str(self.mask_dir)} if self.mask_dir else {}),
                 **({"alpha_mask": self.alpha_mask} if self.alpha_mask is not None else {}),
@@ -219,8 +226,9 @@ def _read_level(path: Path, where: str, table: dict[str, Any], allowed: dict[str
 
 
 def _subset(path: Path, where: str, options: dict[str, tuple[Any, str]]) -> SubsetSpec:
-    if "image_dir" not in options:
-        raise DatasetConfigError(f"dataset config '{path}': {where} has no image_dir (the folder of its images).")
+    if "image_dir" not in options and "metadata_file" not in options:
+        raise DatasetConfigError(f"dataset config '{path}': {where} has no image_dir (the folder of its images) "
+                                 f"and no metadata_file (a fine-tuning subset's captions).")
     source: dict[str, Any] = {}
     per_sample: dict[str, dict[str, Any]] = {"caption": {}, "augment": {}}
     for value, target in options.values():
@@ -229,13 +237,24 @@ def _subset(path: Path, where: str, options: dict[str, tuple[Any, str]]) -> Subs
             source[name] = value
         elif kind in per_sample:
             per_sample[kind][name] = value
-    image_dir = _folder(path, f"{where}.image_dir", source.pop("image_dir"))
+    image_dir = _folder(path, f"{where}.image_dir", source.pop("image_dir")) if "image_dir" in source else None
+    if "metadata_file" in source:
+        source["metadata_file"] = _file(path, f"{where}.metadata_file", source["metadata_file"])
     if "mask_dir" in source:
         source["mask_dir"] = _folder(path, f"{where}.conditioning_data_dir", source["mask_dir"])
     if source.get("num_repeats", 1) < 1:
         raise DatasetConfigError(f"dataset config '{path}': {where}.num_repeats = {source['num_repeats']} must be at "
                                  f"least 1.")
     return SubsetSpec(image_dir, captions=per_sample["caption"], augment=per_sample["augment"], where=where, **source)
+
+
+def _check_fine_tuning(path: Path, where_d: str, where_s: str, own: dict[str, Any], dataset: dict[str, Any]) -> None:
+    for key in DREAMBOOTH_ONLY_KEYS:
+        for table, where in ((own, where_s + "."), (dataset, where_d)):
+            if key in table:
+                raise DatasetConfigError(f"dataset config '{path}': {where}{key} is set, but {where_s} is a "
+                                         f"fine-tuning subset (metadata_file), which takes its captions from the "
+                                         f"metadata; as in sd-scripts, {key} belongs to image-folder subsets.")
 
 
 def _folder(path: Path, key: str, value: str) -> Path:
@@ -246,6 +265,32 @@ def _folder(path: Path, key: str, value: str) -> Path:
         raise DatasetConfigError(f"dataset config '{path}': {key} = '{folder}' "
                                  f"{'is not a folder' if folder.exists() else 'does not exist'}.")
     return folder
+
+
+def _file(path: Path, key: str, value: str) -> Path:
+    file = Path(value).expanduser()
+    if not file.is_absolute():
+        file = path.parent / file
+    if not file.is_file():
+        raise DatasetConfigError(f"dataset config '{path}': {key} = '{file}' "
+                                 f"{'is not a file' if file.exists() else 'does not exist'}.")
+    return file
+
+
+def metadata_dataset(metadata_file: str | Path, image_dir: str | Path | None, repeats: int = 1) -> DatasetSpec:
+    """sd-scripts' command-line fine-tuning dataset (in_json, train_data_dir, dataset_repeats): one subset."""
+    metadata = Path(metadata_file).expanduser()
+    if not metadata.is_file():
+        raise DatasetConfigError(f"--metadata-file '{metadata}' "
+                                 f"{'is not a file' if metadata.exists() else 'does not exist'}.")
+    folder = Path(image_dir).expanduser() if image_dir else None
+    if folder is not None and not folder.is_dir():
+        raise DatasetConfigError(f"images folder '{folder}' (for --metadata-file '{metadata}') "
+                                 f"{'is not a folder' if folder.exists() else 'does not exist'}.")
+    if repeats < 1:
+        raise DatasetConfigError(f"--repeats {repeats} must be at least 1.")
+    return DatasetSpec(metadata, [SubsetSpec(folder, num_repeats=repeats, metadata_file=metadata,
+                                             where="--metadata-file")], {}, {})
 
 
 def load_dataset_toml(path: str | Path) -> dict[str, Any]:
@@ -294,12 +339,21 @@ def parse_dataset_config(data: dict[str, Any], path: Path) -> DatasetSpec:
         raw_subsets = raw_dataset.get("subsets")
         if not isinstance(raw_subsets, list) or not raw_subsets:
             raise DatasetConfigError(f"dataset config '{path}': datasets[{d}] has no [[datasets.subsets]].")
+        kinds = set()
         for s, raw_subset in enumerate(raw_subsets):
             where_s = f"datasets[{d}].subsets[{s}]"
             own = _read_level(path, where_s + ".", _table(path, where_s, raw_subset),
                               {**SUBSET_KEYS, **SUBSET_ONLY_KEYS})
             inherited = {k: v for k, v in merged.items() if k in SUBSET_KEYS}
+            if "metadata_file" in own:
+                _check_fine_tuning(path, where_d, where_s, own, dataset)
+                inherited = {k: v for k, v in inherited.items() if k not in DREAMBOOTH_ONLY_KEYS}  # [general]'s
+            kinds.add("metadata_file" in own)
             subsets.append(_subset(path, where_s, {**inherited, **own}))
+        if len(kinds) > 1:
+            raise DatasetConfigError(f"dataset config '{path}': datasets[{d}] mixes subsets with metadata_file "
+                                     f"(fine-tuning) and without (image folders with caption files); as in "
+                                     f"sd-scripts, put them in separate [[datasets]].")
     prepare = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("prepare:")}
     training = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("training:")}
     return DatasetSpec(path, subsets, prepare, training)

@@ -38,6 +38,8 @@ class SourceImage:
     random_crop: bool | None = None  # a subset's own encoding options (None: the prepare command's)
     alpha_mask: bool | None = None
     mask_path: Path | None = None  # its mask image, for masked loss
+    caption_text: str | None = None  # its caption when it has no caption file (a fine-tuning subset's metadata)
+    caption_lines: bool = False  # keep every line of the caption (wildcards) instead of sd-scripts' first line
 
 
 def _caption_for(image: Path) -> Path | None:
@@ -122,10 +124,12 @@ def check_mask_sizes(images: list[SourceImage], key: str) -> None:
                                      f"image's size.")
 
 
-def scan_subset(subset: SubsetSpec, index: int, caption_extension: str = ".caption") -> list[SourceImage]:
+def scan_subset(subset: SubsetSpec, index: int, caption_extension: str = ".caption",
+                wildcard: bool = False) -> list[SourceImage]:
     """The images directly in a subset's folder (sd-scripts reads no sub-folders), sorted; their caption
     files have the subset's caption_extension, else ``caption_extension``. Relative paths start with the
-    subset's index, so two subsets may hold files of the same name."""
+    subset's index, so two subsets may hold files of the same name. Their captions keep every line where
+    the subset's enable_wildcard, else ``wildcard``, says so."""
     folder = subset.image_dir
     prefix = f"{index:02d}_{folder.name}"
     extension = subset.caption_extension or caption_extension
@@ -138,7 +142,8 @@ def scan_subset(subset: SubsetSpec, index: int, caption_extension: str = ".capti
             images.append(SourceImage(path, f"{prefix}/{path.name}", prefix, subset.class_tokens, subset.num_repeats,
                                       caption if caption.is_file() else None, subset.is_reg, index,
                                       subset.caption_prefix, subset.caption_suffix, subset.random_crop,
-                                      subset.alpha_mask, mask))
+                                      subset.alpha_mask, mask,
+                                      caption_lines=subset.captions.get("wildcard", wildcard)))
     if not images:
         raise DatasetFolderError(f"{subset.where}.image_dir '{folder}' holds no images "
                                  f"({', '.join(sorted(IMAGE_EXTENSIONS))}).")
@@ -150,30 +155,42 @@ def read_caption(image: SourceImage, trigger: str) -> tuple[str, str]:
     warning ('' if none) when the file was not UTF-8 and was decoded as Windows-1252/Latin-1, or when a
     subset image has neither a caption file nor class tokens.
 
-    A subset image's caption is the first line of its file, between the subset's prefix and suffix, as
-    sd-scripts reads it; a folder image's caption is the whole file, its line breaks made spaces."""
+    A subset image's caption is the first line of its file (or of its metadata caption), between the
+    subset's prefix and suffix, as sd-scripts reads it; a folder image's caption is the whole file, its
+    line breaks made spaces. With ``caption_lines`` (wildcards) every non-empty line is kept, each with
+    the prefix, suffix and trigger, one per line."""
     warning = ""
-    if image.caption_path is not None:
+    if image.caption_text is not None:
+        text = image.caption_text
+    elif image.caption_path is not None:
         raw = image.caption_path.read_bytes()
         try:
-            caption = raw.decode("utf-8-sig")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             try:
-                caption = raw.decode("cp1252")
+                text = raw.decode("cp1252")
                 encoding = "Windows-1252"
             except UnicodeDecodeError:
-                caption = raw.decode("latin-1")
+                text = raw.decode("latin-1")
                 encoding = "Latin-1"
             warning = (f"caption {image.caption_path.name} is not UTF-8 (byte {exc.start}); decoded as {encoding}, "
                        f"check the text and re-save it as UTF-8")
-        if image.subset is not None:
-            caption = caption.split("\n")[0]
-        caption = " ".join(caption.split())
     else:
-        caption = image.class_name
-        if image.subset is not None and not caption:
+        text = image.class_name
+        if image.subset is not None and not text:
             warning = "no caption file and no class_tokens: trained with an empty caption"
-    caption = " ".join(part for part in (image.caption_prefix, caption, image.caption_suffix) if part)
+    if image.caption_lines:
+        lines = [line for line in text.splitlines() if line.strip()] or [""]
+    elif image.subset is not None:
+        lines = text.split("\n")[:1]
+    else:
+        lines = [text]
+    return "\n".join(_with_trigger(" ".join(part for part in (image.caption_prefix, " ".join(line.split()),
+                                                                image.caption_suffix) if part), trigger)
+                     for line in lines), warning
+
+
+def _with_trigger(caption: str, trigger: str) -> str:
     if trigger and not caption.startswith(trigger):
-        caption = f"{trigger}, {caption}" if caption else trigger
-    return caption, warning
+        return f"{trigger}, {caption}" if caption else trigger
+    return caption

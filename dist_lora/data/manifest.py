@@ -7,7 +7,8 @@ Schema (format ``dist_lora.shards/2``): ``resolution``, ``bucket_spec``, ``image
 ``num_samples``, ``num_reg_samples``, ``num_samples_with_repeats``, ``buckets`` (per-bucket totals),
 ``tag_frequency`` (per source folder), ``subsets`` (from a dataset config: each subset's source and
 the training-time options it set; absent for a plain folder), ``masks`` (true when samples carry a
-``mask.png``), ``uncropped_samples`` (stored for random cropping), ``cache`` (absent until cached) and
+``mask.png``), ``uncropped_samples`` (stored for random cropping), ``wildcard_captions`` (captions keep
+every line, for wildcards), ``cache`` (absent until cached) and
 ``shards``: one entry per tar, each holding a single bucket: ``file``, ``bucket`` [width, height], ``samples``,
 ``samples_with_repeats``, ``reg_samples``.
 """
@@ -84,6 +85,11 @@ class Manifest:
                    str(data.get("trigger", "")), CacheInfo.from_json(data.get("cache")), data)
 
     @property
+    def wildcard_captions(self) -> bool:
+        """Prepared with --enable-wildcard: captions keep every line, one chosen (and {a|b} expanded) per epoch."""
+        return bool(self.raw.get("wildcard_captions"))
+
+    @property
     def has_masks(self) -> bool:
         """Some samples carry a loss mask (prepare --alpha-mask / --mask-dir, or a subset's)."""
         return bool(self.raw.get("masks"))
@@ -152,9 +158,10 @@ def bucket_counts(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def new_manifest(*, resolution: int, bucket_spec: Any, image_format: str, trigger: str, num_samples: int,
                  shards: list[dict[str, Any]], tag_frequency: dict[str, dict[str, int]],
                  subsets: list[dict[str, Any]] | None = None, masks: bool = False,
-                 uncropped: int = 0) -> dict[str, Any]:
+                 uncropped: int = 0, wildcard: bool = False) -> dict[str, Any]:
     """The manifest `dist-lora prepare` writes."""
     return {**({"subsets": subsets} if subsets else {}), **({"masks": True} if masks else {}),
+            **({"wildcard_captions": True} if wildcard else {}),
             **({"uncropped_samples": uncropped} if uncropped else {}),
         "format": MANIFEST_FORMAT,
         "resolution": resolution,

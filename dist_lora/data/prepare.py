@@ -36,6 +36,7 @@ from dist_lora.data.buckets import (
 )
 from dist_lora.data.dataset_config import DatasetSpec
 from dist_lora.data.encode import EncodeJob, encode_image
+from dist_lora.data.finetune_metadata import scan_metadata_subset
 from dist_lora.data.images import DEFAULT_MAX_PIXELS
 from dist_lora.data.kohya import (
     IMAGE_EXTENSIONS,
@@ -78,6 +79,7 @@ class PrepareOptions:
     alpha_mask: bool = False  # keep each image's transparency as its loss mask (kohya's alpha_mask)
     mask_dir: str = ""  # mask images (their red channel) for masked loss, mirroring the source folder's layout
     caption_extension: str = ".caption"  # of a dataset config's subsets that set none (sd-scripts' default)
+    wildcard: bool = False  # captions keep every line: one is chosen (and {a|b} expanded) per epoch
 
     def bucket_spec(self) -> BucketSpec:
         if not self.buckets:
@@ -239,18 +241,24 @@ def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[
         if opts.reg_src:
             raise DatasetFolderError(f"--reg '{opts.reg_src}' and a dataset config: give the regularization images "
                                      f"as a subset with is_reg = true in '{dataset.path}' instead.")
+        if opts.mask_dir:
+            raise DatasetFolderError(f"--mask-dir '{opts.mask_dir}' is laid out as a kohya folder; with "
+                                     f"'{dataset.path}' give each image-folder subset its masks as "
+                                     f"conditioning_data_dir instead.")
         images = []
         for i, subset in enumerate(dataset.subsets):
-            found = scan_subset(subset, i, opts.caption_extension)
+            found = scan_metadata_subset(subset, i, opts.wildcard) if subset.metadata_file is not None else \
+                scan_subset(subset, i, opts.caption_extension, opts.wildcard)
             check_mask_sizes(found, f"{subset.where}.conditioning_data_dir")
             images += found
         return images
-    images = list(scan_images(src))  # raises DatasetFolderError for a missing folder or one without concepts
+    # scan_images raises DatasetFolderError for a missing folder or one without concepts.
+    images = [replace(image, caption_lines=opts.wildcard) for image in scan_images(src)]
     if not images:
         raise DatasetFolderError(f"dataset folder '{src}' has concept folders but no images "
                                  f"({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     if opts.reg_src:
-        reg = list(scan_images(Path(opts.reg_src), is_reg=True))
+        reg = [replace(image, caption_lines=opts.wildcard) for image in scan_images(Path(opts.reg_src), is_reg=True)]
         if not reg:
             raise DatasetFolderError(f"regularization folder '{opts.reg_src}' has concept folders but no images.")
         images += reg
@@ -419,7 +427,8 @@ def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, 
                             image_format=opts.image_format, trigger=opts.trigger, num_samples=report.accepted,
                             shards=shards, tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
                             subsets=subsets, masks=any(MASK_MEMBER in e["members"] for e in sources.values()),
-                            uncropped=sum(bool(e["geometry"].get("uncropped")) for e in sources.values()))
+                            uncropped=sum(bool(e["geometry"].get("uncropped")) for e in sources.values()),
+                            wildcard=opts.wildcard)
     report.shards = len(shards)
     report.samples_with_repeats = manifest["num_samples_with_repeats"]
     report.buckets = {name: c["samples"] for name, c in manifest["buckets"].items()}

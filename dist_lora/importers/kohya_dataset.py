@@ -59,7 +59,7 @@ def _level(path: Path, where: str, table: Any, allowed: dict[str, Any], result: 
         elif target == "none":
             result.no_effect.append((name, value, "no effect on training here"))
         else:
-            if key == "image_dir":
+            if key in ("image_dir", "metadata_file", "conditioning_data_dir"):  # the checked copy lives elsewhere
                 folder = Path(checked).expanduser()
                 checked = str(folder if folder.is_absolute() else (path.parent / folder).resolve())
             kept[key] = checked

@@ -233,7 +233,7 @@ def _dataset_config(keys: dict[str, Any], given: str | Path | None, b: _Builder)
     if not given:
         b.report.mapped.append((b.name("dataset_config"), own, "dataset.toml (dist-lora prepare --dataset-config)"))
     dataset = import_dataset_config(path)
-    for key in ("train_data_dir", "reg_data_dir"):
+    for key in ("train_data_dir", "reg_data_dir", "in_json", "dataset_repeats"):
         if key in keys:
             b.report.no_effect.append((b.name(key), keys.pop(key), "the dataset config's subsets are read instead"))
     if not _is_off(keys.get("caption_extension")):  # sd-scripts: the subsets' fallback
@@ -316,16 +316,32 @@ def import_kohya_config(path: str | Path, out_dir: str | Path,
     return KohyaImport(b.raw, _data_commands(b, out_dir, dataset is not None), b.report, dataset)
 
 
+def _unmap(b: _Builder, target: str, why: str) -> None:
+    """Report the key mapped to ``target`` as without effect after all."""
+    entry = next(e for e in b.report.mapped if e[2] == target)
+    b.report.mapped.remove(entry)
+    b.report.no_effect.append((entry[0], entry[1], why))
+
+
 def _data_commands(b: _Builder, out_dir: Path, with_dataset: bool) -> list[list[str]]:
     """`dist-lora prepare` for the training folder or the dataset config's copy (whose settings win over
     the options given here), `dist-lora cache` when kohya cached latents; the recipe reads what the last
     one writes."""
     src = b.prepare.pop("src", None)
     shards = out_dir / "shards"
+    # sd-scripts: in_json makes a fine-tuning dataset (train_data_dir holds its images), which ignores
+    # reg_data_dir; dataset_repeats counts for such a dataset only.
+    if "--metadata-file" in b.prepare and "--reg" in b.prepare:
+        b.prepare.pop("--reg")
+        _unmap(b, "prepare:--reg", "in_json makes a fine-tuning dataset, which sd-scripts reads no regularization "
+                                   "images for")
+    if "--metadata-file" not in b.prepare and "--repeats" in b.prepare:
+        b.prepare.pop("--repeats")
+        _unmap(b, "prepare:--repeats", "it counts for in_json datasets only; a folder's repeats are in its name")
     if with_dataset:
         prepare = ["dist-lora", "prepare", str(shards), "--dataset-config", str(out_dir / "dataset.toml")]
-    elif src:
-        prepare = ["dist-lora", "prepare", str(src), str(shards)]
+    elif src or "--metadata-file" in b.prepare:
+        prepare = ["dist-lora", "prepare", *([str(src)] if src else []), str(shards)]
     else:
         raise KohyaImportError(f"kohya config '{b.path}' names no train_data_dir and no dataset_config: give the "
                                f"training images' folder (kohya's <repeats>_<name> layout) or a dataset config "
@@ -333,10 +349,8 @@ def _data_commands(b: _Builder, out_dir: Path, with_dataset: bool) -> list[list[
     if not b.prepare.pop("buckets", True):
         prepare.append("--no-buckets")
         if b.prepare.pop("--bucket-no-upscale", False):  # sd-scripts ignores it without buckets
-            entry = next(e for e in b.report.mapped if e[2] == "prepare:--bucket-no-upscale")
-            b.report.mapped.remove(entry)
-            b.report.no_effect.append((entry[0], entry[1], "enable_bucket is off, and sd-scripts ignores it then"))
-    for flag in ("--bucket-no-upscale", "--random-crop", "--alpha-mask"):
+            _unmap(b, "prepare:--bucket-no-upscale", "enable_bucket is off, and sd-scripts ignores it then")
+    for flag in ("--bucket-no-upscale", "--random-crop", "--alpha-mask", "--enable-wildcard"):
         if b.prepare.pop(flag, False):
             prepare.append(flag)
     for option, value in sorted(b.prepare.items()):

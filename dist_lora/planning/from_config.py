@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dist_lora.config import Config
-from dist_lora.data.captions import CaptionPolicy, CaptionTransform
+from dist_lora.data.captions import CaptionTransform, caption_policy
 from dist_lora.data.manifest import Manifest
 from dist_lora.errors import DistLoraError
 from dist_lora.planning.estimate import GIB, Plan, RunSettings, Suggestion, estimate, suggestions
@@ -74,10 +74,8 @@ def plan_for_config(cfg: Config, *, gpus: int = 1, zero_stage: int = 0, budget: 
     sizes = measure_model(folder, cfg.network, size, WEIGHT_DTYPES[precision])
     cache = manifest.cache if manifest is not None and cfg.data.use_cache else None
     d = cfg.data
-    default_captions = CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout, d.tag_dropout,
-                                        dropout_every_n_epochs=d.caption_dropout_every_n_epochs)
-    subset_captions = manifest.subset_options("captions") if manifest is not None else []
-    captions_change = CaptionPolicy.build(default_captions, subset_captions).active
+    captions_change = caption_policy(d, manifest).active if manifest is not None else \
+        CaptionTransform.from_options(d).active
     run = RunSettings(
         batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=precision, gradient_checkpointing=t.gradient_checkpointing, optimizer=cfg.optimizer.type,

@@ -17,7 +17,7 @@ from dist_lora.adapters.network import check_network_options
 from dist_lora.adapters.targets import unet_block_settings
 from dist_lora.config import Config, to_toml
 from dist_lora.data.augment import Augment, AugmentPolicy
-from dist_lora.data.captions import CaptionPolicy, CaptionTransform
+from dist_lora.data.captions import CaptionPolicy, caption_policy, wildcards_only
 from dist_lora.data.manifest import CacheInfo, Manifest
 from dist_lora.data.shards import ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
@@ -98,10 +98,7 @@ def preflight(cfg: Config) -> Preflight:
                             f"the penultimate layer of both text encoders (kohya ignores clip_skip for SDXL); set "
                             f"model.clip_skip = 1.")
     d = cfg.data
-    captions = CaptionPolicy.build(CaptionTransform(d.shuffle_caption, d.keep_tokens, d.caption_dropout,
-                                                    d.tag_dropout, manifest.trigger,
-                                                    d.caption_dropout_every_n_epochs),
-                                   manifest.subset_options("captions"))
+    captions = caption_policy(d, manifest)
     cache = manifest.cache if d.use_cache else None
     if cache is not None and family is not None and family != cache.family:
         raise RunSetupError(f"data.shards '{manifest.root}' was cached with a {cache.family} model "
@@ -262,7 +259,9 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
         val_loader = ShardLoader(pre.validation.root, rank=w.rank, world_size=w.size,
                                  batch_size=cfg.validation.batch_size or cfg.training.batch_size,
                                  seed=cfg.training.seed, num_workers=0, shuffle_buffer=0, use_latents=pre.use_latents,
-                                 use_text=pre.use_text, idle_ranks=True)
+                                 use_text=pre.use_text, idle_ranks=True,
+                                 use_masks=cfg.training.masked_loss and pre.validation.has_masks,
+                                 captions=wildcards_only(caption_policy(cfg.data, pre.validation)))
         hooks.append(ValidationHook(cfg, val_loader, setup, conditioner, accelerator, metrics))
     hooks.append(SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics))
     loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, conditioner, w), accelerator, w, loader,

@@ -134,7 +134,7 @@ def test_cli_prepare_with_a_dataset_config(tmp_path: Path, capsys: pytest.Captur
     assert "set training.batch_size = 2" in capsys.readouterr().out
     assert len(Manifest.read(tmp_path / "out").subsets) == 3
     assert main(["prepare", str(tmp_path / "a"), str(tmp_path / "out2"), "--dataset-config", str(path)]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "not several" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -210,3 +210,49 @@ def test_subset_augmentation_masks_and_no_upscale(tmp_path: Path) -> None:
     prepare_dataset(None, tmp_path / "out3", PrepareOptions(caption_extension=".txt"), spec)
     assert _samples(tmp_path / "out3")["00_a/0"]["txt"] == b"red, cube, big, shiny, round"
     assert not (tmp_path / "out2").exists()
+
+
+def test_subset_separators_apply_to_its_samples(tmp_path: Path) -> None:
+    config = CONFIG.replace('  class_tokens = "zkw cube"', '  class_tokens = "zkw cube"\n'
+                            '  keep_tokens_separator = "|||"\n  secondary_separator = ";;;"')
+    path = _dataset(tmp_path, config)
+    (tmp_path / "a" / "0.txt").write_text("zkw ||| red;;;cube, big, shiny ||| photo")
+    prepare_dataset(None, tmp_path / "out", PrepareOptions(), read_dataset_config(path))
+    manifest = Manifest.read(tmp_path / "out")
+    assert manifest.subset_options("captions")[0] == {"shuffle": True, "keep_tokens": 1,
+                                                       "keep_tokens_separator": "|||", "secondary_separator": ";;;"}
+    policy = CaptionPolicy.build(CaptionTransform(), manifest.subset_options("captions"))
+    loader = ShardLoader(tmp_path / "out", rank=0, world_size=1, batch_size=1, seed=5, num_workers=0, captions=policy)
+    captions = {c for batch in loader.epoch(0) for k, c in zip(batch.keys, batch.captions, strict=True)
+                if k.startswith("00_a/0")}
+    assert len(captions) > 1
+    for caption in captions:
+        tags = caption.split(", ")
+        assert tags[0] == "zkw" and tags[-1] == "photo" and sorted(tags[1:-1]) == ["big", "red,cube", "shiny"]
+
+
+def test_wildcard_captions_keep_their_lines(tmp_path: Path) -> None:
+    """A subset's enable_wildcard (or prepare --enable-wildcard for the rest) keeps every caption line;
+    training picks one per sample and epoch."""
+    from dist_lora.config import DataConfig
+    from dist_lora.data.captions import caption_policy
+
+    path = _dataset(tmp_path, CONFIG.replace('  class_tokens = "zkw cube"', '  class_tokens = "zkw cube"\n'
+                                                                            '  enable_wildcard = true'))
+    (tmp_path / "a" / "0.txt").write_text("red, {big|small} cube\n\n  second   line\n")
+    (tmp_path / "b" / "0.caption").write_text("blue\nnot read: subset b has no wildcards")
+    prepare_dataset(None, tmp_path / "out", PrepareOptions(), read_dataset_config(path))
+    stored = {k: m["txt"].decode() for k, m in shard_members(tmp_path / "out").items()}
+    assert stored["00_a/0"] == "red, {big|small} cube\nsecond line" and stored["01_b/0"] == "photo of blue"
+    manifest = Manifest.read(tmp_path / "out")
+    assert not manifest.wildcard_captions and manifest.subset_options("captions")[0]["wildcard"] is True
+    loader = ShardLoader(tmp_path / "out", rank=0, world_size=1, batch_size=1, seed=5, num_workers=0,
+                         captions=caption_policy(DataConfig(), manifest))
+    seen = {c for epoch in range(4) for batch in loader.epoch(epoch)
+            for k, c in zip(batch.keys, batch.captions, strict=True) if k.startswith("00_a/0")}
+    assert seen <= {"red, big cube", "red, small cube", "second line"} and len(seen) >= 2
+    # The command-line flag: every subset that does not say otherwise, and the manifest records it.
+    prepare_dataset(None, tmp_path / "out2", PrepareOptions(wildcard=True), read_dataset_config(path))
+    stored = {k: m["txt"].decode() for k, m in shard_members(tmp_path / "out2").items()}
+    assert stored["01_b/0"] == "photo of blue\nphoto of not read: subset b has no wildcards"
+    assert Manifest.read(tmp_path / "out2").wildcard_captions

@@ -242,6 +242,7 @@ shuffle_caption = true
 caption_extension = ".txt"
 keep_tokens = 1
 enable_wildcard = true
+token_warmup_step = 100
 
 [[datasets]]
 resolution = 768
@@ -282,13 +283,14 @@ def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
     copy = "dataset.toml (dist-lora prepare --dataset-config)"
     assert {k: v for k, v in mapped.items() if k.startswith("dataset ")} == {
         "dataset general.shuffle_caption": copy, "dataset general.caption_extension": copy,
-        "dataset general.keep_tokens": copy, "dataset datasets[0].resolution": copy,
+        "dataset general.keep_tokens": copy, "dataset general.enable_wildcard": copy,
+        "dataset datasets[0].resolution": copy,
         "dataset datasets[0].batch_size": "training.batch_size", "dataset datasets[0].enable_bucket": copy,
         "dataset datasets[0].max_bucket_reso": copy, **{f"dataset datasets[0].subsets[{i}].{k}": copy for i, k in (
             (0, "image_dir"), (0, "num_repeats"), (0, "class_tokens"), (1, "image_dir"), (1, "num_repeats"),
             (1, "caption_dropout_rate"), (2, "image_dir"), (2, "is_reg"), (2, "class_tokens"), (2, "shuffle_caption"))}}
     assert [(k, why) for k, _, why in report.unsupported] == [
-        ("dataset general.enable_wildcard", "wildcard captions are not implemented"),
+        ("dataset general.token_warmup_step", "token warm-up is not implemented"),
         ("dataset datasets[0].subsets[0].face_crop_aug_range", "face-crop augmentation is not implemented"),
         ("dataset datasets[0].subsets[1].colour", "not a dataset config key known here")]
     no_effect = {k: why for k, _, why in report.no_effect}
@@ -308,13 +310,14 @@ def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
     from dist_lora.data.dataset_config import read_dataset_config
 
     written = tomllib.loads((out / "dataset.toml").read_text())
-    assert "enable_wildcard" not in written["general"] and "batch_size" not in written["datasets"][0]
+    assert "token_warmup_step" not in written["general"] and "batch_size" not in written["datasets"][0]
     spec = read_dataset_config(out / "dataset.toml")  # the copy is what prepare reads
     folders = ("chars/alice", "chars/bob", "reg")
     assert [s.image_dir for s in spec.subsets] == [(tmp_path / f).resolve() for f in folders]
-    assert [s.captions for s in spec.subsets] == [{"shuffle": True, "keep_tokens": 1},
-                                                  {"shuffle": True, "keep_tokens": 1, "caption_dropout": 0.1},
-                                                  {"shuffle": False, "keep_tokens": 1}]
+    assert [s.captions for s in spec.subsets] == [{"shuffle": True, "keep_tokens": 1, "wildcard": True},
+                                                  {"shuffle": True, "keep_tokens": 1, "wildcard": True,
+                                                   "caption_dropout": 0.1},
+                                                  {"shuffle": False, "keep_tokens": 1, "wildcard": True}]
     assert spec.prepare == {"resolution": 768, "buckets": True, "max_bucket_side": 1536}
     assert "colour = 'red': not a dataset config key known here" in (out / "import_report.txt").read_text()
 
@@ -328,3 +331,12 @@ def test_a_dataset_config_with_a_missing_folder_is_refused(tmp_path: Path) -> No
                                                  r"does not exist"):
         import_kohya_config(_write(tmp_path, {**USER, "dataset_config": str(dataset)}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_caption_separators(tmp_path: Path) -> None:
+    config = {**USER, "keep_tokens_separator": "|||", "secondary_separator": ";;;", "shuffle_caption": True}
+    result = import_kohya_config(_write(tmp_path, config), tmp_path / "out")
+    assert result.raw["data"]["keep_tokens_separator"] == "|||" and result.raw["data"]["secondary_separator"] == ";;;"
+    empty = import_kohya_config(_write(tmp_path, {**USER, "keep_tokens_separator": ""}), tmp_path / "out")
+    assert "keep_tokens_separator" not in empty.raw.get("data", {})
+    assert [k for k, _, _ in empty.report.no_effect] == ["keep_tokens_separator"]

@@ -221,3 +221,17 @@ def test_parallel_prepare_equals_sequential_and_rerun_is_incremental(tmp_path: P
     changed = prepare_dataset(tmp_path / "src", tmp_path / "serial", PrepareOptions(resolution=128, shard_size=8,
                                                                                      workers=1))
     assert changed.reused == 0
+
+
+def test_wildcard_folder_captions_keep_each_line_with_the_trigger(tmp_path: Path) -> None:
+    from tests.conftest import shard_members
+
+    src = tmp_path / "src"
+    _png(src / "2_robot" / "a.png", (64, 64))
+    (src / "2_robot" / "a.txt").write_text("robot, {red|blue}\n\nrobot,   walking\n")
+    for wildcard, want in ((True, "zkw, robot, {red|blue}\nzkw, robot, walking"),
+                           (False, "zkw, robot, {red|blue} robot, walking")):  # a folder's whole file, one line
+        out = tmp_path / f"out-{wildcard}"
+        prepare_dataset(src, out, PrepareOptions(resolution=64, trigger="zkw", buckets=False, wildcard=wildcard))
+        assert shard_members(out)["2_robot/a"]["txt"].decode() == want
+        assert json.loads((out / "manifest.json").read_text()).get("wildcard_captions", False) is wildcard
