@@ -258,23 +258,23 @@ def _check_fine_tuning(path: Path, where_d: str, where_s: str, own: dict[str, An
 
 
 def _folder(path: Path, key: str, value: str) -> Path:
-    folder = Path(value).expanduser()
-    if not folder.is_absolute():
-        folder = path.parent / folder
-    if not folder.is_dir():
-        raise DatasetConfigError(f"dataset config '{path}': {key} = '{folder}' "
-                                 f"{'is not a folder' if folder.exists() else 'does not exist'}.")
-    return folder
+    return _existing(path, key, value, folder=True)
 
 
 def _file(path: Path, key: str, value: str) -> Path:
-    file = Path(value).expanduser()
-    if not file.is_absolute():
-        file = path.parent / file
-    if not file.is_file():
-        raise DatasetConfigError(f"dataset config '{path}': {key} = '{file}' "
-                                 f"{'is not a file' if file.exists() else 'does not exist'}.")
-    return file
+    return _existing(path, key, value, folder=False)
+
+
+def _existing(path: Path, key: str, value: str, *, folder: bool) -> Path:
+    """``value`` (relative to the dataset config's folder), which must be an existing folder or file."""
+    found = Path(value).expanduser()
+    if not found.is_absolute():
+        found = path.parent / found
+    if not (found.is_dir() if folder else found.is_file()):
+        kind = "a folder" if folder else "a file"
+        raise DatasetConfigError(f"dataset config '{path}': {key} = '{found}' "
+                                 f"{f'is not {kind}' if found.exists() else 'does not exist'}.")
+    return found
 
 
 def metadata_dataset(metadata_file: str | Path, image_dir: str | Path | None, repeats: int = 1) -> DatasetSpec:
