@@ -251,6 +251,10 @@ class TrainingConfig:
     scale_v_pred_loss_like_noise_pred: bool = _field(
         False, "Weight a v_prediction loss by SNR/(SNR + 1), SNR capped at 1000, so it scales like an epsilon loss "
         "(kohya: scale_v_pred_loss_like_noise_pred); v_prediction models only.")
+    v_pred_like_loss: float = _field(
+        0.0, "Add this times the loss divided by SNR/(SNR + 1), SNR capped at 1000, to each sample's loss: a "
+        "v-prediction-like term for an epsilon model (kohya: v_pred_like_loss, 0.1 to 0.3 are used); 0 disables "
+        "it.", minimum=0.0)
 
 
 @dataclass

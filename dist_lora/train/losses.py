@@ -24,6 +24,7 @@ class LossOptions:
     min_snr_gamma: float = 0.0
     debiased_estimation: bool = False
     scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float = 0.0
 
 
 def huber_parameter(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, num_train_timesteps: int,
@@ -68,7 +69,7 @@ def mask_weights(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str,
                 options: LossOptions) -> torch.Tensor | None:
     """The product of the SNR-dependent per-sample weights that are on, in kohya's order (min-SNR,
-    v-like-eps scaling, debiased estimation); None when none is."""
+    v-like-eps scaling, the added v-like loss, debiased estimation); None when none is."""
     weights: torch.Tensor | None = None
     a = alphas_cumprod_at(alphas_cumprod, timesteps)
     capped = torch.clamp(a / (1 - a), max=SNR_CAP)
@@ -81,6 +82,9 @@ def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, predictio
         weights = times(min_snr_weights(alphas_cumprod, timesteps, options.min_snr_gamma, prediction_type))
     if options.scale_v_pred_loss_like_noise_pred:
         weights = times(capped / (capped + 1))
+    if options.v_pred_like_loss > 0:
+        # kohya's add_v_prediction_like_loss: loss + loss / (SNR / (SNR + 1)) * v_pred_like_loss.
+        weights = times(1 + options.v_pred_like_loss * (capped + 1) / capped)
     if options.debiased_estimation:
         weights = times(1 / (capped + 1) if v_prediction else 1 / capped.sqrt())
     return weights

@@ -24,7 +24,7 @@ def noise_options(t: TrainingConfig) -> NoiseOptions:
 
 def loss_options(t: TrainingConfig) -> LossOptions:
     return LossOptions(t.loss_type, t.huber_schedule, t.huber_c, t.huber_scale, t.min_snr_gamma,
-                       t.debiased_estimation, t.scale_v_pred_loss_like_noise_pred)
+                       t.debiased_estimation, t.scale_v_pred_loss_like_noise_pred, t.v_pred_like_loss)
 
 
 def check_objective(t: TrainingConfig, prediction_type: str | None = None,

@@ -84,11 +84,16 @@ def test_snr_weights_of_each_option_and_their_product() -> None:
         got = snr_weights(T, alphas, prediction, LossOptions(**flags[option]))  # type: ignore[arg-type]
         assert got is not None
         np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, err_msg=f"{prediction} {option}")
-    every = LossOptions(min_snr_gamma=gamma, debiased_estimation=True, scale_v_pred_loss_like_noise_pred=True)
+    # kohya's add_v_prediction_like_loss on a per-sample loss of 1: 1 + 1 / (capped / (capped + 1)) * 0.2.
+    v_like = snr_weights(T, alphas, "epsilon", LossOptions(v_pred_like_loss=0.2))
+    assert v_like is not None
+    np.testing.assert_allclose(v_like.double().numpy(), 1 + 1 / (capped / (capped + 1)) * 0.2, rtol=1e-5)
+    every = LossOptions(min_snr_gamma=gamma, debiased_estimation=True, scale_v_pred_loss_like_noise_pred=True,
+                        v_pred_like_loss=0.2)
     product = snr_weights(T, alphas, "v_prediction", every)
     assert product is not None
     want = (expected[("v_prediction", "min_snr")] * expected[("v_prediction", "scale_v")]
-            * expected[("v_prediction", "debiased")])
+            * (1 + 1 / (capped / (capped + 1)) * 0.2) * expected[("v_prediction", "debiased")])
     np.testing.assert_allclose(product.double().numpy(), want, rtol=1e-5)
     assert snr_weights(T, alphas, "epsilon", LossOptions()) is None
 
