@@ -41,6 +41,12 @@ def check_objective(t: TrainingConfig, prediction_type: str | None = None,
     if num_train_timesteps is not None and t.max_timestep > num_train_timesteps:
         raise ObjectiveError(f"training.max_timestep = {t.max_timestep} is beyond the model's "
                              f"{num_train_timesteps} training timesteps; use at most {num_train_timesteps}.")
+    last = (num_train_timesteps or 1000) - 1
+    if t.zero_terminal_snr and t.v_pred_like_loss > 0 and t.max_timestep > last:
+        raise ObjectiveError(f"training.v_pred_like_loss = {t.v_pred_like_loss} divides the loss by SNR/(SNR + 1), "
+                             f"which zero_terminal_snr makes 0 at the last timestep ({last}): the loss would be "
+                             f"infinite there. Set training.max_timestep = {last} (timesteps are drawn below it), "
+                             f"or turn one of the two off.")
     if prediction_type is None or prediction_type == "v_prediction":
         return
     for key, on in (("zero_terminal_snr", t.zero_terminal_snr),

@@ -149,7 +149,8 @@ OBJECTIVE_OPTIONS = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0
                      "scale_v_pred_loss_like_noise_pred": True, "min_snr_gamma": 5.0, "zero_terminal_snr": True,
                      "noise_offset": 0.1, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.2,
                      "multires_noise_iterations": 4, "multires_noise_discount": 0.4, "ip_noise_gamma": 0.1,
-                     "ip_noise_gamma_random_strength": True, "min_timestep": 100, "max_timestep": 900}
+                     "ip_noise_gamma_random_strength": True, "min_timestep": 100, "max_timestep": 900,
+                     "v_pred_like_loss": 0.1}
 
 
 def test_noise_and_loss_options_stay_keyed_per_sample(tiny_models: dict[str, Path], shapes_shards: Path,

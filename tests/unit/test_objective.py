@@ -203,6 +203,8 @@ def _training(**changes: object) -> TrainingConfig:
     ({"zero_terminal_snr": True}, "epsilon", None, r"zero_terminal_snr = true needs a v_prediction model"),
     ({"scale_v_pred_loss_like_noise_pred": True}, "epsilon", None, r"scale_v_pred_loss_like_noise_pred"),
     ({"max_timestep": 1000}, None, 500, r"max_timestep = 1000 is beyond the model's 500"),
+    ({"zero_terminal_snr": True, "v_pred_like_loss": 0.1}, "v_prediction", 1000,
+     r"v_pred_like_loss = 0\.1 divides .* 0 at the last timestep \(999\).*max_timestep = 999"),
 ])
 def test_contradictory_options_are_refused(changes: dict[str, object], prediction: str | None, num_t: int | None,
                                            message: str) -> None:
@@ -213,4 +215,5 @@ def test_contradictory_options_are_refused(changes: dict[str, object], predictio
 def test_consistent_options_pass() -> None:
     check_objective(_training(zero_terminal_snr=True, scale_v_pred_loss_like_noise_pred=True), "v_prediction", 1000)
     check_objective(_training(zero_terminal_snr=True), None)  # prediction type not known yet: checked after loading
+    check_objective(_training(zero_terminal_snr=True, v_pred_like_loss=0.1, max_timestep=999), "v_prediction", 1000)
     check_objective(_training(noise_offset=0.1, adaptive_noise_scale=-0.5, min_timestep=300, max_timestep=300))
