@@ -406,7 +406,7 @@ def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path
                                        "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "geometry": geometry,
                                        "options": image_options(image, opts)}
             report.accepted += 1
-            tags = [t.strip() for t in caption.split(",") if t.strip()]
+            tags = [t.strip() for t in caption.replace("\n", ",").split(",") if t.strip()]  # every wildcard line
             tag_frequency.setdefault(image.folder, Counter()).update(tags)
         sink.close()
         assert report.found == report.accepted + len(report.rejected)

@@ -234,4 +234,7 @@ def test_wildcard_folder_captions_keep_each_line_with_the_trigger(tmp_path: Path
         out = tmp_path / f"out-{wildcard}"
         prepare_dataset(src, out, PrepareOptions(resolution=64, trigger="zkw", buckets=False, wildcard=wildcard))
         assert shard_members(out)["2_robot/a"]["txt"].decode() == want
-        assert json.loads((out / "manifest.json").read_text()).get("wildcard_captions", False) is wildcard
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest.get("wildcard_captions", False) is wildcard
+        if wildcard:  # tags counted line by line
+            assert manifest["tag_frequency"]["2_robot"] == {"zkw": 2, "robot": 2, "{red|blue}": 1, "walking": 1}
