@@ -210,6 +210,12 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
+def renders_in_lockstep(accelerator: Accelerator) -> bool:
+    """Whether every rank must run the same forward calls of the trained model outside training (sample
+    images): under ZeRO-3 each layer's weights are gathered from all ranks as it runs, a collective."""
+    return zero_stage(accelerator) == 3
+
+
 def world(accelerator: Accelerator) -> World:
     return World(accelerator.process_index, accelerator.num_processes, accelerator.local_process_index,
                  accelerator.is_main_process, accelerator.device)

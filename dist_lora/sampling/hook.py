@@ -1,7 +1,8 @@
 """Sample images during training: a step hook that renders the prompts with the live adapters.
 
-Every rank renders its share of the prompts (prompt i on rank i mod world size), the main process
-gathers the images and writes ``samples/step-XXXXXXXX/NN-<prompt>.png`` (with A1111's "parameters"
+Every rank renders its share of the prompts (prompt i on rank i mod world size); under ZeRO-3, whose
+UNet is gathered from all ranks layer by layer as it runs, every rank renders every prompt in step.
+The main process gathers the images and writes ``samples/step-XXXXXXXX/NN-<prompt>.png`` (with A1111's "parameters"
 text), one labelled ``grid.png`` per round, and the trackers' images. All ranks leave a round together.
 A round that fails on any rank (out of memory included) is skipped on every rank alike, reported with
 advice, and training continues.
@@ -65,7 +66,8 @@ class SampleHook:
         if ctx.moment is Moment.START and ctx.step > 0:
             return  # a resumed run: its base-model round was rendered by the run that started it
         self._last_step = ctx.step
-        mine = self.prompts[self.world.rank::self.world.size]
+        lockstep = parallel.renders_in_lockstep(self.acc)
+        mine = self.prompts if lockstep else self.prompts[self.world.rank::self.world.size]
         ema = self.setup.ema
         with ema.swapped_in() if ema is not None and self.cfg.ema.sample else contextlib.nullcontext():
             rendered, failure = self._render(mine)
@@ -75,9 +77,10 @@ class SampleHook:
             if self.world.is_main:
                 log.warning("sample round at step %d skipped on every rank; training continues", ctx.step)
             return
-        gathered = parallel.gather_to_all(rendered)
+        # In lockstep every rank rendered every image: the main rank's are the whole set.
+        parts = [rendered] if lockstep else parallel.gather_to_all(rendered)
         if self.world.is_main:
-            self._write(ctx.step, sorted(item for part in gathered for item in part))
+            self._write(ctx.step, sorted(item for part in parts for item in part))
         parallel.barrier(self.acc)
 
     def _modules(self) -> RenderModules:

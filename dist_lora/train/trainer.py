@@ -121,10 +121,11 @@ def preflight(cfg: Config) -> Preflight:
                batch_size=cfg.training.batch_size, num_workers=d.num_workers)
     validation = _check_validation(cfg, source.family, bool(cache and cache.latents), use_text, world_size)
     prompts = load_prompts(cfg.sample, manifest.resolution, cfg.training.seed)
-    if prompts and parallel.requested_zero_stage() == 3:
-        raise RunSetupError("sample prompts are set, but this launch uses DeepSpeed ZeRO-3, which shards the UNet "
-                            "across ranks; render samples under DDP or ZeRO-2, or remove sample.prompts / "
-                            "sample.prompt_file.")
+    if prompts and cfg.ema.sample and parallel.requested_zero_stage() == 3:
+        raise RunSetupError("ema.sample = true renders the samples with the weight average, but this launch uses "
+                            "DeepSpeed ZeRO-3, which shards the adapter across ranks; set ema.sample = false (render "
+                            "the exported average with `dist-lora sample`, ema.export = true), or launch with DDP "
+                            "or ZeRO-2.")
     augment = _augmentation(cfg, manifest, cache)
     return Preflight(source, manifest, run_dir, adapter_path, captions, bool(cache and cache.latents), use_text,
                      prompts, validation, augment, cfg.training.masked_loss and manifest.has_masks)

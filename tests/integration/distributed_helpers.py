@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -57,3 +58,17 @@ def run_training(raw: dict, tmp: Path, *, launch: str | None = None, env: dict[s
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def zero3_everything_partitioned(folder: Path) -> Path:
+    """ZeRO-3 that keeps no parameter whole between steps: by default it keeps small ones (under 1e5
+    elements, which covers a tiny model's adapters) gathered, and writes to those take another path."""
+    ds_config = folder / "zero3_partitioned.json"
+    ds_config.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}))
+    launch = folder / "zero3_partitioned.yaml"
+    launch.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_config}\n"
+                      f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
+    return launch

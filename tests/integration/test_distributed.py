@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_train_config
-from tests.integration.distributed_helpers import REPO, free_port, identical_samples_shards, run_training
+from tests.integration.distributed_helpers import (
+    REPO,
+    free_port,
+    identical_samples_shards,
+    run_training,
+    zero3_everything_partitioned,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -161,22 +167,6 @@ def averaged_and_scaled_reference(tiny_models: dict[str, Path], same_shards: Pat
     return run
 
 
-def _zero3_everything_partitioned(folder: Path) -> Path:
-    """ZeRO-3 that keeps no parameter whole between steps: by default it keeps small ones (under 1e5
-    elements, which covers a tiny model's adapters) gathered, and writes to those take another path."""
-    import json
-
-    ds_config = folder / "zero3_partitioned.json"
-    ds_config.write_text(json.dumps({
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}))
-    launch = folder / "zero3_partitioned.yaml"
-    launch.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_config}\n"
-                      f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
-    return launch
-
-
 @pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "zero2.yaml", "zero3.yaml", "zero3 partitioned"])
 def test_weight_average_and_max_norm_on_two_processes_equal_one(launch: str, tiny_models: dict[str, Path],
                                                                  same_shards: Path,
@@ -188,7 +178,7 @@ def test_weight_average_and_max_norm_on_two_processes_equal_one(launch: str, tin
     import json
 
     if launch == "zero3 partitioned":
-        launch = str(_zero3_everything_partitioned(tmp_path))
+        launch = str(zero3_everything_partitioned(tmp_path))
     run_training(_averaged_and_scaled(tiny_models["sd15"], same_shards, tmp_path / "two", 2), tmp_path,
                  launch=launch)
     _assert_same_adapter(load_file(str(tmp_path / "two" / "adapter.safetensors")),

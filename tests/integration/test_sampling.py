@@ -72,6 +72,28 @@ def test_training_samples_equal_diffusers_renderings_of_the_file(arch: str, tiny
                     "CFG scale: 6, Seed: 11, Size: 64x64")
 
 
+def test_zero3_samples_equal_diffusers_renderings_of_the_file(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                              tmp_path: Path) -> None:
+    """ZeRO-3 shards the UNet (here every parameter: by default it keeps a tiny model's whole): both ranks
+    render every prompt in step, gathering each layer as it runs, and the main rank writes them."""
+    from tests.integration.distributed_helpers import run_training, zero3_everything_partitioned
+
+    model = tiny_models["sd15"]
+    raw = _raw(model, shapes_shards, tmp_path / "run", {"at_start": False})
+    run_training(raw, tmp_path, launch=str(zero3_everything_partitioned(tmp_path)))
+    final = tmp_path / "run" / "samples" / "step-00000003"
+    assert sorted(p.name for p in final.iterdir()) == ["00-a-dlsks-red-square.png", "01-a-dlsks-blue-circle.png",
+                                                       "grid.png"]
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    want = _diffusers_image(model, adapter, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(_pixels(final / "00-a-dlsks-red-square.png") - want).max() <= TOLERANCE
+    want = _diffusers_image(model, adapter, "a dlsks blue circle", "", 5, 2, 7.5, "dpm++_2m_karras", width=96)
+    assert np.abs(_pixels(final / "01-a-dlsks-blue-circle.png") - want).max() <= TOLERANCE
+    # The adapter trained: its image is not the base model's.
+    base = _diffusers_image(model, None, "a dlsks red square", "blurry", 6, 11, 6.0, "euler_a")
+    assert np.abs(_pixels(final / "00-a-dlsks-red-square.png") - base).max() > 10
+
+
 def test_samples_from_cached_latents_and_text_load_the_encoders_for_sampling(
         tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
     from dist_lora.data.cache import CacheOptions, cache_dataset

@@ -229,3 +229,17 @@ def test_scale_weight_norms_caps_every_exported_update(tiny_models: dict[str, Pa
     assert max(norms) <= limit * (1 + 1e-4) and max(norms) > limit * 0.99
     with safe_open(str(result.adapter_path), framework="pt") as f:
         assert f.metadata()["ss_scale_weight_norms"] == str(limit)
+
+
+def test_samples_of_the_average_under_zero3_are_refused_before_loading(
+        tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dist_lora.train.trainer import RunSetupError, preflight
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    raw = tiny_train_config(tiny_models["sd15"], shapes_shards, tmp_path / "run",
+                            sample={"prompts": ["a dlsks red square --s 2"]})
+    preflight(config_from_dict(raw))  # samples of the trained weights render under ZeRO-3
+    raw["ema"] = {"decay": 0.9, "sample": True}
+    with pytest.raises(RunSetupError, match=r"ema.sample = true .*ZeRO-3.*ema.sample = false"):
+        preflight(config_from_dict(raw))
