@@ -110,7 +110,9 @@ def requested_zero_stage() -> int:
         return 0
     if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ:
         return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-    return int(_zero_section().get("stage", 2))
+    if _deepspeed_config_file():
+        return int(_zero_section().get("stage", 0))  # DeepSpeed's own default: no ZeRO
+    return 2  # accelerate's default
 
 
 # ZeRO-3 partitioned frozen parameters again during a non-reentrant checkpoint's recompute, which then

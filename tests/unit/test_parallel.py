@@ -59,6 +59,8 @@ def test_a_deepspeed_config_file_gives_the_stage_and_offload(monkeypatch: pytest
     config.write_text(json.dumps({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}}}))
     assert parallel.requested_zero_stage() == 1
     check_launch(_shape(bnb=True))
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto"}))
+    assert parallel.requested_zero_stage() == 0  # DeepSpeed without a zero_optimization section
     config.write_text("{not json")
     with pytest.raises(DistLoraError, match=rf"deepspeed_config_file '{config}' .* cannot be read as JSON"):
         parallel.requested_zero_stage()
