@@ -62,9 +62,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                 raise DistLoraError(f"{flag} '{value}' and --metadata-file: a fine-tuning dataset has no "
                                     f"{'regularization images' if flag == '--reg' else 'mask folder'} in sd-scripts; "
                                     f"use a dataset config (--dataset-config) with an image-folder subset.")
-        dataset = metadata_dataset(args.metadata_file, args.src, args.repeats)
-        args.src = None
-    report = prepare_dataset(args.src, args.out, opts, dataset)
+        dataset = metadata_dataset(args.metadata_file, args.src, args.repeats)  # SRC: the images' folder
+    report = prepare_dataset(None if dataset is not None else args.src, args.out, opts, dataset)
     print(report.summary())
     for key, value in (dataset.training.items() if dataset is not None else ()):
         print(f"note: the dataset config sets {key} = {value!r}, a training setting: set training.{key} = "
