@@ -35,6 +35,13 @@ class ModelConfig:
     max_token_length: Literal[75, 150, 225] = _field(
         75, "kohya's max_token_length: captions up to this many tokens, encoded as 1, 2 or 3 windows of 75 and "
         "joined as kohya and AUTOMATIC1111 do (longer ones are cut).")
+    base_dtype: Literal["auto", "fp8"] = _field(
+        "auto", "How the frozen UNet's linear and convolution weights are stored: 'auto' in the compute dtype "
+        "(training.mixed_precision), 'fp8' in float8_e4m3fn at one byte a weight, each layer upcast to the compute "
+        "dtype as it runs (kohya: fp8_base_unet). Adapters train in fp32 either way.")
+    fp8_text_encoders: bool = _field(
+        False, "With base_dtype = 'fp8', store the text encoders' linear weights in fp8 too (kohya: fp8_base, which "
+        "covers UNet and text encoders).")
 
 
 @dataclass

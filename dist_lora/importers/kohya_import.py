@@ -27,6 +27,7 @@ from dist_lora.importers.kohya_keys import (
     UNSUPPORTED,
     ImportUnsupported,
     ImportValueError,
+    parse_bool,
 )
 
 if sys.version_info >= (3, 11):
@@ -219,6 +220,27 @@ def _learning_rates(keys: dict[str, Any], b: _Builder) -> None:
     b.raw.setdefault("network", {})["train_text_encoder"] = not unet_only
 
 
+FP8_KEYS = ("fp8_base", "fp8_base_unet")
+
+
+def _fp8_base(keys: dict[str, Any], b: _Builder) -> None:
+    """sd-scripts: fp8_base stores the UNet and the text encoders in fp8, fp8_base_unet the UNet alone."""
+    for key in FP8_KEYS:
+        if key not in keys:
+            continue
+        value = keys[key]
+        try:
+            on = parse_bool(value) if value not in ("", None) else False
+        except ImportValueError as exc:
+            raise KohyaImportError(f"kohya config '{b.path}': {b.name(key)} = {value!r}: {exc}.") from exc
+        if not on:
+            b.report.no_effect.append((b.name(key), value, "off"))
+            continue
+        b.set("model.base_dtype", "fp8", key, value)
+        if key == "fp8_base":
+            b.set("model.fp8_text_encoders", True, key, value)
+
+
 def _dataset_config(keys: dict[str, Any], given: str | Path | None, b: _Builder) -> ImportedDataset | None:
     """The dataset config: ``given`` (--dataset-config), else the file's own dataset_config key. sd-scripts
     then ignores train_data_dir and reg_data_dir."""
@@ -288,7 +310,8 @@ def import_kohya_config(path: str | Path, out_dir: str | Path,
         else:
             lines = [line.strip() for line in prompts.splitlines() if line.strip() and not line.startswith("#")]
             b.set("sample.prompts", lines, "sample_prompts", prompts)
-    handled = _NETWORK_KEYS | {"learning_rate", "unet_lr", "text_encoder_lr", "sample_prompts"}
+    _fp8_base(keys, b)
+    handled = _NETWORK_KEYS | {"learning_rate", "unet_lr", "text_encoder_lr", "sample_prompts", *FP8_KEYS}
     for key, value in keys.items():
         if key in handled:
             continue

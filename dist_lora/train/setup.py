@@ -20,6 +20,7 @@ from dist_lora.adapters.inject import (
 )
 from dist_lora.adapters.network import attach_network, unet_lr_weights
 from dist_lora.config import Config
+from dist_lora.models.fp8_base import store_in_fp8
 from dist_lora.models.load import Components
 from dist_lora.train.ema import AdapterEMA
 from dist_lora.train.memory import set_attention
@@ -67,6 +68,10 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
         _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
     for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
+    if cfg.model.base_dtype == "fp8":
+        # Before the adapters are attached: peft then wraps the fp8 layers, which stay fp8 underneath.
+        for module in [unet, *(components.text_encoders if cfg.model.fp8_text_encoders else [])]:
+            store_in_fp8(module, weight_dtype)
     set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
     attached = attach_network(unet, components.text_encoders, components.family, cfg.network,
                               cfg.output.format)

@@ -21,6 +21,7 @@ from dist_lora.data.captions import CaptionPolicy, caption_policy, wildcards_onl
 from dist_lora.data.manifest import CacheInfo, Manifest
 from dist_lora.data.shards import ShardLoader, plan_epoch
 from dist_lora.errors import DistLoraError
+from dist_lora.models.fp8_base import check_base_dtype
 from dist_lora.models.load import ModelSource, inspect_model_source, load_components
 from dist_lora.models.text import TextEncoding
 from dist_lora.sampling.hook import SampleHook
@@ -93,6 +94,7 @@ def preflight(cfg: Config) -> Preflight:
     if family is not None:
         unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
     check_network_options(cfg.network, cfg.output.format)
+    check_base_dtype(cfg.model, parallel.requested_zero_stage())
     if family == "sdxl" and cfg.model.clip_skip != 1:
         raise RunSetupError(f"model.clip_skip = {cfg.model.clip_skip} has no meaning for SDXL, which is conditioned on "
                             f"the penultimate layer of both text encoders (kohya ignores clip_skip for SDXL); set "
