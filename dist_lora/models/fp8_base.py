@@ -140,15 +140,24 @@ def _convert(module: nn.Linear | nn.Conv2d, compute_dtype: torch.dtype) -> None:
         module.bias.requires_grad_(False)
 
 
+def _storable(model: nn.Module) -> list[nn.Linear | nn.Conv2d]:
+    return [m for m in model.modules()
+            if type(m) in (nn.Linear, nn.Conv2d) and not m.weight.requires_grad
+            and getattr(m, "padding_mode", "zeros") == "zeros"]
+
+
+def fp8_storable_params(model: nn.Module) -> int:
+    """How many weights ``store_in_fp8`` would store in one byte (for the memory plan)."""
+    return sum(m.weight.numel() for m in _storable(model))
+
+
 def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Store every frozen ``nn.Linear`` and ``nn.Conv2d`` weight of ``model`` in float8_e4m3fn, upcast to
     ``compute_dtype`` when read outside autocast (under autocast, to the autocast dtype). Call before adapters
     are attached: the layers peft wraps then stay fp8 underneath. Biases, norms and embeddings keep their
     dtype (they are a small share of the bytes). Returns the number of layers converted."""
     check_fp8_supported("model.base_dtype")
-    layers = [m for m in model.modules()
-              if type(m) in (nn.Linear, nn.Conv2d) and not m.weight.requires_grad
-              and getattr(m, "padding_mode", "zeros") == "zeros"]
+    layers = _storable(model)
     for layer in layers:
         _convert(layer, compute_dtype)
     return len(layers)

@@ -36,6 +36,8 @@ class RunSettings:
     vae_fp32: bool
     gpus: int = 1
     zero_stage: int = 0
+    base_dtype: str = "auto"  # model.base_dtype: 'auto' (the compute dtype) or 'fp8'
+    fp8_text_encoders: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,26 +65,35 @@ class Plan:
         return int(self.allocated * (1 + ALLOCATOR_OVERHEAD)) + WORKSPACE_BYTES + CUDA_CONTEXT_BYTES
 
 
+def _frozen_bytes(params: int, fp8_params: int, weight: int, fp8: bool) -> int:
+    """Frozen weights in the compute dtype, or with their Linear/Conv2d weights at one byte each (fp8)."""
+    return params * weight - (fp8_params * (weight - 1) if fp8 else 0)
+
+
 def estimate(sizes: ModelSizes, run: RunSettings) -> Plan:
     weight = DTYPE_BYTES[run.mixed_precision]
     shards = run.gpus if run.zero_stage >= 2 else 1  # ZeRO-2/3 split gradients and optimizer states
-    frozen_trained_module = sizes.unet_params * weight
+    fp8 = run.base_dtype == "fp8"
+    text_fp8 = sum(sizes.text_fp8_params) if fp8 and run.fp8_text_encoders else 0
+    text_bytes = _frozen_bytes(sum(sizes.text_encoder_params), text_fp8, weight, text_fp8 > 0)
+    frozen_trained_module = _frozen_bytes(sizes.unet_params, sizes.unet_fp8_params, weight, fp8)
     if run.train_text_encoder:
-        frozen_trained_module += sum(sizes.text_encoder_params) * weight
+        frozen_trained_module += text_bytes
     if run.zero_stage == 3 and run.gpus > 1:
         # Each rank holds a shard and gathers one layer at a time.
         frozen_trained_module = frozen_trained_module // run.gpus + sizes.largest_unet_layer_params * weight
     adapters = sizes.unet_adapter_params + (sizes.text_adapter_params if run.train_text_encoder else 0)
     acts = sizes.unet_activations.checkpointed if run.gradient_checkpointing else sizes.unet_activations.plain
     text_acts = sizes.text_activations.checkpointed if run.gradient_checkpointing else sizes.text_activations.plain
+    storage = ", fp8" if fp8 else ""
     components = [
-        Component("UNet + text encoder weights (frozen)" if run.train_text_encoder else "UNet weights (frozen)",
-                  frozen_trained_module),
+        Component(("UNet + text encoder weights (frozen" if run.train_text_encoder else "UNet weights (frozen") +
+                  storage + ")", frozen_trained_module),
         Component("adapters (fp32) + gradients", adapters * 4 + adapters * 4 // shards),
         Component(f"optimizer state ({run.optimizer})", int(adapters * OPTIMIZER_STATE_BYTES[run.optimizer]) // shards),
     ]
     if not run.train_text_encoder and not run.cached_text:
-        components.append(Component("text encoders (frozen, online)", sum(sizes.text_encoder_params) * weight))
+        components.append(Component(f"text encoders (frozen, online{', fp8' if text_fp8 else ''})", text_bytes))
     if not run.cached_latents:
         vae_weight = 4 if run.vae_fp32 else weight
         components.append(Component("VAE weights (online latents)", sizes.vae_params * vae_weight))
@@ -106,6 +117,11 @@ def suggestions(sizes: ModelSizes, run: RunSettings, budget: int) -> list[Sugges
     """Changes applied one after another, cheapest in speed first, until the run fits ``budget``."""
     steps: list[tuple[str, RunSettings]] = []
     current = run
+    if current.base_dtype != "fp8" and sizes.unet_fp8_params and current.zero_stage != 3:
+        # An upcast per layer as it runs: a memory-bound cast of each weight, small beside the step's matmuls,
+        # where checkpointing recomputes the whole forward (about a third more compute).
+        current = replace(current, base_dtype="fp8")
+        steps.append(("model.base_dtype=fp8 (frozen UNet weights in one byte, upcast per layer)", current))
     if not current.gradient_checkpointing:
         current = replace(current, gradient_checkpointing=True)
         steps.append(("training.gradient_checkpointing=true", current))
@@ -140,7 +156,8 @@ def format_plan(plan: Plan, budget: int | None, advice: list[Suggestion]) -> str
     s = plan.settings
     lines = [f"Memory plan per GPU: batch {s.batch_size}, {s.mixed_precision}, "
              f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}, "
-             f"{s.gpus} GPU(s){f', ZeRO-{s.zero_stage}' if s.zero_stage else ''}"]
+             f"{s.gpus} GPU(s){f', ZeRO-{s.zero_stage}' if s.zero_stage else ''}"
+             f"{', fp8 base' if s.base_dtype == 'fp8' else ''}"]
     width = max(len(c.name) for c in plan.components)
     for c in plan.components:
         lines.append(f"  {c.name:<{width}}  {c.bytes / GIB:7.2f} GiB" + ("  (one at a time)" if c.transient else ""))

@@ -47,6 +47,9 @@ def out_of_memory_advice(cfg: Config, world_size: int, zero_stage: int) -> str:
     """What to change, from the config actually used, most effective first."""
     t = cfg.training
     tips = []
+    if cfg.model.base_dtype != "fp8" and zero_stage != 3:
+        tips.append("model.base_dtype=fp8 (the frozen UNet's weights in one byte, upcast per layer as it runs; "
+                    "kohya's fp8_base_unet)")
     if t.batch_size > 1:
         tips.append(f"training.batch_size={max(1, t.batch_size // 2)} with "
                     f"training.gradient_accumulation_steps={t.gradient_accumulation_steps * 2} (same effective batch)")

@@ -29,16 +29,18 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
 
-def test_linear_equals_the_rounded_weight_and_stays_in_the_format_bound() -> None:
+# Small, and full-size SDXL layers: the transformer feed-forward's GEGLU projection 1280 -> 10240.
+@pytest.mark.parametrize(("features_in", "features_out"), [(64, 48), (1280, 10240)])
+def test_linear_equals_the_rounded_weight_and_stays_in_the_format_bound(features_in: int, features_out: int) -> None:
     torch.manual_seed(0)
-    layer = _frozen(nn.Linear(64, 48))
+    layer = _frozen(nn.Linear(features_in, features_out))
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
-    x = torch.randn(5, 64, requires_grad=True)
+    x = torch.randn(5, features_in, requires_grad=True)
     assert store_in_fp8(layer, torch.float32) == 1 and layer.weight_fp8.dtype == torch.uint8
     y = layer(x)
-    torch.testing.assert_close(y, F.linear(x, _rounded(w), b), rtol=0, atol=1e-6)
+    torch.testing.assert_close(y, F.linear(x, _rounded(w), b), rtol=0, atol=1e-5)
     bound = x.detach().abs() @ (RELATIVE * w.abs() + ABSOLUTE).T
-    assert ((y - F.linear(x, w, b)).abs() <= bound + 1e-6).all()
+    assert ((y - F.linear(x, w, b)).abs() <= bound + 1e-5).all()
     # The gradient reaches the input through the upcast weight.
     y.square().sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
@@ -46,22 +48,26 @@ def test_linear_equals_the_rounded_weight_and_stays_in_the_format_bound() -> Non
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("stride", "padding", "groups"), [(1, 1, 1), (2, 1, 1), (1, 0, 4)])
-def test_conv_equals_the_rounded_weight_with_its_input_gradient(stride: int, padding: int, groups: int) -> None:
+# The last case is a full-size SDXL ResNet convolution, 1280 -> 1280, 3x3.
+@pytest.mark.parametrize(("channels", "stride", "padding", "groups"),
+                         [(8, 1, 1, 1), (8, 2, 1, 1), (8, 1, 0, 4), (1280, 1, 1, 1)])
+def test_conv_equals_the_rounded_weight_with_its_input_gradient(channels: int, stride: int, padding: int,
+                                                                groups: int) -> None:
     torch.manual_seed(1)
-    layer = _frozen(nn.Conv2d(8, 12, 3, stride=stride, padding=padding, groups=groups))
+    out_channels = 12 if channels == 8 else channels
+    layer = _frozen(nn.Conv2d(channels, out_channels, 3, stride=stride, padding=padding, groups=groups))
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    x = torch.randn(2 if channels == 8 else 1, channels, 9, 9, requires_grad=True)
     store_in_fp8(layer, torch.float32)
     y = layer(x)
     reference = F.conv2d(x.detach(), _rounded(w), b, stride, padding, 1, groups)
-    torch.testing.assert_close(y, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-4)
     bound = F.conv2d(x.detach().abs(), RELATIVE * w.abs() + ABSOLUTE, None, stride, padding, 1, groups)
-    assert ((y - F.conv2d(x.detach(), w, b, stride, padding, 1, groups)).abs() <= bound + 1e-5).all()
+    assert ((y - F.conv2d(x.detach(), w, b, stride, padding, 1, groups)).abs() <= bound + 1e-4).all()
     y.square().sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
     F.conv2d(x_ref, _rounded(w), b, stride, padding, 1, groups).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_keeps_only_the_fp8_bits_of_the_weight() -> None:
