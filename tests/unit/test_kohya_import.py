@@ -340,3 +340,29 @@ def test_caption_separators(tmp_path: Path) -> None:
     empty = import_kohya_config(_write(tmp_path, {**USER, "keep_tokens_separator": ""}), tmp_path / "out")
     assert "keep_tokens_separator" not in empty.raw.get("data", {})
     assert [k for k, _, _ in empty.report.no_effect] == ["keep_tokens_separator"]
+
+
+@pytest.mark.parametrize(("keys", "model"), [
+    ({"fp8_base": True}, {"base_dtype": "fp8", "fp8_text_encoders": True}),
+    ({"fp8_base_unet": True}, {"base_dtype": "fp8"}),
+    ({"fp8_base": False, "fp8_base_unet": "true"}, {"base_dtype": "fp8"}),
+    ({"fp8_base": False, "fp8_base_unet": False}, {}),
+])
+def test_fp8_base_options(keys: dict[str, Any], model: dict[str, Any], tmp_path: Path) -> None:
+    """sd-scripts: fp8_base stores the UNet and the text encoders in fp8, fp8_base_unet the UNet alone."""
+    config = {**USER, **keys}
+    result = import_kohya_config(_write(tmp_path, config), tmp_path / "out")
+    _every_key_once(config, result)
+    imported = {k: v for k, v in result.raw["model"].items() if k in ("base_dtype", "fp8_text_encoders")}
+    assert imported == model
+    off = [k for k, _, why in result.report.no_effect if why == "off"]
+    assert sorted(off) == sorted(k for k, v in keys.items() if v is False)
+    write_import(result, tmp_path / "out", tmp_path / "config.json")
+    cfg = load_config(tmp_path / "out" / "train.toml")
+    assert cfg.model.base_dtype == model.get("base_dtype", "auto")
+    assert cfg.model.fp8_text_encoders == model.get("fp8_text_encoders", False)
+
+
+def test_a_bad_fp8_value_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(KohyaImportError, match="fp8_base_unet = 'sometimes'"):
+        import_kohya_config(_write(tmp_path, {**USER, "fp8_base_unet": "sometimes"}), tmp_path / "out")
