@@ -26,7 +26,9 @@ class StepRunner:
     def __init__(self, cfg: Config, setup: Setup, conditioner: Conditioner, world: World) -> None:
         self.cfg, self.setup, self.conditioner, self.world = cfg, setup, conditioner, world
         self.c = setup.components
-        self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod
+        # On the device once: indexing a CPU schedule by device timesteps copies it over (a blocking
+        # host-to-device copy) at every use, several per micro-step with v-prediction, min-SNR or Huber.
+        self.alphas_cumprod = self.c.noise_scheduler.alphas_cumprod.to(conditioner.device)
         self.num_train_timesteps = int(self.c.noise_scheduler.config.num_train_timesteps)
         self.noise_options, self.loss_options = noise_options(cfg.training), loss_options(cfg.training)
 

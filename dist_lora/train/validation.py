@@ -52,7 +52,7 @@ class ValidationHook:
         setup, cond = self.setup, self.conditioner
         c = setup.components
         module = parallel.forward_module(self.acc, setup.model)
-        alphas = c.noise_scheduler.alphas_cumprod
+        alphas = c.noise_scheduler.alphas_cumprod.to(cond.device)  # once per round, not per batch
         # Plain noise over the whole schedule, whatever the training options: losses comparable across runs.
         plain = NoiseOptions(max_timestep=c.noise_scheduler.config.num_train_timesteps)
         totals = torch.zeros(2, device=cond.device)
