@@ -13,6 +13,7 @@ Batches are assembled in the main process (workers only read and decode), so the
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
@@ -59,11 +60,13 @@ def assign_shards(manifest: Manifest, seed: int, epoch: int, world_size: int,
     order = epoch_shard_order(len(manifest.shards), seed, epoch)
     position = {shard: i for i, shard in enumerate(order)}
     sizes = sizes if sizes is not None else shard_sizes(manifest)
-    loads, assigned = [0] * world_size, [[] for _ in range(world_size)]  # type: list[int], list[list[int]]
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    # The least-loaded rank (ties: fewer shards, then the lower rank) from a heap: O(S log W), not O(S x W).
+    least_loaded = [(0, 0, rank) for rank in range(world_size)]
     for shard in sorted((i for i in order if sizes[i] > 0), key=lambda i: (-sizes[i], position[i])):
-        rank = min(range(world_size), key=lambda r: (loads[r], len(assigned[r]), r))
+        load, count, rank = least_loaded[0]
         assigned[rank].append(shard)
-        loads[rank] += sizes[shard]
+        heapq.heapreplace(least_loaded, (load + sizes[shard], count + 1, rank))
     return [sorted(shards, key=position.__getitem__) for shards in assigned]
 
 

@@ -61,6 +61,33 @@ def test_assignment_is_a_partition_for_many_layouts() -> None:
                 assert shards == sorted(shards, key=order.index)
 
 
+def _linear_scan_assignment(manifest: Manifest, seed: int, epoch: int, world: int,
+                            sizes: list[int]) -> list[list[int]]:
+    """The greedy rule restated as first written (a linear scan for the least-loaded rank per shard)."""
+    order = epoch_shard_order(len(manifest.shards), seed, epoch)
+    position = {shard: i for i, shard in enumerate(order)}
+    loads, assigned = [0] * world, [[] for _ in range(world)]  # type: list[int], list[list[int]]
+    for shard in sorted((i for i in order if sizes[i] > 0), key=lambda i: (-sizes[i], position[i])):
+        rank = min(range(world), key=lambda r: (loads[r], len(assigned[r]), r))
+        assigned[rank].append(shard)
+        loads[rank] += sizes[shard]
+    return [sorted(shards, key=position.__getitem__) for shards in assigned]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 64, 513])
+def test_heap_assignment_equals_the_linear_scan(world: int) -> None:
+    """Equal sizes (all ties), a few sizes (many ties), spread sizes, emptied shards (a resume), and sizes where
+    two ranks tie on load with different shard counts (the second tie-break)."""
+    count_tie = [6, 5, 5, 6, 1, 1, 1, 6, 2, 5, 5, 1]
+    for pattern in range(5):
+        sizes = [[1000] * 700, [(i % 3 + 1) * 10 for i in range(700)], [(i * 7919) % 997 + 1 for i in range(700)],
+                 [0 if i % 5 == 0 else (i * 31) % 40 for i in range(700)], count_tie][pattern]
+        manifest = _manifest([max(n, 1) for n in sizes])
+        for epoch in (0, 3):
+            assert assign_shards(manifest, 7, epoch, world, sizes) == \
+                _linear_scan_assignment(manifest, 7, epoch, world, sizes)
+
+
 def test_too_few_shards_is_an_error() -> None:
     with pytest.raises(ShardDataError, match=r"1 shard\(s\) but 2 rank\(s\) x 1 worker\(s\)"):
         plan_epoch(_manifest([10]), seed=0, epoch=0, rank=0, world_size=2, batch_size=1)
