@@ -35,10 +35,11 @@ class ModelConfig:
     max_token_length: Literal[75, 150, 225] = _field(
         75, "kohya's max_token_length: captions up to this many tokens, encoded as 1, 2 or 3 windows of 75 and "
         "joined as kohya and AUTOMATIC1111 do (longer ones are cut).")
-    base_dtype: Literal["auto", "fp8"] = _field(
-        "auto", "How the frozen UNet's linear and convolution weights are stored: 'auto' in the compute dtype "
-        "(training.mixed_precision), 'fp8' in float8_e4m3fn at one byte a weight, each layer upcast to the compute "
-        "dtype as it runs (kohya: fp8_base_unet). Adapters train in fp32 either way.")
+    base_dtype: Literal["auto", "fp8", "nf4", "int8"] = _field(
+        "auto", "How the frozen UNet's weights are stored: 'auto' in the compute dtype (training.mixed_precision); "
+        "'fp8' linear and convolution weights in float8_e4m3fn, one byte each, upcast per layer as it runs (kohya: "
+        "fp8_base_unet); 'nf4' / 'int8' linear weights quantised by bitsandbytes (4-bit NormalFloat, or int8 per "
+        "row), LoRA on top as in QLoRA, convolutions in the compute dtype. Adapters train in fp32 on any of them.")
     fp8_text_encoders: bool = _field(
         False, "With base_dtype = 'fp8', store the text encoders' linear weights in fp8 too (kohya: fp8_base, which "
         "covers UNet and text encoders).")

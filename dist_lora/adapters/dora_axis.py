@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
 
@@ -41,7 +42,7 @@ class InputAxisDora(nn.Module):
 
     def __init__(self, base_layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module, scaling: float) -> None:
         super().__init__()
-        base_weight = base_layer.weight.detach()  # type: ignore[union-attr]
+        base_weight = dequantize_module_weight(base_layer).detach()
         delta = lora_weight(lora_A, lora_B, base_weight.shape).detach().to(base_weight.dtype)
         # Starts at the adapted weight's own column norms: the layer begins as W + s B A (W, with B = 0).
         self.weight = nn.Parameter(column_norm((base_weight + scaling * delta).float()))
@@ -49,7 +50,7 @@ class InputAxisDora(nn.Module):
     def input_scale(self, base_layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module,
                     scaling: float) -> torch.Tensor:
         """``c = m / ||W + s B A||_col``, per input feature (the norm without gradient)."""
-        weight = base_layer.weight  # type: ignore[union-attr]
+        weight = dequantize_module_weight(base_layer)
         with torch.no_grad():
             adapted = weight.float() + scaling * lora_weight(lora_A, lora_B, weight.shape).float()
             norm = column_norm(adapted)
@@ -60,7 +61,8 @@ class InputAxisDora(nn.Module):
                 adapter_name: str = "default") -> torch.Tensor:
         """What to add to ``base_layer(x)``: ``W((c - 1) x) + s B A (c x)`` (the bias is unchanged)."""
         scale = self.input_scale(base_layer, lora_A, lora_B, scaling).to(x.dtype)
-        weight = base_layer.weight  # type: ignore[union-attr]
+        # A quantised base (nf4 / int8) is dequantised: W is the weight the layer applies.
+        weight = dequantize_module_weight(base_layer)
         if isinstance(base_layer, nn.Conv2d):
             scale = scale.view(1, -1, 1, 1)
             base_change = F.conv2d(x * (scale - 1), weight.to(x.dtype), None, base_layer.stride, base_layer.padding,

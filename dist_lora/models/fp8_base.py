@@ -169,18 +169,30 @@ def fp8_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, (Fp8Linear, Fp8Conv2d)) and m._parameters.get("weight_fp8") is not None]
 
 
-def check_base_dtype(model_cfg: ModelConfig, zero_stage: int) -> None:
+def check_base_dtype(model_cfg: ModelConfig, zero_stage: int, network_type: str = "lora") -> None:
     """model.base_dtype / model.fp8_text_encoders checked before any model loads."""
     base_dtype = model_cfg.base_dtype
     if model_cfg.fp8_text_encoders and base_dtype != "fp8":
         raise DistLoraError(f"model.fp8_text_encoders = true stores the text encoders in fp8 alongside an fp8 UNet, "
                             f"but model.base_dtype = '{base_dtype}'; set model.base_dtype = 'fp8' too (kohya's "
                             f"fp8_base), or model.fp8_text_encoders = false.")
-    if base_dtype != "fp8":
+    if base_dtype == "auto":
         return
-    check_fp8_supported("model.base_dtype")
     if zero_stage == 3:
-        raise DistLoraError("model.base_dtype = 'fp8' keeps the frozen weights as one-byte tensors, which DeepSpeed "
-                            "ZeRO-3 would partition and gather as trained parameters; launch with DDP or ZeRO-2 "
-                            "(the frozen base is not partitioned there and fp8 already halves it), or set "
-                            "model.base_dtype = 'auto'.")
+        raise DistLoraError(f"model.base_dtype = '{base_dtype}' keeps the frozen weights as packed integer tensors, "
+                            f"which DeepSpeed ZeRO-3 would partition and gather as trained parameters; launch with "
+                            f"DDP{' or ZeRO-2' if base_dtype == 'fp8' else ''} (the frozen base is not partitioned "
+                            f"there), or set model.base_dtype = 'auto'.")
+    if base_dtype == "fp8":
+        check_fp8_supported("model.base_dtype")
+        return
+    from dist_lora.models.quantized_base import require_bitsandbytes
+
+    require_bitsandbytes(base_dtype)
+    if base_dtype == "int8" and network_type == "dora":
+        # bitsandbytes 0.50's int8 matmul loses its row scales after peft dequantises the weight for DoRA's norm.
+        raise DistLoraError("model.base_dtype = 'int8' with network.type = 'dora' fails inside bitsandbytes' int8 "
+                            "matmul; use model.base_dtype = 'nf4' or 'fp8' for DoRA.")
+    if zero_stage:
+        raise DistLoraError(f"model.base_dtype = '{base_dtype}' (bitsandbytes layers) is tested under DDP only; launch "
+                            f"without DeepSpeed (launch/multi_gpu.yaml), or use model.base_dtype = 'fp8' with ZeRO-2.")

@@ -16,6 +16,9 @@ GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "lion": 4.0, "lion8bit": 1.0,
                          "prodigy": 16.0, "adafactor": 0.5}
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+# Bytes per quantised linear weight: nf4 packs two in a byte plus an fp32 absmax per block of 64; int8 is one
+# byte (its fp32 scale per output row is left out: a few KiB).
+QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
 # Outside any tensor: the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces. The
 # CUDA context itself (about 0.5 GiB) is not in torch's counters but is in the device's used memory.
 ALLOCATOR_OVERHEAD = 0.05
@@ -36,7 +39,7 @@ class RunSettings:
     vae_fp32: bool
     gpus: int = 1
     zero_stage: int = 0
-    base_dtype: str = "auto"  # model.base_dtype: 'auto' (the compute dtype) or 'fp8'
+    base_dtype: str = "auto"  # model.base_dtype: 'auto' (the compute dtype), 'fp8', 'nf4' or 'int8'
     fp8_text_encoders: bool = False
 
 
@@ -77,6 +80,9 @@ def estimate(sizes: ModelSizes, run: RunSettings) -> Plan:
     text_fp8 = sum(sizes.text_fp8_params) if fp8 and run.fp8_text_encoders else 0
     text_bytes = _frozen_bytes(sum(sizes.text_encoder_params), text_fp8, weight, text_fp8 > 0)
     frozen_trained_module = _frozen_bytes(sizes.unet_params, sizes.unet_fp8_params, weight, fp8)
+    if run.base_dtype in QUANTIZED_BYTES:
+        frozen_trained_module = (sizes.unet_params - sizes.unet_linear_params) * weight + \
+            int(sizes.unet_linear_params * QUANTIZED_BYTES[run.base_dtype])
     if run.train_text_encoder:
         frozen_trained_module += text_bytes
     if run.zero_stage == 3 and run.gpus > 1:
@@ -85,7 +91,7 @@ def estimate(sizes: ModelSizes, run: RunSettings) -> Plan:
     adapters = sizes.unet_adapter_params + (sizes.text_adapter_params if run.train_text_encoder else 0)
     acts = sizes.unet_activations.checkpointed if run.gradient_checkpointing else sizes.unet_activations.plain
     text_acts = sizes.text_activations.checkpointed if run.gradient_checkpointing else sizes.text_activations.plain
-    storage = ", fp8" if fp8 else ""
+    storage = {"fp8": ", fp8", "nf4": ", nf4 linears", "int8": ", int8 linears"}.get(run.base_dtype, "")
     components = [
         Component(("UNet + text encoder weights (frozen" if run.train_text_encoder else "UNet weights (frozen") +
                   storage + ")", frozen_trained_module),
@@ -117,7 +123,7 @@ def suggestions(sizes: ModelSizes, run: RunSettings, budget: int) -> list[Sugges
     """Changes applied one after another, cheapest in speed first, until the run fits ``budget``."""
     steps: list[tuple[str, RunSettings]] = []
     current = run
-    if current.base_dtype != "fp8" and sizes.unet_fp8_params and current.zero_stage != 3:
+    if current.base_dtype == "auto" and sizes.unet_fp8_params and current.zero_stage != 3:
         # An upcast per layer as it runs: a memory-bound cast of each weight, small beside the step's matmuls,
         # where checkpointing recomputes the whole forward (about a third more compute).
         current = replace(current, base_dtype="fp8")
@@ -157,7 +163,7 @@ def format_plan(plan: Plan, budget: int | None, advice: list[Suggestion]) -> str
     lines = [f"Memory plan per GPU: batch {s.batch_size}, {s.mixed_precision}, "
              f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}, "
              f"{s.gpus} GPU(s){f', ZeRO-{s.zero_stage}' if s.zero_stage else ''}"
-             f"{', fp8 base' if s.base_dtype == 'fp8' else ''}"]
+             f"{f', {s.base_dtype} base' if s.base_dtype != 'auto' else ''}"]
     width = max(len(c.name) for c in plan.components)
     for c in plan.components:
         lines.append(f"  {c.name:<{width}}  {c.bytes / GIB:7.2f} GiB" + ("  (one at a time)" if c.transient else ""))

@@ -24,6 +24,7 @@ from dist_lora.adapters.network import attach_network
 from dist_lora.config import NetworkConfig
 from dist_lora.errors import DistLoraError
 from dist_lora.models.fp8_base import fp8_storable_params
+from dist_lora.models.quantized_base import quantizable_params
 from dist_lora.models.reference import sdxl_pooled_width
 
 # Modules that diffusers (ResnetBlock2D, BasicTransformerBlock) and transformers (CLIPEncoderLayer) run
@@ -60,6 +61,7 @@ class ModelSizes:
     # biases, norms, embeddings, stays in the compute dtype).
     unet_fp8_params: int = 0
     text_fp8_params: tuple[int, ...] = ()
+    unet_linear_params: int = 0  # frozen Linear weights: what nf4 / int8 quantise (convolutions stay)
 
 
 class _FlashStyleAttention(torch.autograd.Function):
@@ -182,6 +184,7 @@ def measure_model(folder: Path, network: NetworkConfig, image_size: tuple[int, i
         encoders = [e.to(compute_dtype) for e in encoders]
         base = {"unet": _params(unet), "text": [_params(e) for e in encoders], "vae": _params(vae)}
         fp8 = {"unet": fp8_storable_params(unet), "text": tuple(fp8_storable_params(e) for e in encoders)}
+        linear = quantizable_params(unet)
         largest = max((p.numel() for p in unet.parameters()), default=0)
         attached = attach_network(unet, encoders, family, network)
         unet_adapter = sum(p.numel() for p in lora_parameters(unet))
@@ -196,7 +199,7 @@ def measure_model(folder: Path, network: NetworkConfig, image_size: tuple[int, i
             text_acts = ActivationBytes(text_acts.plain + one.plain, text_acts.checkpointed + one.checkpointed)
         vae_peak = _vae_encode_peak(vae, height, width)
     return ModelSizes(family, base["unet"], base["text"], base["vae"], unet_adapter, text_adapter, unet_acts,
-                      text_acts, vae_peak, largest, image_size, fp8["unet"], fp8["text"])
+                      text_acts, vae_peak, largest, image_size, fp8["unet"], fp8["text"], linear)
 
 
 def _unet_forward(unet: nn.Module, family: str, height: int, width: int, dtype: torch.dtype) -> None:

@@ -22,6 +22,7 @@ from dist_lora.adapters.network import attach_network, unet_lr_weights
 from dist_lora.config import Config
 from dist_lora.models.fp8_base import store_in_fp8
 from dist_lora.models.load import Components
+from dist_lora.models.quantized_base import QUANTIZED_BASE_DTYPES, quantize_linears
 from dist_lora.train.ema import AdapterEMA
 from dist_lora.train.memory import set_attention
 from dist_lora.train.model import AdaptedDenoiser
@@ -68,10 +69,12 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
         _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
     for module in [unet, *components.text_encoders]:
         _freeze(module, weight_dtype, device)
+    # Before the adapters are attached: peft then wraps the fp8 / quantised layers, which stay so underneath.
     if cfg.model.base_dtype == "fp8":
-        # Before the adapters are attached: peft then wraps the fp8 layers, which stay fp8 underneath.
         for module in [unet, *(components.text_encoders if cfg.model.fp8_text_encoders else [])]:
             store_in_fp8(module, weight_dtype)
+    elif cfg.model.base_dtype in QUANTIZED_BASE_DTYPES:
+        quantize_linears(unet, cfg.model.base_dtype, weight_dtype, device)
     set_attention(unet, cfg.training.attention, cfg.training.attention_fallback)
     attached = attach_network(unet, components.text_encoders, components.family, cfg.network,
                               cfg.output.format)

@@ -94,7 +94,7 @@ def preflight(cfg: Config) -> Preflight:
     if family is not None:
         unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
     check_network_options(cfg.network, cfg.output.format)
-    check_base_dtype(cfg.model, parallel.requested_zero_stage())
+    check_base_dtype(cfg.model, parallel.requested_zero_stage(), cfg.network.type)
     if family == "sdxl" and cfg.model.clip_skip != 1:
         raise RunSetupError(f"model.clip_skip = {cfg.model.clip_skip} has no meaning for SDXL, which is conditioned on "
                             f"the penultimate layer of both text encoders (kohya ignores clip_skip for SDXL); set "

@@ -124,3 +124,20 @@ def test_bad_combinations_are_refused_before_loading() -> None:
     with pytest.raises(DistLoraError, match="ZeRO-3"):
         check_base_dtype(ModelConfig(pretrained="x", base_dtype="fp8"), zero_stage=3)
     check_base_dtype(ModelConfig(pretrained="x", base_dtype="fp8", fp8_text_encoders=True), zero_stage=2)
+    with pytest.raises(DistLoraError, match=r"model.base_dtype = 'nf4'.*ZeRO-3"):
+        check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4"), zero_stage=3)
+    with pytest.raises(DistLoraError, match=r"'int8' \(bitsandbytes layers\) is tested under DDP only"):
+        check_base_dtype(ModelConfig(pretrained="x", base_dtype="int8"), zero_stage=2)
+    with pytest.raises(DistLoraError, match=r"fp8_text_encoders = true .* model.base_dtype = 'nf4'"):
+        check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4", fp8_text_encoders=True), zero_stage=0)
+    check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4"), zero_stage=0, network_type="dora")
+    with pytest.raises(DistLoraError, match=r"'int8' with network.type = 'dora'"):
+        check_base_dtype(ModelConfig(pretrained="x", base_dtype="int8"), zero_stage=0, network_type="dora")
+
+
+def test_a_missing_bitsandbytes_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import then fails, as without the package
+    with pytest.raises(DistLoraError, match=r"'nf4' quantises the frozen base with bitsandbytes, which is not"):
+        check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4"), zero_stage=0)

@@ -1,5 +1,5 @@
-"""A tiny SDXL run on an fp8 base (UNet and text encoders, kohya's fp8_base) trains through the trainer, resumes
-bit for bit, and exports a file with exactly the keys of a full-precision run's."""
+"""A tiny SDXL run on an fp8 base (UNet and text encoders, kohya's fp8_base), an nf4 or an int8 base trains
+through the trainer, resumes bit for bit, and exports a file with exactly the keys of a full-precision run's."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 
 from dist_lora.config import config_from_dict
 from dist_lora.models.fp8_base import fp8_layers
+from dist_lora.models.quantized_base import quantized_layers
 from dist_lora.train.trainer import train
 from dist_lora.utils.stop_signals import Preempted
 from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.slow
-FP8 = {"base_dtype": "fp8", "fp8_text_encoders": True}
+BASES = {"fp8": {"base_dtype": "fp8", "fp8_text_encoders": True}, "nf4": {"base_dtype": "nf4"},
+         "int8": {"base_dtype": "int8"}}
 
 
 def _raw(model: Path, shards: Path, out: Path, model_options: dict, **checkpoint: object) -> dict:
@@ -26,15 +28,17 @@ def _raw(model: Path, shards: Path, out: Path, model_options: dict, **checkpoint
     return raw
 
 
-def test_fp8_base_trains_resumes_bitwise_and_exports_the_same_keys(tiny_models: dict[str, Path],
-                                                                  shapes_shards: Path, tmp_path: Path) -> None:
-    model = tiny_models["sdxl"]
-    straight = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "straight", FP8)))
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_a_low_precision_base_trains_resumes_bitwise_and_exports_the_same_keys(
+        base: str, tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+    model, options = tiny_models["sdxl"], BASES[base]
+    straight = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "straight", options)))
     assert straight.model is not None
-    assert len(fp8_layers(straight.model.unet)) > 50  # the frozen UNet was trained on in fp8
+    stored = fp8_layers(straight.model.unet) if base == "fp8" else quantized_layers(straight.model.unet)
+    assert len(stored) > 50  # the frozen UNet was trained on in that format
     with pytest.raises(Preempted):
-        train(config_from_dict(_raw(model, shapes_shards, tmp_path / "split", FP8, stop_at_step=3)))
-    resumed = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "split", FP8, resume="latest")))
+        train(config_from_dict(_raw(model, shapes_shards, tmp_path / "split", options, stop_at_step=3)))
+    resumed = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "split", options, resume="latest")))
     assert resumed.steps == 6
     a, b = load_file(str(tmp_path / "split" / "adapter.safetensors")), load_file(str(straight.adapter_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -42,7 +46,7 @@ def test_fp8_base_trains_resumes_bitwise_and_exports_the_same_keys(tiny_models: 
     exported = load_file(str(full.adapter_path))
     assert exported.keys() == b.keys()
     assert all(exported[k].shape == b[k].shape and exported[k].dtype == b[k].dtype for k in b)
-    # The fp8 run trained a different (rounded) base, so its adapter is close to, not equal to, the full one.
+    # The run trained a different (rounded) base, so its adapter is close to, not equal to, the full one.
     ups = [k for k in b if "lora_up" in k]
     assert ups and any(not torch.equal(exported[k], b[k]) for k in ups)
     assert any(b[k].abs().sum() > 0 for k in ups)
