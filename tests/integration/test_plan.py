@@ -121,3 +121,26 @@ def test_sdxl_recipe_on_an_fp8_base_plans_within_6_gib(tiny_models: dict[str, Pa
     bf16 = json.loads(capsys.readouterr().out)
     assert bf16["fits"] is False and bf16["suggestions"][0]["change"].startswith("model.base_dtype=fp8")
     assert bf16["suggestions"][0]["device_total"] == fp8["device_total"]
+
+
+@pytest.mark.parametrize("base_dtype", ["nf4", "int8"])
+def test_quantised_plan_counts_the_bytes_the_quantised_unet_holds(base_dtype: str,
+                                                                  tiny_models: dict[str, Path]) -> None:
+    """The tiny SD 1.5 UNet quantised as training quantises it: its parameters' bytes (packed weights, and for
+    nf4 the fp32 absmax of each block of 64) against the plan's frozen-UNet row."""
+    from dist_lora.models.quantized_base import quantize_linears, quantized_layers
+    from dist_lora.planning.estimate import RunSettings, estimate
+
+    sizes = measure_model(tiny_models["sd15"], NetworkConfig(), (128, 128), torch.bfloat16)
+    unet = load_components(str(tiny_models["sd15"]), load_vae=False, load_text=False).unet
+    unet.to(torch.bfloat16).requires_grad_(False)
+    quantize_linears(unet, base_dtype, torch.bfloat16, torch.device("cpu"))
+    held = sum(p.numel() * p.element_size() for p in unet.parameters())
+    if base_dtype == "nf4":
+        held += sum(layer.weight.quant_state.absmax.numel() * 4 for layer in quantized_layers(unet))
+    run = RunSettings(batch_size=1, gradient_accumulation_steps=1, mixed_precision="bf16", gradient_checkpointing=True,
+                      optimizer="adamw8bit", cached_latents=True, cached_text=True, train_text_encoder=False,
+                      vae_fp32=True, base_dtype=base_dtype)
+    planned = estimate(sizes, run).components[0]
+    assert planned.name == f"UNet weights (frozen, {base_dtype} linears)"
+    assert abs(planned.bytes - held) <= 0.01 * held, (planned.bytes, held)
