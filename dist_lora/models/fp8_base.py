@@ -189,6 +189,12 @@ def check_base_dtype(model_cfg: ModelConfig, zero_stage: int, network_type: str 
     from dist_lora.models.quantized_base import require_bitsandbytes
 
     require_bitsandbytes(base_dtype)
+    if base_dtype == "nf4" and network_type in ("loha", "lokr"):
+        # peft's LyCORIS layers size their factors from base_layer.weight.shape, which for a 4-bit layer is the
+        # packed storage ([n/2, 1]), not [out, in]: the adapter would get wrong shapes.
+        raise DistLoraError(f"model.base_dtype = 'nf4' with network.type = '{network_type}': peft sizes LoHa/LoKr "
+                            f"from the packed 4-bit weight's shape; use model.base_dtype = 'fp8' or 'int8' for "
+                            f"{network_type}, or nf4 with lora, locon or dora.")
     if base_dtype == "int8" and network_type == "dora":
         # bitsandbytes 0.50's int8 matmul loses its row scales after peft dequantises the weight for DoRA's norm.
         raise DistLoraError("model.base_dtype = 'int8' with network.type = 'dora' fails inside bitsandbytes' int8 "

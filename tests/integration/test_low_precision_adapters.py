@@ -43,7 +43,7 @@ def _adapted(unet: torch.nn.Module, kind: str, family: str) -> dict[str, torch.n
 
 
 CASES = [*(("fp8", k) for k in ("lora", "locon", "loha", "lokr", "dora")),
-         *(("nf4", k) for k in ("lora", "locon", "loha", "lokr", "dora")), ("int8", "lora"), ("int8", "loha")]
+         *(("nf4", k) for k in ("lora", "locon", "dora")), ("int8", "lora"), ("int8", "loha")]
 
 
 @pytest.mark.parametrize(("base_dtype", "kind"), CASES)

@@ -131,6 +131,9 @@ def test_bad_combinations_are_refused_before_loading() -> None:
     with pytest.raises(DistLoraError, match=r"fp8_text_encoders = true .* model.base_dtype = 'nf4'"):
         check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4", fp8_text_encoders=True), zero_stage=0)
     check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4"), zero_stage=0, network_type="dora")
+    for kind in ("loha", "lokr"):
+        with pytest.raises(DistLoraError, match=rf"'nf4' with network.type = '{kind}'"):
+            check_base_dtype(ModelConfig(pretrained="x", base_dtype="nf4"), zero_stage=0, network_type=kind)
     with pytest.raises(DistLoraError, match=r"'int8' with network.type = 'dora'"):
         check_base_dtype(ModelConfig(pretrained="x", base_dtype="int8"), zero_stage=0, network_type="dora")
 
