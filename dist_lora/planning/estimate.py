@@ -41,6 +41,8 @@ class RunSettings:
     zero_stage: int = 0
     base_dtype: str = "auto"  # model.base_dtype: 'auto' (the compute dtype), 'fp8', 'nf4' or 'int8'
     fp8_text_encoders: bool = False
+    offload_frozen: bool = False  # model.offload_frozen: online VAE / frozen encoders on the GPU only to encode
+    text_cacheable: bool = True  # False where captions change per step (shuffle, dropout): text stays online
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,23 @@ def estimate(sizes: ModelSizes, run: RunSettings) -> Plan:
         Component("adapters (fp32) + gradients", adapters * 4 + adapters * 4 // shards),
         Component(f"optimizer state ({run.optimizer})", int(adapters * OPTIMIZER_STATE_BYTES[run.optimizer]) // shards),
     ]
+    # Offloaded, the encoders are on the GPU one phase at a time (VAE encode, then prompt encode) and never
+    # beside the UNet's activations: each phase is one transient component.
+    offload = run.offload_frozen
+    where = ", on the GPU to encode" if offload else ""
     if not run.train_text_encoder and not run.cached_text:
-        components.append(Component(f"text encoders (frozen, online{', fp8' if text_fp8 else ''})", text_bytes))
+        components.append(Component(f"text encoders (frozen, online{', fp8' if text_fp8 else ''}{where})", text_bytes,
+                                    transient=offload))
     if not run.cached_latents:
         vae_weight = 4 if run.vae_fp32 else weight
-        components.append(Component("VAE weights (online latents)", sizes.vae_params * vae_weight))
-        components.append(Component("VAE encode activations", sizes.vae_encode_peak * run.batch_size * vae_weight // 4,
-                                    transient=True))
+        vae_bytes = sizes.vae_params * vae_weight
+        encode_bytes = sizes.vae_encode_peak * run.batch_size * vae_weight // 4
+        if offload:
+            components.append(Component("VAE weights + encode activations (on the GPU to encode)",
+                                        vae_bytes + encode_bytes, transient=True))
+        else:
+            components.append(Component("VAE weights (online latents)", vae_bytes))
+            components.append(Component("VAE encode activations", encode_bytes, transient=True))
     components.append(Component("UNet activations" + (" (checkpointed)" if run.gradient_checkpointing else "") +
                                 (" + text encoders" if run.train_text_encoder else ""),
                                 (acts + (text_acts if run.train_text_encoder else 0)) * run.batch_size,
@@ -132,8 +144,14 @@ def suggestions(sizes: ModelSizes, run: RunSettings, budget: int) -> list[Sugges
         current = replace(current, gradient_checkpointing=True)
         steps.append(("training.gradient_checkpointing=true", current))
     if not current.cached_latents:
-        current = replace(current, cached_latents=True, cached_text=current.cached_text or not run.train_text_encoder)
+        current = replace(current, cached_latents=True,
+                          cached_text=current.cached_text or (not run.train_text_encoder and run.text_cacheable))
         steps.append(("cache latents first (`dist-lora cache`), so the VAE stays unloaded", current))
+    online_text = not current.cached_text and not current.train_text_encoder
+    if online_text and not current.offload_frozen:
+        # Text that cannot be cached (caption shuffling / dropout): a host-to-GPU copy of the encoders per step.
+        current = replace(current, offload_frozen=True)
+        steps.append(("model.offload_frozen=true (text encoders on the GPU only while they encode)", current))
     if current.optimizer in ("adamw", "lion", "prodigy"):
         eight_bit = "lion8bit" if current.optimizer == "lion" else "adamw8bit"
         current = replace(current, optimizer=eight_bit)

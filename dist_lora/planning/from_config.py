@@ -82,7 +82,8 @@ def plan_for_config(cfg: Config, *, gpus: int = 1, zero_stage: int = 0, budget: 
         cached_latents=bool(cache and cache.latents),
         cached_text=bool(cache and cache.text) and not captions_change and not cfg.network.train_text_encoder,
         train_text_encoder=cfg.network.train_text_encoder, vae_fp32=t.vae_fp32, gpus=gpus, zero_stage=zero_stage,
-        base_dtype=cfg.model.base_dtype, fp8_text_encoders=cfg.model.fp8_text_encoders)
+        base_dtype=cfg.model.base_dtype, fp8_text_encoders=cfg.model.fp8_text_encoders,
+        offload_frozen=cfg.model.offload_frozen, text_cacheable=not captions_change)
     plan = estimate(sizes, run)
     advice = suggestions(sizes, run, budget) if budget is not None and plan.device_total > budget else []
     return PlanResult(sizes, plan, advice, budget)

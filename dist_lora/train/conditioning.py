@@ -18,15 +18,21 @@ from dist_lora.data.stream import pixels_to_unit_range
 from dist_lora.models.load import Components
 from dist_lora.models.text import encode_prompts, tokenize
 from dist_lora.train.diffusion import per_sample_normal, sdxl_time_ids
+from dist_lora.train.offload import FrozenOffload, maybe_on_device
 
 
 class Conditioner:
     def __init__(self, components: Components, device: torch.device, weight_dtype: torch.dtype,
                  frozen_text_encoders: list[nn.Module], autocast: Callable[[], AbstractContextManager[Any]],
-                 cached_scaling_factor: float = 0.0) -> None:
+                 cached_scaling_factor: float = 0.0, offload: FrozenOffload | None = None) -> None:
         self.components, self.device, self.weight_dtype = components, device, weight_dtype
         self.frozen_text_encoders, self.autocast = frozen_text_encoders, autocast
         self.cached_scaling_factor = cached_scaling_factor  # of the VAE that made cached latents
+        self.offload = offload  # model.offload_frozen: the VAE / encoders visit the device only to encode
+
+    def frozen_on_device(self) -> AbstractContextManager[None]:
+        """The offloaded VAE and text encoders on the device for a whole block (a validation round)."""
+        return maybe_on_device(self.offload, self.components.vae, *self.frozen_text_encoders)
 
     def to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Host-to-device copy that does not make the host wait for the GPU: from pinned memory and
@@ -45,7 +51,8 @@ class Conditioner:
             vae = self.components.vae
             assert vae is not None and batch.pixels is not None
             pixels = pixels_to_unit_range(self.to_device(batch.pixels), self.device, next(vae.parameters()).dtype)
-            dist = vae.encode(pixels).latent_dist
+            with maybe_on_device(self.offload, vae):
+                dist = vae.encode(pixels).latent_dist
             mean, std, scaling = dist.mean, dist.std, vae.config.scaling_factor
         eps = per_sample_normal(tuple(mean.shape[1:]), generators).to(mean.dtype)
         return ((mean + std * eps) * scaling).to(self.weight_dtype)
@@ -61,7 +68,7 @@ class Conditioner:
         encoding = self.components.text_encoding
         input_ids = tokenize(self.components.tokenizers, list(captions), encoding)
         if self.frozen_text_encoders:
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), maybe_on_device(self.offload, *self.frozen_text_encoders):
                 encoded, encoded_pooled = encode_prompts(self.frozen_text_encoders, input_ids,
                                                          self.components.family, encoding)
             return {"hidden_states": encoded, "pooled": encoded_pooled}

@@ -66,6 +66,9 @@ def out_of_memory_advice(cfg: Config, world_size: int, zero_stage: int) -> str:
         tips.append("launch with launch/zero3.yaml (shards the frozen base weights over the GPUs) or "
                     "launch/zero3_offload.yaml")
     tips.append("cache latents and text embeddings ahead of training so the VAE and text encoders stay unloaded")
+    if not cfg.model.offload_frozen:
+        tips.append("model.offload_frozen=true where they cannot be cached (the VAE and frozen text encoders on the "
+                    "GPU only while they encode)")
     return "CUDA ran out of memory. Try, in this order:\n  - " + "\n  - ".join(tips)
 
 

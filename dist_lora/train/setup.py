@@ -26,6 +26,7 @@ from dist_lora.models.quantized_base import QUANTIZED_BASE_DTYPES, quantize_line
 from dist_lora.train.ema import AdapterEMA
 from dist_lora.train.memory import set_attention
 from dist_lora.train.model import AdaptedDenoiser
+from dist_lora.train.offload import FrozenOffload
 from dist_lora.train.optim import (
     OptimizerChoice,
     TrainedParameters,
@@ -51,6 +52,7 @@ class Setup:
     comm: parallel.CommCounter | None = None
     ema: AdapterEMA | None = None  # with ema.decay: the average of trainable_params
     adapter_dropout: AdapterDropout | None = None  # with rank/module dropout: masks drawn by each step
+    offload: FrozenOffload | None = None  # model.offload_frozen: the VAE / frozen encoders held in host memory
 
 
 def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -65,10 +67,14 @@ def _freeze(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None
 def build_setup(cfg: Config, components: Components, accelerator: Accelerator, total_steps: int) -> Setup:
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.training.mixed_precision]
     unet = components.unet
+    # With model.offload_frozen the VAE and text encoders never move to the device whole: they stay in host
+    # memory and visit the device while they encode (text encoders that train are moved below).
+    frozen_home = torch.device("cpu") if cfg.model.offload_frozen else device
     if components.vae is not None:
-        _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, device)
-    for module in [unet, *components.text_encoders]:
-        _freeze(module, weight_dtype, device)
+        _freeze(components.vae, torch.float32 if cfg.training.vae_fp32 else weight_dtype, frozen_home)
+    _freeze(unet, weight_dtype, device)
+    for module in components.text_encoders:
+        _freeze(module, weight_dtype, frozen_home)
     # Before the adapters are attached: peft then wraps the fp8 / quantised layers, which stay so underneath.
     if cfg.model.base_dtype == "fp8":
         for module in [unet, *(components.text_encoders if cfg.model.fp8_text_encoders else [])]:
@@ -79,6 +85,9 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     attached = attach_network(unet, components.text_encoders, components.family, cfg.network,
                               cfg.output.format)
     trained_encoders = attached.trained_text_encoders
+    if trained_encoders:  # all of them run inside the trained model (below), on the device
+        for module in components.text_encoders:
+            module.to(device)
     adapter_dropout = None
     if cfg.network.rank_dropout or cfg.network.module_dropout:
         adapter_dropout = AdapterDropout([layer for m in [unet, *trained_encoders] for _, layer in adapter_layers(m)],
@@ -113,10 +122,12 @@ def build_setup(cfg: Config, components: Components, accelerator: Accelerator, t
     lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler, total_steps)
     model, optimizer, comm = parallel.prepare(accelerator, model, optimizer, count_comm=cfg.logging.comm_stats)
     frozen = [] if trained_encoders else list(components.text_encoders)
+    offloaded = [m for m in [components.vae, *frozen] if m is not None]
+    offload = FrozenOffload(offloaded, device) if cfg.model.offload_frozen and offloaded else None
     ema = None
     if cfg.ema.decay > 0:
         names = {id(p): name for name, p in parallel.unwrap(accelerator, model).named_parameters()}
         with parallel.master_weights(accelerator, unet_params + text_params):
             ema = AdapterEMA([(names[id(p)], p) for p in unet_params + text_params], cfg.ema)
     return Setup(components, model, optimizer, lr_scheduler, frozen, weight_dtype, unet_params + text_params, choice,
-                 comm, ema, adapter_dropout)
+                 comm, ema, adapter_dropout, offload)

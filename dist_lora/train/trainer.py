@@ -255,7 +255,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                          run_config=cfg.to_dict(), tensorboard=cfg.logging.tensorboard)
     key_log = SampleKeyLog(pre.run_dir, enabled=w.is_main and cfg.logging.record_sample_keys)
     conditioner = Conditioner(setup.components, accelerator.device, setup.weight_dtype, setup.frozen_text_encoders,
-                              accelerator.autocast, _scaling_factor(pre))
+                              accelerator.autocast, _scaling_factor(pre), setup.offload)
     exporter = AdapterExporter(cfg, pre.manifest, setup, accelerator, started_at=str(int(time.time())))
     hooks: list[StepHook] = [IntermediateSaveHook(cfg, exporter, pre.run_dir)]
     if pre.validation is not None:

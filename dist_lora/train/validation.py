@@ -56,7 +56,7 @@ class ValidationHook:
         # Plain noise over the whole schedule, whatever the training options: losses comparable across runs.
         plain = NoiseOptions(max_timestep=c.noise_scheduler.config.num_train_timesteps)
         totals = torch.zeros(2, device=cond.device)
-        with eval_mode([module]):
+        with eval_mode([module]), cond.frozen_on_device():  # offloaded encoders: once per round, not per batch
             for batch in self.loader.epoch(0):
                 generators = key_generators(self.cfg.training.seed, batch.keys, cond.device)
                 timesteps = draw_timesteps(generators, plain)

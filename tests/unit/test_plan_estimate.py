@@ -80,3 +80,26 @@ def test_memory_sizes_parse(text: str, expected: int) -> None:
 def test_bad_memory_size_names_the_option() -> None:
     with pytest.raises(DistLoraError, match="--gpu-memory 'lots'"):
         parse_memory("lots")
+
+
+def test_offloaded_encoders_are_on_the_gpu_one_phase_at_a_time() -> None:
+    text, vae, encode = 800_000_000 * 2, 80_000_000 * 4, 4 * (GIB + GIB // 2)
+    online = estimate(SIZES, RUN)
+    offloaded = estimate(SIZES, replace(RUN, offload_frozen=True))
+    # The UNet's activations (24 GiB) are the largest phase: the encoders' weights leave the peak entirely.
+    assert online.allocated - offloaded.allocated == text + vae
+    assert _component(offloaded, "VAE weights + encode activations") == vae + encode
+    assert all(c.transient for c in offloaded.components if c.name.startswith(("text encoders", "VAE")))
+    small_unet = replace(SIZES, unet_activations=ActivationBytes(GIB // 16, GIB // 16))
+    plan = estimate(small_unet, replace(RUN, offload_frozen=True))
+    persistent = sum(c.bytes for c in plan.components if not c.transient)
+    assert plan.allocated == persistent + max(text, vae + encode, 4 * GIB // 16)
+
+
+def test_text_that_cannot_be_cached_is_offloaded_in_the_suggestions() -> None:
+    run = replace(RUN, text_cacheable=False, gradient_checkpointing=True)
+    changes = [a.change for a in suggestions(SIZES, run, 4 * GIB)]
+    assert changes[:2] == ["cache latents first (`dist-lora cache`), so the VAE stays unloaded",
+                           "model.offload_frozen=true (text encoders on the GPU only while they encode)"]
+    assert not any("offload" in a.change for a in suggestions(SIZES, replace(RUN, gradient_checkpointing=True),
+                                                              4 * GIB))
