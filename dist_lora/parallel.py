@@ -286,7 +286,7 @@ def nonfinite_gradient_flag(accelerator: Accelerator, params: list[nn.Parameter]
     if uses_deepspeed(accelerator):
         return torch.zeros((), device=device)
     norm = gradient_norm(accelerator, params, max_norm)
-    return (~torch.isfinite(norm)).float().to(device)
+    return (~torch.isfinite(norm)).float().to(device, non_blocking=True)  # already there: a no-op
 
 
 def loss_scaling(accelerator: Accelerator) -> bool:

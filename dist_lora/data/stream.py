@@ -81,7 +81,7 @@ def decode_mask(data: bytes) -> torch.Tensor:
 
 def pixels_to_unit_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [0, 255] -> ``dtype`` in [-1, 1] on ``device``, the VAE's input range."""
-    return pixels.to(device).to(dtype).div(127.5).sub(1.0)
+    return pixels.to(device, non_blocking=True).to(dtype).div(127.5).sub(1.0)
 
 
 @dataclass(frozen=True)

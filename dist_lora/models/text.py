@@ -106,7 +106,8 @@ def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch
     hidden_states: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
     for encoder, ids in zip(text_encoders, input_ids, strict=True):
-        out = encoder(_flat(ids).to(next(encoder.parameters()).device), output_hidden_states=True)
+        # Token ids come from the host: copied without making the host wait for the device.
+        out = encoder(_flat(ids).to(next(encoder.parameters()).device, non_blocking=True), output_hidden_states=True)
         hidden_states.append(_join_chunks(out.hidden_states[-2], batch))
         pooled = out[0]  # after the loop: the second encoder's projected pooled output
     assert pooled is not None

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 
 def alphas_cumprod_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    return alphas_cumprod.to(timesteps.device)[timesteps].float()
+    # Callers keep the schedule on the device (a no-op then); a host copy would be copied without a wait.
+    return alphas_cumprod.to(timesteps.device, non_blocking=True)[timesteps].float()
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

@@ -49,7 +49,7 @@ def _offset_noise(latents: torch.Tensor, generators: list[torch.Generator], opti
     n, channels = latents.shape[:2]
     strength = torch.full((n,), options.offset, device=latents.device)
     if options.offset_random_strength:
-        strength = per_sample_uniform(generators).to(latents.device) * options.offset
+        strength = per_sample_uniform(generators).to(latents.device, non_blocking=True) * options.offset
     strength = strength.view(n, 1, 1, 1)
     if options.adaptive_scale:
         channel_mean = latents.float().mean(dim=(2, 3), keepdim=True).abs()
@@ -79,9 +79,9 @@ def draw_noise(latents: torch.Tensor, generators: list[torch.Generator],
 
     The two are the same tensor unless input perturbation is on (Ning et al. 2023): the input's noise
     then carries ``ip_noise_gamma`` times a further draw, the target does not."""
-    noise = per_sample_normal(tuple(latents.shape[1:]), generators).to(latents.device)
+    noise = per_sample_normal(tuple(latents.shape[1:]), generators).to(latents.device, non_blocking=True)
     if options.offset > 0:
-        noise = noise + _offset_noise(latents, generators, options).to(noise.device)
+        noise = noise + _offset_noise(latents, generators, options).to(noise.device, non_blocking=True)
     if options.multires_iterations > 0:
         noise = torch.stack([_pyramid(sample, g, options.multires_iterations, options.multires_discount)
                              for sample, g in zip(noise, generators, strict=True)])
@@ -89,6 +89,6 @@ def draw_noise(latents: torch.Tensor, generators: list[torch.Generator],
         return noise, noise
     strength = torch.full((len(generators),), options.ip_gamma, device=noise.device)
     if options.ip_random_strength:
-        strength = per_sample_uniform(generators).to(noise.device) * options.ip_gamma
-    perturbation = per_sample_normal(tuple(latents.shape[1:]), generators).to(noise.device)
+        strength = per_sample_uniform(generators).to(noise.device, non_blocking=True) * options.ip_gamma
+    perturbation = per_sample_normal(tuple(latents.shape[1:]), generators).to(noise.device, non_blocking=True)
     return noise, noise + strength.view(-1, 1, 1, 1) * perturbation

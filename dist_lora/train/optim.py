@@ -69,8 +69,10 @@ def _construct(kind: str, groups: list[dict[str, Any]], kwargs: dict[str, Any]) 
     if kind in _BITSANDBYTES:
         import bitsandbytes as bnb
 
+        from dist_lora.train.bnb_step import without_per_parameter_sync
+
         name = _BITSANDBYTES[kind]
-        return getattr(bnb.optim, name)(groups, **kwargs), f"bitsandbytes.optim.{name}"
+        return without_per_parameter_sync(getattr(bnb.optim, name)(groups, **kwargs)), f"bitsandbytes.optim.{name}"
     if kind == "adamw":
         return torch.optim.AdamW(groups, **kwargs), "torch.optim.AdamW"
     if kind == "lion_torch":

@@ -1,9 +1,18 @@
-"""Runs `dist-lora train` with every host read of a tensor and every Python-level collective counted.
+"""Runs `dist-lora train` with every host-device synchronisation and every Python-level collective counted.
 
 Launched as a script (plain, or under `accelerate launch`); writes ``$COUNT_SYNCS_OUT/rank<R>.json``:
-one entry per optimizer step with the reads and collectives made since the previous step ended, and
-where each read came from. DDP's own gradient all-reduce runs in C++ and is not counted: it is the
-step's work, not an overhead.
+one entry per optimizer step with the synchronisations and collectives made since the previous step
+ended, and where each came from. DDP's own gradient all-reduce runs in C++ and is not counted: it is
+the step's work, not an overhead.
+
+Counted as synchronisations, what CUDA's sync-debug mode (``torch.cuda.set_sync_debug_mode``) reports
+on a GPU, caught here on the CPU by what the code calls rather than by what a device did:
+- reads of a tensor on the host (``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``.numpy()``, ``.cpu()``);
+- blocking copies to a device (``.to(device)``, ``.to(tensor)``, ``.cuda()``, ``.copy_()`` without
+  ``non_blocking=True``): on a GPU each one waits for the stream (the training device is the CPU here, so
+  any ``.to`` that names a device counts, whatever that device is);
+- explicit waits: ``torch.cuda.synchronize``, ``Stream.synchronize``, ``Event.synchronize``, and
+  bitsandbytes' ``sync_gpu`` (a ``torch.cuda.synchronize`` for any tensor on a GPU).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from dist_lora.cli import main
 from dist_lora.train import loop
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+COPIES = ("to", "cuda", "copy_")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "barrier", "reduce", "gather", "gather_object", "scatter",
                "reduce_scatter_tensor")
@@ -54,8 +64,47 @@ def _count(kind: str, name: str, original):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+def _names_a_device(name: str, args: tuple, kwargs: dict) -> bool:  # type: ignore[type-arg]
+    """A blocking copy to a device: ``.cuda()`` / ``.copy_(src)``, or ``.to`` given a device or a tensor (not
+    a dtype alone), without non_blocking=True."""
+    if kwargs.get("non_blocking") or (name == "to" and len(args) > 2 and args[2] is True):
+        return False
+    if name in ("cuda", "copy_"):
+        return name == "cuda" or (isinstance(args[1], torch.Tensor) and args[1].device != args[0].device)
+    targets = [*args[1:2], kwargs.get("device"), kwargs.get("other")]
+    return any(isinstance(t, (torch.device, str, int, torch.Tensor)) and not isinstance(t, bool) for t in targets)
+
+
+def _from_our_side() -> bool:
+    """Called by dist_lora or accelerate directly: libraries' own ``.to(x.device)`` of tensors already there
+    (diffusers' timestep handling) are no copies on a GPU either."""
+    caller = traceback.extract_stack()[-3].filename
+    return "dist_lora" in caller or "accelerate" in caller
+
+
+def _count_copies(name: str, original):  # type: ignore[no-untyped-def]
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if _names_a_device(name, args, kwargs) and _from_our_side():
+            counts["reads"] += 1
+            origins[f"reads {name} {_caller()}"] += 1
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
 for name in READS:
     setattr(torch.Tensor, name, _count("reads", name, getattr(torch.Tensor, name)))
+for name in COPIES:
+    setattr(torch.Tensor, name, _count_copies(name, getattr(torch.Tensor, name)))
+torch.cuda.synchronize = _count("reads", "cuda.synchronize", torch.cuda.synchronize)
+torch.cuda.Stream.synchronize = _count("reads", "Stream.synchronize", torch.cuda.Stream.synchronize)
+torch.cuda.Event.synchronize = _count("reads", "Event.synchronize", torch.cuda.Event.synchronize)
+try:
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    bnb_optimizer.sync_gpu = _count("reads", "bitsandbytes.sync_gpu", bnb_optimizer.sync_gpu)
+except ImportError:
+    pass
 for name in COLLECTIVES:
     setattr(dist, name, _count("collectives", name, getattr(dist, name)))
 
