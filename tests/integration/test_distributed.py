@@ -69,6 +69,21 @@ def test_two_processes_equal_one(launch: str, tiny_models: dict[str, Path], same
     _assert_same_adapter(got, reference)
 
 
+def test_fp8_base_under_zero2_on_two_processes_equals_one(tiny_models: dict[str, Path], same_shards: Path,
+                                                         tmp_path: Path) -> None:
+    """model.base_dtype = 'fp8' under DeepSpeed ZeRO-2: the engine's set-up leaves the one-byte weights as they
+    are, and two processes train the adapter one process trains on the same fp8 base."""
+    def fp8(out: Path, batch_size: int) -> dict:
+        raw = _raw(tiny_models["sd15"], same_shards, out, batch_size=batch_size)
+        raw["model"]["base_dtype"] = "fp8"
+        return raw
+
+    run_training(fp8(tmp_path / "one", 4), tmp_path)
+    run_training(fp8(tmp_path / "two", 2), tmp_path, launch="zero2.yaml")
+    one, two = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("one", "two"))
+    _assert_same_adapter(two, one)
+
+
 def test_srun_style_launch_equals_one_process(tiny_models: dict[str, Path], same_shards: Path,
                                               reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
     """What slurm/train.sbatch does: each task runs `python -m dist_lora.train` itself with RANK,

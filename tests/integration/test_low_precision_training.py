@@ -28,9 +28,18 @@ def _raw(model: Path, shards: Path, out: Path, model_options: dict, **checkpoint
     return raw
 
 
+@pytest.fixture(scope="module")
+def full_precision(tiny_models: dict[str, Path], shapes_shards: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The same run on the full-precision base: the adapter file every low-precision run is held against."""
+    out = tmp_path_factory.mktemp("full")
+    return load_file(str(train(config_from_dict(_raw(tiny_models["sdxl"], shapes_shards, out, {}))).adapter_path))
+
+
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_a_low_precision_base_trains_resumes_bitwise_and_exports_the_same_keys(
-        base: str, tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path) -> None:
+        base: str, tiny_models: dict[str, Path], shapes_shards: Path, tmp_path: Path,
+        full_precision: dict[str, torch.Tensor]) -> None:
     model, options = tiny_models["sdxl"], BASES[base]
     straight = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "straight", options)))
     assert straight.model is not None
@@ -42,8 +51,7 @@ def test_a_low_precision_base_trains_resumes_bitwise_and_exports_the_same_keys(
     assert resumed.steps == 6
     a, b = load_file(str(tmp_path / "split" / "adapter.safetensors")), load_file(str(straight.adapter_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full = train(config_from_dict(_raw(model, shapes_shards, tmp_path / "full", {})))
-    exported = load_file(str(full.adapter_path))
+    exported = full_precision
     assert exported.keys() == b.keys()
     assert all(exported[k].shape == b[k].shape and exported[k].dtype == b[k].dtype for k in b)
     # The run trained a different (rounded) base, so its adapter is close to, not equal to, the full one.
