@@ -41,7 +41,10 @@ class ActivationBytes:
     """Bytes saved for backward by one sample's forward, without and with activation checkpointing."""
 
     plain: int
-    checkpointed: int
+    checkpointed: int  # the peak of a checkpointed backward pass
+    # Of ``checkpointed``: what the peak holds beyond what the forward pass kept (each unit's inputs and
+    # what runs outside the units): the unit being recomputed and the gradient flowing through it.
+    recomputed: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class _SavedTensorLedger:
         self.total = 0
         self.unit_saved: list[int] = []
         self.unit_inputs: list[int] = []
+        self.kept_before: list[int] = []  # checkpointed: bytes the forward pass keeps when each unit starts
         self._unit_start: list[int] = []
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -124,6 +128,7 @@ class _SavedTensorLedger:
         return handles
 
     def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.kept_before.append(self.total - sum(self.unit_saved) + sum(self.unit_inputs))
         self._unit_start.append(self.total)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         self.unit_inputs.append(sum(_nbytes(t) for t in tensors if id(t) not in self.seen))
@@ -134,10 +139,15 @@ class _SavedTensorLedger:
     def activations(self) -> ActivationBytes:
         if not self.unit_saved:
             return ActivationBytes(self.total, self.total)
-        # Checkpointing keeps each unit's inputs instead of its saved tensors, and recomputes one unit
-        # at a time in the backward pass.
-        kept = self.total - sum(self.unit_saved) + sum(self.unit_inputs) + max(self.unit_saved)
-        return ActivationBytes(self.total, min(kept, self.total))
+        # Checkpointing keeps each unit's inputs instead of its saved tensors, and recomputes one unit at a
+        # time in the backward pass, last unit first. By the time unit i is recomputed, everything the
+        # forward pass kept after it has been used and freed: what is alive is what was kept before it,
+        # its inputs, its recomputed saved tensors and the gradient flowing through it (its input's size).
+        kept = self.total - sum(self.unit_saved) + sum(self.unit_inputs)
+        peak = max(before + 2 * inputs + saved
+                   for before, inputs, saved in zip(self.kept_before, self.unit_inputs, self.unit_saved, strict=True))
+        peak = min(max(peak, kept), self.total)
+        return ActivationBytes(self.total, peak, peak - min(kept, peak))
 
 
 def _measure(model: nn.Module, run: Any) -> ActivationBytes:
