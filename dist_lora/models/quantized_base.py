@@ -1,6 +1,7 @@
 """A frozen base with its linear layers quantised by bitsandbytes, adapters on top as in QLoRA.
 
-``nf4``: 4-bit NormalFloat, blocks of 64 weights sharing an fp32 absmax (bitsandbytes ``Linear4bit``);
+``nf4``: 4-bit NormalFloat, blocks of 64 weights sharing an absmax, itself stored in 8 bits with an fp32
+absmax per 256 blocks (bitsandbytes ``Linear4bit``, compress_statistics);
 ``int8``: per-output-row absmax int8 (``Linear8bitLt``, LLM.int8's outlier threshold 6.0). bitsandbytes runs
 both on CUDA and, since 0.45, on the CPU, which is how the tests run them. Convolutions have no such
 kernels: they stay in the compute dtype (the memory plan counts them so).

@@ -16,9 +16,10 @@ GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "lion": 4.0, "lion8bit": 1.0,
                          "prodigy": 16.0, "adafactor": 0.5}
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
-# Bytes per quantised linear weight: nf4 packs two in a byte plus an fp32 absmax per block of 64; int8 is one
+# Bytes per quantised linear weight: nf4 packs two in a byte, plus each block of 64's absmax, itself quantised to
+# one byte with an fp32 absmax per 256 blocks (bitsandbytes' compress_statistics, on by default); int8 is one
 # byte (its fp32 scale per output row is left out: a few KiB).
-QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 # Outside any tensor: the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces. The
 # CUDA context itself (about 0.5 GiB) is not in torch's counters but is in the device's used memory.
 ALLOCATOR_OVERHEAD = 0.05

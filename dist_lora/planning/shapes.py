@@ -72,7 +72,14 @@ class _FlashStyleAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        if q.ndim == 4:
+            # The fused kernels (CUDA flash / memory-efficient, and the CPU flash kernel) write the output
+            # as (batch, tokens, heads, dim) and return it transposed to (batch, heads, tokens, dim): the
+            # caller's transpose back and reshape to (batch, tokens, width) is then a view, not a copy.
+            b, heads, tokens, _ = q.shape
+            out = q.new_empty((b, tokens, heads, v.shape[-1])).transpose(1, 2)
+        else:
+            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, logsumexp)
         return out

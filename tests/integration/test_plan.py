@@ -127,7 +127,7 @@ def test_sdxl_recipe_on_an_fp8_base_plans_within_6_gib(tiny_models: dict[str, Pa
 def test_quantised_plan_counts_the_bytes_the_quantised_unet_holds(base_dtype: str,
                                                                   tiny_models: dict[str, Path]) -> None:
     """The tiny SD 1.5 UNet quantised as training quantises it: its parameters' bytes (packed weights, and for
-    nf4 the fp32 absmax of each block of 64) against the plan's frozen-UNet row."""
+    nf4 the absmax of each block of 64 as bitsandbytes stores it) against the plan's frozen-UNet row."""
     from dist_lora.models.quantized_base import quantize_linears, quantized_layers
     from dist_lora.planning.estimate import RunSettings, estimate
 
@@ -136,8 +136,12 @@ def test_quantised_plan_counts_the_bytes_the_quantised_unet_holds(base_dtype: st
     unet.to(torch.bfloat16).requires_grad_(False)
     quantize_linears(unet, base_dtype, torch.bfloat16, torch.device("cpu"))
     held = sum(p.numel() * p.element_size() for p in unet.parameters())
-    if base_dtype == "nf4":
-        held += sum(layer.weight.quant_state.absmax.numel() * 4 for layer in quantized_layers(unet))
+    if base_dtype == "nf4":  # each block's absmax, and the fp32 absmax of those when they are quantised too
+        for layer in quantized_layers(unet):
+            state = layer.weight.quant_state
+            held += state.absmax.numel() * state.absmax.element_size()
+            if state.nested:
+                held += state.state2.absmax.numel() * state.state2.absmax.element_size()
     run = RunSettings(batch_size=1, gradient_accumulation_steps=1, mixed_precision="bf16", gradient_checkpointing=True,
                       optimizer="adamw8bit", cached_latents=True, cached_text=True, train_text_encoder=False,
                       vae_fp32=True, base_dtype=base_dtype)
