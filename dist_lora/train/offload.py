@@ -20,12 +20,11 @@ from torch import nn
 class FrozenOffload:
     def __init__(self, modules: Sequence[nn.Module], device: torch.device) -> None:
         self.device = device
-        self._modules = list(modules)
         pin = device.type == "cuda"  # pinned pages make the copy asynchronous and at full link speed
         # (owning module, slot name, is a parameter) -> host copy; parameters keep their identity (the
         # optimizer, hooks and peft hold them), only their .data is pointed elsewhere.
         self._home: dict[int, list[tuple[nn.Module, str, bool, torch.Tensor]]] = {}
-        for module in self._modules:
+        for module in modules:
             slots = []
             for owner in module.modules():
                 for name, param in owner._parameters.items():
