@@ -56,13 +56,14 @@ from dist_lora.data.shards import Batch  # noqa: E402
 from dist_lora.models.load import Components, load_components  # noqa: E402
 from dist_lora.models.reference import FULL_SIZE, sdxl_pooled_width  # noqa: E402
 from dist_lora.models.tiny import write_tiny_pipeline  # noqa: E402
-from dist_lora.train.checkpoint import TrainPosition  # noqa: E402
 from dist_lora.train.conditioning import Conditioner  # noqa: E402
 from dist_lora.train.loop import TrainingLoop  # noqa: E402
 from dist_lora.train.run_plan import RunPlan  # noqa: E402
 from dist_lora.train.setup import build_setup  # noqa: E402
+from dist_lora.train.state import TrainState  # noqa: E402
 from dist_lora.train.step import StepRunner  # noqa: E402
-from dist_lora.train.tracking import MetricsLog, SampleKeyLog  # noqa: E402
+from dist_lora.train.tracking import SampleKeyLog  # noqa: E402
+from dist_lora.utils.stop_signals import StopSignals  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
 PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -302,15 +303,13 @@ def dist_lora_step(suite: Suite, c: Components, batch: Batch, cfg: Config) -> Ca
     scaling = 0.13025 if c.family == "sdxl" else 0.18215
     conditioner = Conditioner(setup.components, accelerator.device, setup.weight_dtype, setup.frozen_text_encoders,
                               accelerator.autocast, scaling)
-    loop = TrainingLoop(cfg, run_dir, setup, StepRunner(cfg, setup, conditioner, world), accelerator, world,
-                        _LoaderStub(), RunPlan(total, [total]),  # type: ignore[arg-type]
-                        MetricsLog(run_dir, enabled=False, total_steps=total, progress_bar=False),
-                        SampleKeyLog(run_dir, enabled=False))
-    loop.state.position = TrainPosition(0, 0, 0, 0)
+    loop = TrainingLoop(cfg, setup, StepRunner(cfg, setup, conditioner, world), accelerator, world,
+                        _LoaderStub(), RunPlan(total, [total]), TrainState(),  # type: ignore[arg-type]
+                        [], SampleKeyLog(run_dir, enabled=False), StopSignals())
     setup.model.train()
 
     def step() -> None:
-        index = loop.state.position.batch_in_epoch
+        index = loop.state.batch_in_epoch
         loop._micro_step(batch, 0, index)
         loop._end_of_step(0)
 
@@ -490,7 +489,7 @@ def row_e(suite: Suite) -> list[dict[str, Any]]:
         if restore is not None:
             parallel.check_launch, parallel.make_accelerator = restore  # type: ignore[assignment]
     return [{"row": "e_sdxl_fp16_overflow", "scales": scales, "loss_scale_skips": loop.state.loss_scale_skips,
-             "adapters_finite": finite, "losses": loop.state.losses}]
+             "adapters_finite": finite, "losses": loop.losses}]
 
 
 def row_f(suite: Suite) -> list[dict[str, Any]]:

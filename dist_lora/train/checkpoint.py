@@ -1,10 +1,15 @@
-"""Crash-safe training checkpoints.
+"""Crash-safe training checkpoints of named resumable parts.
 
-A checkpoint is a folder ``checkpoints/step-00000040`` holding the adapter parameters, the optimizer
-(or DeepSpeed engine) state, the LR schedule, the data position and every rank's RNG state. It is
-written into a temporary folder, flushed, renamed, and only then marked complete by ``COMPLETE``;
-older checkpoints are pruned only after that. ``resume = "latest"`` ignores anything unmarked, so a
-process killed mid-write leaves the previous checkpoint as the one to resume from.
+The checkpointer knows nothing of what it saves: each part is registered under a name with how it is
+stored, and is a Stateful (``state_dict()`` / ``load_state_dict()``), a per-rank Stateful
+(``load_rank_states()``, each rank writing its own file) or a folder writer (``save_to()`` /
+``load_from()``, for state written by a library, such as a DeepSpeed engine's partitions).
+
+A checkpoint is a folder ``checkpoints/step-00000040`` written into a temporary folder, flushed,
+renamed, and only then marked complete by ``COMPLETE``; older checkpoints are pruned only after that.
+``resume = "latest"`` ignores anything unmarked, so a process killed mid-write leaves the previous
+checkpoint as the one to resume from. No state is gathered to every rank: per-rank parts are one file
+per rank, and a resume on the same layout reads its own file only.
 """
 
 from __future__ import annotations
@@ -13,46 +18,68 @@ import json
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from dist_lora import parallel
-from dist_lora.errors import DistLoraError
+from dist_lora.train.checkpoint_format import (
+    COMPLETE,
+    FORMAT,
+    FORMAT_FILE,
+    RANKS_DIR,
+    CheckpointError,
+    CheckpointReader,
+    SavedRanks,
+    Storage,
+    main_file,
+    rank_file,
+    write_tensors,
+)
+from dist_lora.train.checkpoint_v1 import FormatOneReader, is_format_one
 from dist_lora.utils.files import write_text_atomic
 from dist_lora.utils.stop_signals import signal_hook
 
-if TYPE_CHECKING:
-    from dist_lora.train.ema import AdapterEMA
-
-COMPLETE = "COMPLETE"
-DATA_PROGRESS = "data_progress.json"  # every rank's loader position, in rank order
-RUN_STATE = "run_state.json"  # first loss and earlier resumes, so the summary covers the whole run
 _PREFIX = "step-"
 
 
+@dataclass(frozen=True)
+class CheckpointWorld:
+    """The process group as the checkpointer needs it: no collective beyond a barrier."""
+
+    rank: int
+    size: int
+    barrier: Callable[[], None]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 @dataclass
-class TrainPosition:
-    step: int  # optimizer steps done
-    micro_step: int  # micro-batches done
-    epoch: int
-    batch_in_epoch: int  # micro-batches of `epoch` already consumed
+class _Registered:
+    part: Any
+    storage: Storage
+    optional: bool  # a checkpoint without it resumes; the part's ``missing()`` is called
 
 
-class CheckpointError(DistLoraError):
-    """A checkpoint to resume from is missing or unusable."""
+def open_checkpoint(folder: Path) -> CheckpointReader:
+    if (folder / FORMAT_FILE).is_file():
+        reader = CheckpointReader(folder)
+        if reader.format != FORMAT:
+            raise CheckpointError(f"checkpoint '{folder}' is in checkpoint format {reader.format}; this version of "
+                                  f"dist_lora reads formats 1 and {FORMAT}. Resume it with the dist_lora version "
+                                  f"that wrote it.")
+        return reader
+    if is_format_one(folder):
+        return FormatOneReader(folder)
+    raise CheckpointError(f"'{folder}' is marked {COMPLETE} but holds neither {FORMAT_FILE} nor a format-1 "
+                          f"position.json; it is not a dist_lora checkpoint.")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
+# -- the manager ------------------------------------------------------------------------------------------
 
 def complete_checkpoints(root: Path) -> list[Path]:
     found = [p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and (p / COMPLETE).is_file()]
@@ -74,92 +101,122 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     return path
 
 
-class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int) -> None:
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+class Checkpointer:
+    """Saves and loads the registered parts, in registration order, on every rank alike."""
+
+    def __init__(self, run_dir: Path, keep: int, world: CheckpointWorld) -> None:
         self.root = run_dir / "checkpoints"
-        self.keep = keep
+        self.keep, self.world = keep, world
+        self.parts: dict[str, _Registered] = {}
+        self.last_step = -1  # the step of the newest checkpoint this run wrote or resumed from
+        self.loaded_from: Path | None = None
 
-    def save(self, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any, trained: nn.Module,
-             position: TrainPosition, ema: AdapterEMA | None = None, data_progress: dict[str, Any] | None = None,
-             run_state: dict[str, Any] | None = None) -> Path:
-        """Collective: every rank calls it. Returns the completed folder.
+    def register(self, name: str, part: Any, storage: Storage, optional: bool = False) -> None:
+        if name in self.parts:
+            raise ValueError(f"checkpoint part {name!r} is registered twice")
+        self.parts[name] = _Registered(part, storage, optional)
 
-        ``data_progress`` is this rank's loader position (which samples it consumed this epoch), so a
-        resume skips them without decoding them again."""
-        final = self.root / f"{_PREFIX}{position.step:08d}"
+    def folder_for(self, step: int) -> Path:
+        return self.root / f"{_PREFIX}{step:08d}"
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank calls it, with the same parts. Returns the completed folder."""
+        final = self.folder_for(step)
         staging = self.root / f".tmp-{final.name}"
-        is_main = accelerator.is_main_process
-        if is_main:
+        world = self.world
+        if world.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        rng_states = parallel.gather_to_all(torch.get_rng_state())
-        data_states = parallel.gather_to_all(data_progress)
-        parallel.barrier(accelerator)
-        parallel.save_engine_state(accelerator, model, optimizer, str(staging))
-        params = [p for _, p in _adapter_params(trained)]
-        with parallel.master_weights(accelerator, params):
-            if is_main:
-                save_file({n: p.detach().float().cpu().contiguous() for n, p in _adapter_params(trained)},
-                          str(staging / "adapter_state.safetensors"))
-        parallel.barrier(accelerator)
-        signal_hook(f"checkpoint:{position.step}")
-        if is_main:
-            _crash_hook(position.step)
-            torch.save(lr_scheduler.state_dict(), staging / "lr_scheduler.pt")
-            save_file({f"rank{r}": s for r, s in enumerate(rng_states)}, str(staging / "rng.safetensors"))
-            (staging / "position.json").write_text(json.dumps(asdict(position)))
-            (staging / DATA_PROGRESS).write_text(json.dumps(data_states, ensure_ascii=False))
-            (staging / RUN_STATE).write_text(json.dumps(run_state or {}))
-            if ema is not None:
-                ema.save(staging)
+            (staging / RANKS_DIR).mkdir(parents=True)
+        world.barrier()
+        # Every rank takes every part's state in the same order: a part may gather (ZeRO-3 weights).
+        for name, entry in self.parts.items():
+            self._save_part(name, entry, staging)
+        own = list((staging / RANKS_DIR).glob(f"*-rank{world.rank:05d}.*"))
+        _fsync_files(own)
+        world.barrier()
+        signal_hook(f"checkpoint:{step}")
+        if world.is_main:
+            _crash_hook(step)
+            info = {"format": FORMAT, "step": step, "world_size": world.size,
+                    "parts": {name: entry.storage.value for name, entry in self.parts.items()}}
+            (staging / FORMAT_FILE).write_text(json.dumps(info))
             _fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an earlier crash
             staging.rename(final)
-            write_text_atomic(final / COMPLETE, json.dumps({"step": position.step}))
+            write_text_atomic(final / COMPLETE, json.dumps({"step": step}))
             for old in complete_checkpoints(self.root)[:-self.keep]:
                 shutil.rmtree(old)
-        parallel.barrier(accelerator)
+        world.barrier()
+        self.last_step = step
         return final
 
-    @staticmethod
-    def run_state(folder: Path) -> dict[str, Any]:
-        """The run's history up to the checkpoint (first loss, earlier resumes); {} for older checkpoints."""
-        path = folder / RUN_STATE
-        return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
+    def _save_part(self, name: str, entry: _Registered, staging: Path) -> None:
+        storage, part, world = entry.storage, entry.part, self.world
+        if storage is Storage.FOLDER:
+            part.save_to(staging)
+            return
+        state = part.state_dict()
+        if storage.per_rank:
+            path = staging / rank_file(name, storage, world.rank)
+            if storage is Storage.RANK_JSON:
+                path.write_text(json.dumps(state, ensure_ascii=False))
+            else:
+                write_tensors(state, path)
+            return
+        if not world.is_main:
+            return
+        path = staging / main_file(name, storage)
+        if storage is Storage.MAIN_JSON:
+            path.write_text(json.dumps(state, ensure_ascii=False))
+        elif storage is Storage.MAIN_TENSORS:
+            write_tensors(state, path)
+        else:
+            torch.save(state, path)
 
-    @staticmethod
-    def all_data_progress(folder: Path) -> list[dict[str, Any] | None]:
-        """Every rank's saved loader position, in rank order ([] for checkpoints without one)."""
-        path = folder / DATA_PROGRESS
-        return list(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else []
+    def load(self, folder: Path, names: Iterable[str] | None = None) -> None:
+        """Loads the named registered parts (all of them by default), in registration order."""
+        reader = open_checkpoint(folder)
+        wanted = set(self.parts) if names is None else set(names)
+        unknown = wanted - set(self.parts)
+        if unknown:
+            raise ValueError(f"no checkpoint part registered as {sorted(unknown)}")
+        for name, entry in self.parts.items():
+            if name not in wanted:
+                continue
+            if not reader.has(name):
+                if not entry.optional:
+                    raise CheckpointError(f"checkpoint '{folder}' holds no {name!r} state, which this run needs "
+                                          f"(it holds {sorted(reader.parts)}); resume from a checkpoint of this run.")
+                entry.part.missing(folder)
+                continue
+            try:
+                self._load_part(name, entry, reader)
+            except CheckpointError as exc:
+                raise CheckpointError(f"checkpoint '{folder}', part {name!r}: {exc}") from exc
+        self.last_step = reader.step
+        self.loaded_from = folder
 
-    @staticmethod
-    def position(folder: Path) -> TrainPosition:
-        return TrainPosition(**json.loads((folder / "position.json").read_text()))
-
-    @staticmethod
-    def load(folder: Path, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any,
-             trained: nn.Module) -> TrainPosition:
-        state = load_file(str(folder / "adapter_state.safetensors"))
-        named = dict(_adapter_params(trained))
-        missing = sorted(set(named) - set(state))
-        if missing:
-            raise CheckpointError(f"checkpoint '{folder}' does not match this network: no state for {missing[:3]}.")
-        params = list(named.values())
-        with parallel.full_parameters(accelerator, params), torch.no_grad():
-            for name, param in named.items():
-                param.copy_(state[name].to(param.dtype))
-        parallel.load_engine_state(accelerator, model, optimizer, str(folder))
-        lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-        rng = load_file(str(folder / "rng.safetensors"))
-        key = f"rank{accelerator.process_index}"
-        if key in rng:
-            torch.set_rng_state(rng[key])
-        return CheckpointManager.position(folder)
+    def _load_part(self, name: str, entry: _Registered, reader: CheckpointReader) -> None:
+        storage, part = entry.storage, entry.part
+        if storage is Storage.FOLDER:
+            part.load_from(reader.folder)
+        elif storage.per_rank:
+            part.load_rank_states(SavedRanks(reader, name, storage, self.world.rank))
+        else:
+            part.load_state_dict(reader.read(name, storage))
 
 
-def _adapter_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _fsync_files(paths: list[Path]) -> None:
+    for path in paths:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def _crash_hook(step: int) -> None:

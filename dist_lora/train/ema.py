@@ -5,19 +5,19 @@ when a file is written or samples are rendered from it."""
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dist_lora.config import EmaConfig
+from dist_lora.train.checkpoint_format import CheckpointError
 
-EMA_WEIGHTS = "ema.safetensors"
-EMA_STATE = "ema.json"
+log = logging.getLogger(__name__)
 
 
 class AdapterEMA:
@@ -62,28 +62,25 @@ class AdapterEMA:
             self.average.restore(self.params)
             self.average.temp_stored_params = None
 
-    def save(self, folder: Path) -> None:
-        save_file({name: t.detach().float().cpu().contiguous()
-                   for name, t in zip(self.names, self.average.shadow_params, strict=True)}, str(folder / EMA_WEIGHTS))
-        (folder / EMA_STATE).write_text(json.dumps({"updates": self.average.optimization_step}))
+    # -- a checkpoint part (MAIN_TENSORS) --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**{name: t.detach().float().cpu().contiguous()
+                   for name, t in zip(self.names, self.average.shadow_params, strict=True)},
+                "updates": self.average.optimization_step}
 
-    def load(self, folder: Path) -> bool:
-        """The average saved in a checkpoint folder; False (the average restarts from the current weights)
-        when the checkpoint has none, e.g. one written before ema.decay was set."""
-        if not (folder / EMA_WEIGHTS).is_file():
-            self.average = EMAModel(self.params, decay=self.cfg.decay, foreach=True)
-            return False
-        state = json.loads((folder / EMA_STATE).read_text(encoding="utf-8"))
-        weights = load_file(str(folder / EMA_WEIGHTS))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         if set(weights) != set(self.names):
-            from dist_lora.train.checkpoint import CheckpointError
-
             differ = sorted(set(weights) ^ set(self.names))[:3]
-            raise CheckpointError(f"checkpoint '{folder}' holds an average of another network ({len(weights)} "
-                                  f"tensors, this one has {len(self.names)}; differing: {differ}). Resume with the "
-                                  f"network it was written for.")
+            raise CheckpointError(f"it holds an average of another network ({len(weights)} tensors, this one has "
+                                  f"{len(self.names)}; differing: {differ}). Resume with the network it was "
+                                  f"written for.")
         with torch.no_grad():
             for name, shadow in zip(self.names, self.average.shadow_params, strict=True):
                 shadow.copy_(weights[name].to(shadow.dtype))
         self.average.optimization_step = int(state["updates"])
-        return True
+
+    def missing(self, folder: Path) -> None:
+        """A checkpoint without an average (written before ema.decay was set): it restarts from the weights."""
+        log.warning("checkpoint '%s' holds no weight average: ema starts again from the resumed weights", folder)
+        self.average = EMAModel(self.params, decay=self.cfg.decay, foreach=True)

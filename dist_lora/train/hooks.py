@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from dist_lora.adapters.max_norm import NormScaling
+
 
 class Scope(Enum):
     ALL_RANKS = "all ranks"
@@ -37,6 +39,7 @@ class HookContext:
     applied: bool = True  # the step's update was applied (not skipped)
     mean_loss: float = float("nan")
     checkpointed: bool = False  # a hook wrote a checkpoint at this step
+    norm_scaling: NormScaling | None = None  # training.scale_weight_norms at the last applied step
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -32,32 +30,17 @@ from accelerate import Accelerator
 from dist_lora import parallel
 from dist_lora.adapters.max_norm import NormScaling, scale_weight_norms
 from dist_lora.config import Config
-from dist_lora.data.shards import Batch, EpochProgress, ShardLoader
-from dist_lora.train.checkpoint import CheckpointManager, TrainPosition
+from dist_lora.data.shards import Batch, ShardLoader
 from dist_lora.train.guards import FaultInjection, NonFiniteRunError
 from dist_lora.train.hooks import HookContext, HookRunner, Moment, StepHook
-from dist_lora.train.loop_hooks import CheckpointHook, MetricsHook, StopHook
-from dist_lora.train.run_plan import ResumePoint, RunPlan
+from dist_lora.train.run_plan import RunPlan
 from dist_lora.train.setup import Setup
+from dist_lora.train.state import TrainState
 from dist_lora.train.step import StepRunner
-from dist_lora.train.tracking import MetricsLog, SampleKeyLog
+from dist_lora.train.tracking import SampleKeyLog
 from dist_lora.utils.stop_signals import Preempted, StopSignals
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopState:
-    position: TrainPosition = field(default_factory=lambda: TrainPosition(0, 0, 0, 0))
-    losses: list[float] = field(default_factory=list)
-    skipped_steps: int = 0  # updates not applied, for any reason
-    loss_scale_skips: int = 0  # of which the fp16 loss scaler skipped for an overflow
-    consecutive_skips: int = 0
-    last_checkpoint_step: int = -1
-    resumed_from: str = ""
-    first_loss: float | None = None  # of the whole run, carried across resumes
-    norm_scaling: NormScaling | None = None  # of the last applied step, with training.scale_weight_norms
-    resumes: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -69,101 +52,64 @@ class StepOutcome:
 
 
 class TrainingLoop:
-    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, runner: StepRunner, accelerator: Accelerator,
-                 world: parallel.World, loader: ShardLoader, plan: RunPlan, metrics: MetricsLog,
-                 key_log: SampleKeyLog, hooks: Sequence[StepHook] = ()) -> None:
-        self.cfg, self.run_dir, self.setup, self.runner = cfg, run_dir, setup, runner
+    """Runs the planned micro-batches from ``state`` on, calling ``hooks`` (in order) around the steps.
+
+    It owns no resumable state of its own: the position and counters are ``state`` (a checkpoint part),
+    and what a hook needs (checkpoints, metrics, stops) the hook was given when it was built."""
+
+    def __init__(self, cfg: Config, setup: Setup, runner: StepRunner, accelerator: Accelerator,
+                 world: parallel.World, loader: ShardLoader, plan: RunPlan, state: TrainState,
+                 hooks: Sequence[StepHook], key_log: SampleKeyLog, signals: StopSignals,
+                 resumed_from: str = "") -> None:
+        self.cfg, self.setup, self.runner = cfg, setup, runner
         self.acc, self.world, self.loader = accelerator, world, loader
+        self.plan, self.state, self.key_log, self.signals = plan, state, key_log, signals
         self.epoch_ends, self.total_steps = plan.epoch_ends, plan.total_steps
-        self.metrics, self.key_log = metrics, key_log
-        self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
-        self.state = LoopState()
+        self.resumed_from = resumed_from
+        self.losses: list[float] = []  # of the steps this process applied
+        self.norm_scaling: NormScaling | None = None  # of the last applied step, with training.scale_weight_norms
         self.faults = FaultInjection(world.rank)
-        self.signals = StopSignals()
         self._loss_sum: torch.Tensor | None = None  # this window's summed loss, on the device
         self._outcome = StepOutcome(float("nan"), True, False, False)
         self.accum = cfg.training.gradient_accumulation_steps
-        self.resume_progress: EpochProgress | None = None
-        # In order: metrics, checkpoints, the given hooks (sampling, ...), then the stop check (which stops on
-        # a checkpoint just made).
-        self.hooks = HookRunner([MetricsHook(self), CheckpointHook(self), *hooks, StopHook(self)], world.is_main)
-
-    # -- resume and checkpoints --------------------------------------------------------------------
-    def resume(self, point: ResumePoint | None) -> None:
-        if point is None:
-            self.metrics.truncate_after(0)
-            self.key_log.truncate_from(0)
-            return
-        s, folder = self.setup, point.folder
-        position = CheckpointManager.load(folder, self.acc, s.model, s.optimizer, s.lr_scheduler,
-                                          parallel.unwrap(self.acc, s.model))
-        if s.ema is not None and not s.ema.load(folder):
-            log.warning("checkpoint '%s' holds no weight average: ema starts again from the resumed weights", folder)
-        self.key_log.truncate_from(position.micro_step)
-        # In this layout's terms: its index into the resumed epoch, and micro-steps counted with this run's
-        # accumulation (a checkpoint is always at a step boundary).
-        position.batch_in_epoch = point.first_batch
-        position.micro_step = position.step * self.accum
-        self.state.position = position
-        self.state.last_checkpoint_step = position.step
-        self.state.resumed_from = str(folder)
-        self.resume_progress = point.progress
-        history = CheckpointManager.run_state(folder)
-        self.state.first_loss = history.get("first_loss")
-        self.state.resumes = [*history.get("resumes", []),
-                              {"step": self.state.position.step, "checkpoint": str(folder),
-                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
-        self.metrics.truncate_after(self.state.position.step)
-        self.metrics.advance(self.state.position.step)
-
-    def checkpoint(self) -> Path:
-        s = self.setup
-        folder = self.checkpoints.save(self.acc, s.model, s.optimizer, s.lr_scheduler,
-                                       parallel.unwrap(self.acc, s.model), self.state.position, s.ema,
-                                       self.loader.progress.to_json(),
-                                       {"first_loss": self.state.first_loss, "resumes": self.state.resumes})
-        self.state.last_checkpoint_step = self.state.position.step
-        return folder
+        self.hooks = HookRunner(list(hooks), world.is_main)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def run(self, signals: StopSignals) -> None:
-        self.signals = signals
+    def run(self) -> None:
         self.setup.model.train()
-        start = replace(self.state.position)
+        start_epoch, already = self.state.epoch, self.state.batch_in_epoch
         # A signal during start-up (loading, resume): every rank agrees, and the run stops before its first
         # step with nothing new to checkpoint.
-        if start.step < self.total_steps and parallel.any_rank(bool(signals.received)):
-            latest = self.state.resumed_from
-            raise Preempted(start.step, latest, signals.received or "another rank was signalled")
-        self.hooks.run(self._context(Moment.START, start.epoch))
-        for epoch in range(start.epoch, len(self.epoch_ends)):
-            already = start.batch_in_epoch if epoch == start.epoch else 0
-            progress = self.resume_progress if epoch == start.epoch else None
-            first = already if progress is not None else 0
+        if self.state.step < self.total_steps and parallel.any_rank(bool(self.signals.received)):
+            raise Preempted(self.state.step, self.resumed_from, self.signals.received or "another rank was signalled")
+        self.hooks.run(self._context(Moment.START, start_epoch))
+        for epoch in range(start_epoch, len(self.epoch_ends)):
+            skip = already if epoch == start_epoch else 0
+            progress = self.plan.resume if epoch == start_epoch else None
+            first = skip if progress is not None else 0
             for index, batch in enumerate(self.loader.epoch(epoch, resume=progress), start=first):
                 if index >= self.epoch_ends[epoch]:
                     break
-                if index < already:
+                if index < skip:
                     continue  # consumed before the checkpoint (replayed: the checkpoint has no data position)
                 synced = self._micro_step(batch, epoch, index)
                 if synced:
                     self._end_of_step(epoch, epoch_finished=index + 1 == self.epoch_ends[epoch])
-        self.hooks.run(self._context(Moment.END, self.state.position.epoch))
+        self.hooks.run(self._context(Moment.END, self.state.epoch))
 
     def _context(self, moment: Moment, epoch: int, epoch_finished: bool = False) -> HookContext:
         outcome = self._outcome
-        return HookContext(moment, self.state.position.step, epoch, self.total_steps, epoch_finished,
+        return HookContext(moment, self.state.step, epoch, self.total_steps, epoch_finished,
                            stop_requested=moment is Moment.STEP and outcome.stop_requested,
-                           applied=outcome.applied, mean_loss=outcome.mean_loss)
+                           applied=outcome.applied, mean_loss=outcome.mean_loss, norm_scaling=self.norm_scaling)
 
     def _micro_step(self, batch: Batch, epoch: int, index: int) -> bool:
-        s, st = self.setup, self.state
-        position = st.position
+        s, state = self.setup, self.state
         if self.cfg.logging.record_sample_keys:
-            self.key_log.write(epoch, position.micro_step, parallel.gather_to_all(batch.keys))
+            self.key_log.write(epoch, state.micro_step, parallel.gather_to_all(batch.keys))
         with self.acc.accumulate(s.model):
-            loss = self.runner.loss(batch, position.step, position.micro_step % self.accum)
-            loss = self.faults.apply(loss, position.step + 1)
+            loss = self.runner.loss(batch, state.step, state.micro_step % self.accum)
+            loss = self.faults.apply(loss, state.step + 1)
             # Always backward, even a non-finite loss: under DDP every rank must join the gradient
             # all-reduce, and DeepSpeed's micro-step counter must stay aligned with ours. Its gradients
             # are discarded below.
@@ -174,8 +120,8 @@ class TrainingLoop:
             if synced:
                 self._outcome = self._optimizer_step()
             s.optimizer.zero_grad(set_to_none=True)
-        position.micro_step += 1
-        position.epoch, position.batch_in_epoch = epoch, index + 1
+        state.micro_step += 1
+        state.epoch, state.batch_in_epoch = epoch, index + 1
         return synced
 
     def _optimizer_step(self) -> StepOutcome:
@@ -200,16 +146,16 @@ class TrainingLoop:
         s, st, cfg = self.setup, self.state, self.cfg
         outcome = self._outcome
         s.lr_scheduler.step()
-        st.position.step += 1
-        step = st.position.step
+        st.step += 1
+        step = st.step
         if outcome.applied:
             st.consecutive_skips = 0
             if cfg.training.scale_weight_norms > 0:
                 # Before any hook: a checkpoint of this step holds the scaled weights.
                 with parallel.editable_master_weights(self.acc, s.trainable_params):
-                    st.norm_scaling = scale_weight_norms(parallel.unwrap(self.acc, s.model),
+                    self.norm_scaling = scale_weight_norms(parallel.unwrap(self.acc, s.model),
                                                          cfg.training.scale_weight_norms)
-            st.losses.append(outcome.mean_loss)
+            self.losses.append(outcome.mean_loss)
             if st.first_loss is None:
                 st.first_loss = outcome.mean_loss
         else:

@@ -1,16 +1,35 @@
-"""The training loop's built-in step hooks: metrics, checkpoints and the stop check."""
+"""The training loop's built-in step hooks: metrics, checkpoints and the stop check. Each is given the
+collaborators it uses (the checkpointer, the train state, its own settings), never the loop."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
 
 from dist_lora import parallel
+from dist_lora.data.shards import DataStats
+from dist_lora.train.checkpoint import Checkpointer
 from dist_lora.train.hooks import EVERY_STEP, HookContext, Moment, Schedule, Scope
-from dist_lora.utils.stop_signals import Preempted
+from dist_lora.train.state import TrainState
+from dist_lora.train.tracking import MetricsLog
+from dist_lora.utils.stop_signals import Preempted, StopSignals
 
-if TYPE_CHECKING:
-    from dist_lora.train.loop import TrainingLoop
+
+@dataclass(frozen=True)
+class MetricsSources:
+    """What a metrics record reads, besides the step's own outcome."""
+
+    log_every: int
+    samples_per_step: int  # batch size x ranks x accumulation
+    data_stats: DataStats  # this rank's loader counters
+    learning_rate: Callable[[], float]
+    optimizer_name: str
+    sum_across_ranks: Callable[[list[int]], list[int]]  # a collective
+    comm: parallel.CommCounter | None = None
+    trainable: tuple[nn.Parameter, ...] = ()
 
 
 class MetricsHook:
@@ -21,8 +40,8 @@ class MetricsHook:
     schedule = Schedule(every_steps=1, at_start=True)
     scope = Scope.ALL_RANKS
 
-    def __init__(self, loop: TrainingLoop) -> None:
-        self.loop = loop
+    def __init__(self, sources: MetricsSources, state: TrainState, metrics: MetricsLog) -> None:
+        self.sources, self.state, self.metrics = sources, state, metrics
         self._step_started = time.perf_counter()
         self._recorded_step = 0  # the step of the last record: counters since then are per-step averages
 
@@ -32,41 +51,38 @@ class MetricsHook:
             self._step_started = now
             self._recorded_step = ctx.step
             return
-        loop, cfg = self.loop, self.loop.cfg
-        if ctx.step % cfg.logging.log_every == 0 or ctx.step == ctx.total_steps or not ctx.applied:
+        src, state = self.sources, self.state
+        if ctx.step % src.log_every == 0 or ctx.step == ctx.total_steps or not ctx.applied:
             elapsed = max(now - self._step_started, 1e-9)
-            samples = cfg.training.batch_size * loop.world.size * loop.accum
-            stats = loop.loader.stats
-            bad, padded = parallel.sum_across_ranks(loop.acc, [stats.bad_records, stats.padded_samples])
-            setup, state = loop.setup, loop.state
-            loop.metrics.log(ctx.step, {"epoch": ctx.epoch, "loss": ctx.mean_loss,
-                                        "lr": setup.lr_scheduler.get_last_lr()[0],
-                                        "steps_per_s": 1.0 / elapsed, "samples_per_s": samples / elapsed,
+            bad, padded = src.sum_across_ranks([src.data_stats.bad_records, src.data_stats.padded_samples])
+            self.metrics.log(ctx.step, {"epoch": ctx.epoch, "loss": ctx.mean_loss, "lr": src.learning_rate(),
+                                        "steps_per_s": 1.0 / elapsed, "samples_per_s": src.samples_per_step / elapsed,
                                         "skipped_steps": state.skipped_steps,
                                         "loss_scale_skips": state.loss_scale_skips,
                                         "data_bad_records": bad, "data_padded_samples": padded,
-                                        "optimizer": setup.optimizer_choice.used,
+                                        "optimizer": src.optimizer_name,
                                         **self._comm_metrics(ctx.step - self._recorded_step),
-                                        **self._norm_metrics()})
+                                        **_norm_metrics(ctx)})
             self._recorded_step = ctx.step
-        loop.metrics.advance()
+        self.metrics.advance()
         self._step_started = now
-
-    def _norm_metrics(self) -> dict[str, float]:
-        """training.scale_weight_norms at the last applied step, under kohya's names."""
-        scaling = self.loop.state.norm_scaling
-        if scaling is None:
-            return {}
-        return {"keys_scaled": int(scaling.modules_scaled.item()), "average_key_norm": scaling.mean_norm.item(),
-                "max_key_norm": scaling.max_norm.item()}
 
     def _comm_metrics(self, steps: int) -> dict[str, int]:
         """Bytes all-reduced per optimizer step, averaged over the ``steps`` since the last record."""
-        setup = self.loop.setup
-        if setup.comm is None:
+        src = self.sources
+        if src.comm is None:
             return {}
-        trainable = sum(p.numel() * p.element_size() for p in setup.trainable_params)
-        return {"allreduce_bytes": setup.comm.take() // max(steps, 1), "trainable_bytes": trainable}
+        trainable = sum(p.numel() * p.element_size() for p in src.trainable)
+        return {"allreduce_bytes": src.comm.take() // max(steps, 1), "trainable_bytes": trainable}
+
+
+def _norm_metrics(ctx: HookContext) -> dict[str, float]:
+    """training.scale_weight_norms at the last applied step, under kohya's names."""
+    scaling = ctx.norm_scaling
+    if scaling is None:
+        return {}
+    return {"keys_scaled": int(scaling.modules_scaled.item()), "average_key_norm": scaling.mean_norm.item(),
+            "max_key_norm": scaling.max_norm.item()}
 
 
 class CheckpointHook:
@@ -75,15 +91,14 @@ class CheckpointHook:
     name = "checkpoint"
     scope = Scope.ALL_RANKS
 
-    def __init__(self, loop: TrainingLoop) -> None:
-        self.loop = loop
-        every = loop.cfg.checkpoint.every_steps
-        self.schedule = Schedule(every_steps=every, at_end=every > 0)
+    def __init__(self, checkpointer: Checkpointer, every_steps: int) -> None:
+        self.checkpointer = checkpointer
+        self.schedule = Schedule(every_steps=every_steps, at_end=every_steps > 0)
 
     def run(self, ctx: HookContext) -> None:
-        if ctx.moment is Moment.END and self.loop.state.last_checkpoint_step == ctx.step:
+        if ctx.moment is Moment.END and self.checkpointer.last_step == ctx.step:
             return
-        self.loop.checkpoint()
+        self.checkpointer.save(ctx.step)
         ctx.checkpointed = True
 
 
@@ -99,20 +114,22 @@ class StopHook:
     schedule = EVERY_STEP
     scope = Scope.ALL_RANKS
 
-    def __init__(self, loop: TrainingLoop) -> None:
-        self.loop = loop
+    def __init__(self, checkpointer: Checkpointer, signals: StopSignals, stop_at_step: int,
+                 any_rank: Callable[[bool], bool] = parallel.any_rank) -> None:
+        self.checkpointer, self.signals, self.any_rank = checkpointer, signals, any_rank
+        self.stop_at_step = stop_at_step
 
     def run(self, ctx: HookContext) -> None:
-        loop, step = self.loop, ctx.step
+        step = ctx.step
         if step >= ctx.total_steps:
             return
         stop = ctx.stop_requested
         if ctx.checkpointed:
-            stop = stop or parallel.any_rank(bool(loop.signals.received))
-        at_step = step == loop.cfg.checkpoint.stop_at_step
+            stop = stop or self.any_rank(bool(self.signals.received))
+        at_step = step == self.stop_at_step
         if not (stop or at_step):
             return
-        reason = loop.signals.received or ("checkpoint.stop_at_step" if at_step else "another rank was signalled")
-        folder = loop.checkpoint() if loop.state.last_checkpoint_step != step else \
-            loop.checkpoints.root / f"step-{step:08d}"
+        reason = self.signals.received or ("checkpoint.stop_at_step" if at_step else "another rank was signalled")
+        checkpointer = self.checkpointer
+        folder = checkpointer.save(step) if checkpointer.last_step != step else checkpointer.folder_for(step)
         raise Preempted(step, str(folder), reason)

@@ -2,64 +2,55 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dist_lora.config import Config
 from dist_lora.data.shards import EpochProgress, ShardLoader
-from dist_lora.train.checkpoint import CheckpointManager, TrainPosition, resolve_resume
+from dist_lora.train.checkpoint import Checkpointer
+from dist_lora.train.data_position import DataPosition
+from dist_lora.train.state import TrainState
 
-log = logging.getLogger(__name__)
+# Loaded before the model is built: the run's length (and with it the LR schedule) depends on them.
+POSITION_PARTS = ("train_state", "data_position")
 
 
 @dataclass(frozen=True)
-class ResumePoint:
+class ResumedAt:
     folder: Path
-    position: TrainPosition
-    # Where this rank's loader continues the stopped epoch (its own position, or the stopped run's sample
-    # position shared out anew on another layout); None: the epoch is replayed from its start.
-    progress: EpochProgress | None
-
-    @property
-    def first_batch(self) -> int:
-        """This layout's index of the first micro-batch the resumed epoch still takes."""
-        return self.progress.batches if self.progress is not None else self.position.batch_in_epoch
+    micro_step: int  # as the stopped run counted it (its accumulation), for truncating its logs
 
 
-def find_resume_point(cfg: Config, run_dir: Path, loader: ShardLoader) -> ResumePoint | None:
-    folder = resolve_resume(cfg.checkpoint.resume, run_dir)
+def restore_position(checkpointer: Checkpointer, folder: Path | None, state: TrainState, data: DataPosition,
+                     accumulation: int) -> ResumedAt | None:
+    """Loads the train state and data position of ``folder`` (None: a fresh start) and puts the position
+    in this layout's terms: its index into the resumed epoch, and micro-steps counted with this run's
+    accumulation (a checkpoint is always at a step boundary)."""
     if folder is None:
         return None
-    position = CheckpointManager.position(folder)
-    saved = CheckpointManager.all_data_progress(folder)
-    progress = loader.continuation(saved, position.epoch, position.batch_in_epoch)
-    if loader.rank == 0:
-        if progress is None:
-            log.warning("checkpoint '%s' holds no sample position usable by this layout of ranks; epoch %d is "
-                        "replayed from its start", folder, position.epoch)
-        elif progress.batches == 0 and progress.used:
-            left = loader.manifest.num_samples_with_repeats - sum(len(k) for k in progress.used.values())
-            log.info("resuming epoch %d on another layout (%d rank(s), was %s) at the stopped run's sample "
-                     "position: %d sample(s) left", position.epoch, loader.world_size,
-                     (saved[0] or {}).get("layout", ["?"])[0], left)
-    return ResumePoint(folder, position, progress)
+    checkpointer.load(folder, POSITION_PARTS)
+    resumed = ResumedAt(folder, state.micro_step)
+    state.batch_in_epoch = data.first_batch
+    state.micro_step = state.step * accumulation
+    state.resumes.append({"step": state.step, "checkpoint": str(folder),
+                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return resumed
 
 
 @dataclass(frozen=True)
 class RunPlan:
     total_steps: int  # optimizer steps at the end of the run
     epoch_ends: list[int]  # per epoch, the micro-batch index (in this layout) where the run leaves it
+    resume: EpochProgress | None = None  # where the loader continues the first epoch; None: from its start
 
 
-def plan_run(cfg: Config, loader: ShardLoader, start: ResumePoint | None = None) -> RunPlan:
+def plan_run(cfg: Config, loader: ShardLoader, start: TrainState, resume: EpochProgress | None = None) -> RunPlan:
     """Steps and per-epoch micro-batches from ``start`` on; every count is a multiple of accumulation."""
     accum = cfg.training.gradient_accumulation_steps
     max_steps, epochs = cfg.training.max_steps, cfg.training.epochs
-    epoch = start.position.epoch if start else 0
-    total = start.position.step if start else 0
-    progress = start.progress if start else None
-    first = start.first_batch if start else 0
+    epoch, total, first = start.epoch, start.step, start.batch_in_epoch
+    progress = resume
     ends = [0] * epoch  # epochs before the start are done
     while True:
         micro = loader.plan(epoch, progress).steps  # planned as a multiple of accum, padded where needed
@@ -68,5 +59,5 @@ def plan_run(cfg: Config, loader: ShardLoader, start: ResumePoint | None = None)
         ends.append(end)
         total += (end - first) // accum
         if (total >= max_steps) if max_steps else (len(ends) >= epochs):
-            return RunPlan(total, ends)
+            return RunPlan(total, ends, resume)
         epoch, first, progress = epoch + 1, 0, None

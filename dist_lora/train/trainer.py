@@ -24,18 +24,24 @@ from dist_lora.errors import DistLoraError
 from dist_lora.models.fp8_base import check_base_dtype
 from dist_lora.models.load import ModelSource, inspect_model_source, load_components
 from dist_lora.models.text import TextEncoding
-from dist_lora.sampling.hook import SampleHook
 from dist_lora.sampling.prompts import SamplePrompt, load_prompts
+from dist_lora.train.checkpoint import Checkpointer, CheckpointWorld, resolve_resume
+from dist_lora.train.checkpoint_format import Storage
+from dist_lora.train.checkpoint_parts import register_training_parts
 from dist_lora.train.conditioning import Conditioner
+from dist_lora.train.data_position import DataPosition
 from dist_lora.train.export import AdapterExporter, IntermediateSaveHook, step_file
 from dist_lora.train.hooks import StepHook
 from dist_lora.train.loop import TrainingLoop
+from dist_lora.train.loop_hooks import CheckpointHook, MetricsHook, MetricsSources, StopHook
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice
 from dist_lora.train.objective import check_objective, training_scheduler
 from dist_lora.train.optim import BITSANDBYTES_OPTIMIZERS
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
-from dist_lora.train.run_plan import find_resume_point, plan_run
+from dist_lora.train.run_plan import POSITION_PARTS, plan_run, restore_position
+from dist_lora.train.sample_hook import SampleHook
 from dist_lora.train.setup import build_setup
+from dist_lora.train.state import TrainState
 from dist_lora.train.step import StepRunner
 from dist_lora.train.tracking import MetricsLog, SampleKeyLog
 from dist_lora.train.validation import ValidationHook, best_validation
@@ -241,8 +247,15 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                          shard_urls=cfg.data.shard_urls, use_latents=pre.use_latents, use_text=pre.use_text,
                          multiple_of=cfg.training.gradient_accumulation_steps, augment=pre.augment,
                          use_masks=pre.use_masks)
-    start = find_resume_point(cfg, pre.run_dir, loader)
-    run_plan = plan_run(cfg, loader, start)
+    state = TrainState()
+    data_position = DataPosition(loader, state)
+    checkpointer = Checkpointer(pre.run_dir, cfg.checkpoint.keep,
+                                CheckpointWorld(w.rank, w.size, lambda: parallel.barrier(accelerator)))
+    checkpointer.register("train_state", state, Storage.MAIN_JSON)
+    checkpointer.register("data_position", data_position, Storage.RANK_JSON, optional=True)
+    resumed = restore_position(checkpointer, resolve_resume(cfg.checkpoint.resume, pre.run_dir), state,
+                               data_position, cfg.training.gradient_accumulation_steps)
+    run_plan = plan_run(cfg, loader, state, data_position.resume)
     total_steps = run_plan.total_steps
     if w.is_main:
         pre.run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,15 +280,31 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
                                  captions=wildcards_only(caption_policy(cfg.data, pre.validation)))
         hooks.append(ValidationHook(cfg, val_loader, setup, conditioner, accelerator, metrics))
     hooks.append(SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics))
-    loop = TrainingLoop(cfg, pre.run_dir, setup, StepRunner(cfg, setup, conditioner, w), accelerator, w, loader,
-                        run_plan, metrics, key_log, hooks=hooks)
+    register_training_parts(checkpointer, accelerator, setup)
+    signals = StopSignals.current()
+    sources = MetricsSources(cfg.logging.log_every,
+                             cfg.training.batch_size * w.size * cfg.training.gradient_accumulation_steps,
+                             loader.stats, lambda: setup.lr_scheduler.get_last_lr()[0], setup.optimizer_choice.used,
+                             lambda values: parallel.sum_across_ranks(accelerator, values), setup.comm,
+                             tuple(setup.trainable_params))
+    # In order: metrics, checkpoints, the other hooks (saves, validation, samples), then the stop check
+    # (which stops on a checkpoint just made).
+    hooks = [MetricsHook(sources, state, metrics), CheckpointHook(checkpointer, cfg.checkpoint.every_steps), *hooks,
+             StopHook(checkpointer, signals, cfg.checkpoint.stop_at_step)]
+    loop = TrainingLoop(cfg, setup, StepRunner(cfg, setup, conditioner, w), accelerator, w, loader, run_plan, state,
+                        hooks, key_log, signals, resumed_from=str(resumed.folder) if resumed else "")
     marker = pre.run_dir / PREEMPTED_MARKER
     if w.is_main:
         marker.unlink(missing_ok=True)
     try:
-        loop.resume(start)
+        if resumed is not None:
+            checkpointer.load(resumed.folder, [name for name in checkpointer.parts if name not in POSITION_PARTS])
+        key_log.truncate_from(resumed.micro_step if resumed else 0)
+        metrics.truncate_after(state.step)
+        if resumed is not None:
+            metrics.advance(state.step)
         try:
-            loop.run(StopSignals.current())
+            loop.run()
         except Preempted as stop:
             # Launchers such as torchrun report any non-zero worker status as a plain failure; the
             # marker tells a job script that this run stopped on purpose and can be resumed.
@@ -287,18 +316,18 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
         # From here the run is complete: a stop signal is remembered and ignored, the exit status stays 0.
         parallel.barrier(accelerator)
         signal_hook("export")
-        exporter.export(pre.adapter_path, loop.state.position.step, loop.state.position.epoch + 1)
+        exporter.export(pre.adapter_path, state.step, state.epoch + 1)
         signal_hook("after_export")
     finally:
         metrics.close()
         key_log.close()
         loader.close()
-    losses = loop.state.losses or [float("nan")]
-    step = loop.state.position.step
-    first_loss = loop.state.first_loss if loop.state.first_loss is not None else losses[0]
+    losses = loop.losses or [float("nan")]
+    step = state.step
+    first_loss = state.first_loss if state.first_loss is not None else losses[0]
     summary = {"steps": step, "first_loss": first_loss, "last_loss": losses[-1], "adapter": str(pre.adapter_path),
-               "skipped_steps": loop.state.skipped_steps, "resumed_from": loop.state.resumed_from,
-               "resumes": loop.state.resumes,
+               "skipped_steps": state.skipped_steps, "resumed_from": loop.resumed_from,
+               "resumes": state.resumes,
                "best_validation": best_validation(pre.run_dir, pre.adapter_path, step,
                                                   lambda s: step_file(pre.run_dir, cfg.output.name, s))}
     if w.is_main:

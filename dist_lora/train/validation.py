@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from dist_lora import parallel
 from dist_lora.config import Config
 from dist_lora.data.shards import ShardLoader
 from dist_lora.train.conditioning import Conditioner
-from dist_lora.train.diffusion import add_noise, key_generators, training_target
+from dist_lora.train.diffusion import key_generators
+from dist_lora.train.diffusion_loss import DiffusionLoss
 from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Schedule, Scope
-from dist_lora.train.losses import mask_weights
 from dist_lora.train.noise import NoiseOptions, draw_noise, draw_timesteps
 from dist_lora.train.setup import Setup
 from dist_lora.train.tracking import MetricsLog, read_validation_log
@@ -52,9 +51,11 @@ class ValidationHook:
         setup, cond = self.setup, self.conditioner
         c = setup.components
         module = parallel.forward_module(self.acc, setup.model)
-        alphas = c.noise_scheduler.alphas_cumprod.to(cond.device)  # once per round, not per batch
-        # Plain noise over the whole schedule, whatever the training options: losses comparable across runs.
-        plain = NoiseOptions(max_timestep=c.noise_scheduler.config.num_train_timesteps)
+        # Plain noise over the whole schedule and the l2 loss, whatever the training options: losses
+        # comparable across runs.
+        num_timesteps = int(c.noise_scheduler.config.num_train_timesteps)
+        plain = NoiseOptions(max_timestep=num_timesteps)
+        objective = DiffusionLoss(c.noise_scheduler.alphas_cumprod.to(cond.device), c.prediction_type, num_timesteps)
         totals = torch.zeros(2, device=cond.device)
         with eval_mode([module]), cond.frozen_on_device():  # offloaded encoders: once per round, not per batch
             for batch in self.loader.epoch(0):
@@ -62,15 +63,14 @@ class ValidationHook:
                 timesteps = draw_timesteps(generators, plain)
                 latents = cond.latents(batch, generators)
                 noise = draw_noise(latents, generators, plain)[0].to(latents.dtype)
-                with self.acc.autocast():
-                    prediction = module(add_noise(latents, noise, timesteps, alphas), timesteps,
-                                        **cond.model_inputs(batch))
-                target = training_target(latents, noise, timesteps, alphas, c.prediction_type)
-                per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
-                if batch.masks is not None:  # as training weighs it (training.masked_loss)
-                    per_element = per_element * mask_weights(cond.to_device(batch.masks),
-                                                             tuple(per_element.shape[-2:]))
-                per_sample = per_element.mean(dim=list(range(1, prediction.ndim)))
+                inputs = cond.model_inputs(batch)
+
+                def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    with self.acc.autocast():
+                        return module(noisy, t, **inputs)  # noqa: B023 - called within this iteration
+
+                masks = cond.to_device(batch.masks) if batch.masks is not None else None  # as training weighs it
+                per_sample = objective.per_sample(denoise, latents, noise, noise, timesteps, masks)
                 weights = cond.to_device(batch.weights)
                 totals += torch.stack([(per_sample * weights).sum(), weights.sum()])
         loss_sum, count = parallel.sum_tensor_across_ranks(self.acc, totals).tolist()

@@ -43,7 +43,9 @@ def test_resume_on_another_world_size_uses_every_sample_once(tiny_models: dict[s
     stopped = run_training(_raw(tiny_models["sdxl"], uneven_shards, run, stop_at_step=2), tmp_path, launch=before,
                            check=False)
     assert stopped.returncode != 0 and json.loads((run / "preempted.json").read_text())["step"] == 2
-    saved = json.loads((run / "checkpoints" / "step-00000002" / "data_progress.json").read_text())
+    # One data-position file per rank, no rank's state gathered to the others.
+    parts = sorted((run / "checkpoints" / "step-00000002" / "ranks").glob("data_position-rank*.json"))
+    saved = [json.loads(path.read_text()) for path in parts]
     assert len(saved) == (2 if before else 1) and all(state["epoch"] == 0 for state in saved)
 
     run_training(_raw(tiny_models["sdxl"], uneven_shards, run, resume="latest"), tmp_path, launch=after)

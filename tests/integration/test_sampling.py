@@ -117,7 +117,7 @@ def test_a_failed_round_is_skipped_and_memory_does_not_grow_over_rounds(
         caplog: pytest.LogCaptureFixture) -> None:
     import gc
 
-    from dist_lora.sampling import hook
+    from dist_lora.train import sample_hook as hook
 
     real_render, real_write = hook.render, hook.SampleHook._write
     rss: list[float] = []
