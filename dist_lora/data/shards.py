@@ -3,16 +3,20 @@
 Equal steps on every rank, and every sample (times its repeats) used exactly once per epoch:
 - shards go to ranks by a greedy balance of their sample counts, in a shard order drawn from
   (seed, epoch) alone, so every rank computes every rank's share from the manifest;
-- every shard holds one bucket, so a rank's batch count is ``sum over buckets of ceil(n / batch_size)``;
+- every shard holds one bucket and its batches are its own, so a rank's batch count is ``sum over its
+  shards of ceil(n / batch_size)``;
 - every rank runs the largest rank's count (rounded up to a multiple of gradient accumulation); what a
   rank lacks is filled with padding samples of loss weight 0, counted in ``padded``. The last batch of a
   bucket is completed the same way. Padding is also what replaces a sample that turns out to be
   unreadable at training time, so a damaged shard never changes a rank's step count (no DDP hang).
-Batches are assembled in the main process (workers only read and decode), so these counts are exact.
+Workers read, batch and decode; the training process takes their batches in a fixed round (worker 0, 1,
+..., skipping finished ones), whatever order they arrive in, so the sequence is the same on every run and
+a resume continues it exactly.
 """
 
 from __future__ import annotations
 
+import base64
 import heapq
 import logging
 import math
@@ -20,6 +24,7 @@ import random
 import shutil
 import tempfile
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +36,17 @@ from torch.utils.data import DataLoader
 from dist_lora.data.augment import Augment, AugmentPolicy
 from dist_lora.data.captions import CaptionPolicy, CaptionTransform
 from dist_lora.data.manifest import MANIFEST_NAME, Manifest, ShardDataError
-from dist_lora.data.stream import EpochMailbox, MailboxStream, RankShardStream, StreamSpec, unpack_chunk
-from dist_lora.data.tar_samples import BadData
+from dist_lora.data.stream import (
+    EpochMailbox,
+    MailboxStream,
+    RankShardStream,
+    StreamSpec,
+    shard_entries,
+    taken_entries,
+    to_runs,
+    unpack_unit,
+)
+from dist_lora.data.tar_samples import BadData, tar_samples
 from dist_lora.utils.stop_signals import ignore_in_worker
 
 log = logging.getLogger(__name__)
@@ -72,11 +86,7 @@ def assign_shards(manifest: Manifest, seed: int, epoch: int, world_size: int,
 
 def rank_batches(manifest: Manifest, shards: list[int], batch_size: int, sizes: list[int] | None = None) -> int:
     sizes = sizes if sizes is not None else shard_sizes(manifest)
-    per_bucket: dict[tuple[int, ...], int] = {}
-    for i in shards:
-        bucket = tuple(manifest.shards[i].get("bucket", (manifest.resolution, manifest.resolution)))
-        per_bucket[bucket] = per_bucket.get(bucket, 0) + sizes[i]
-    return sum(math.ceil(n / batch_size) for n in per_bucket.values())
+    return sum(math.ceil(sizes[i] / batch_size) for i in shards)
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,7 @@ class DataStats:
 
     bad_records: int = 0
     padded_samples: int = 0
-    placeholders: int = 0  # samples passed undecoded because they were consumed before a resume
+    shards_opened: int = 0  # shards the workers opened (a resume opens none it finished before)
     logged: set[tuple[str, str]] = field(default_factory=set)
 
     def bad(self, item: BadData) -> None:
@@ -168,64 +178,87 @@ class DataStats:
             log.warning("skipping bad data in shard %s, sample %s: %s", item.shard, item.key or "-", item.reason)
 
 
-def _shape_key(sample: dict[str, Any]) -> tuple[int, ...]:
-    # From the record, not the tensor, so that resume placeholders (never decoded) group alike.
-    bucket = sample["meta"].get("bucket")
-    if bucket is not None:
-        return tuple(bucket)
-    tensor = sample["latent_mean"] if "latent_mean" in sample else sample["pixels"]
-    return tuple(tensor.shape)
+def _bitmap(indices: set[int]) -> str:
+    """Indices as a bitmap, base64: an entry or a shard costs a bit."""
+    bits = bytearray(max(indices, default=-1) // 8 + 1)
+    for i in indices:
+        bits[i // 8] |= 1 << (i % 8)
+    return base64.b64encode(bytes(bits)).decode("ascii")
+
+
+def _indices(bitmap: str) -> set[int]:
+    return {i * 8 + bit for i, byte in enumerate(base64.b64decode(bitmap)) for bit in range(8) if byte >> bit & 1}
+
+
+@dataclass
+class UsedEntries:
+    """The entries of an epoch some layout of ranks already used: whole shards (by manifest index) and, per
+    shard file, [start, length] runs of entry indices. Kilobytes however many samples: whole shards are
+    a bitmap, and a layout leaves at most one partly read shard per reader."""
+
+    complete: set[int] = field(default_factory=set)
+    partial: dict[str, set[int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"complete": _bitmap(self.complete),
+                "partial": {shard: _bitmap(entries) for shard, entries in sorted(self.partial.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsedEntries:
+        return cls(_indices(data.get("complete", "")),
+                   {str(k): _indices(v) for k, v in data.get("partial", {}).items()})
+
+    def __bool__(self) -> bool:
+        return bool(self.complete or self.partial)
+
+    def counts(self, manifest: Manifest) -> dict[str, int]:
+        """Entries used per shard file."""
+        used = {manifest.shards[i]["file"]: int(manifest.shards[i]["samples_with_repeats"]) for i in self.complete}
+        return {**{shard: len(entries) for shard, entries in self.partial.items()}, **used}
+
+    def add(self, manifest: Manifest, shard: int, entries: set[int]) -> None:
+        file = manifest.shards[shard]["file"]
+        merged = self.partial.pop(file, set()) | entries
+        if len(merged) >= int(manifest.shards[shard]["samples_with_repeats"]):
+            self.complete.add(shard)
+        elif merged:
+            self.partial[file] = merged
 
 
 @dataclass
 class EpochProgress:
-    """Where a rank's loader stands in an epoch; saved in checkpoints.
+    """Where a rank's loader stands in an epoch; saved in checkpoints, some hundred bytes per rank.
 
-    A resume with the same layout (ranks, workers, batch size, seed, accumulation) continues bit for bit
-    and decodes nothing twice (``consumed``, ``last``, ``bad``). A resume on another layout continues at
-    the sample: ``used`` holds, per shard file, every sample key this epoch no longer offers (trained on,
-    failed to decode, or used by an earlier layout), and the new ranks share out the rest."""
+    Per worker: the index (in that worker's list of shards) of the shard it reads, the batches it took
+    from it, and whether its stream has ended; whose batch comes next in the round; the batches yielded
+    (fillers included); and what an earlier layout of ranks used this epoch (``inherited``). The same
+    layout (ranks, workers, batch size, seed, accumulation, shuffle buffer) continues it bit for bit; another
+    layout recomputes from every old rank's position which entries were used and shares out the rest."""
 
     epoch: int = 0
-    batches: int = 0  # batches yielded
-    consumed: list[str] = field(default_factory=list)  # real sample keys of those batches but the last one
-    last: list[str] = field(default_factory=list)  # real sample keys of the last batch with any
-    bad: list[str] = field(default_factory=list)  # sample keys that failed to decode
-    layout: list[int] = field(default_factory=list)  # [world size, workers, batch size, seed, accumulation]
-    used: dict[str, list[str]] = field(default_factory=dict)
+    batches: int = 0
+    layout: list[int] = field(default_factory=list)  # [world size, workers, batch, seed, accumulation, buffer]
+    workers: list[list[int]] = field(default_factory=list)  # per worker [shard index, batches taken, ended]
+    next_worker: int = 0
+    inherited: UsedEntries = field(default_factory=UsedEntries)
 
     def to_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "consumed": self.consumed, "last": self.last,
-                "bad": sorted(set(self.bad)), "layout": self.layout,
-                "used": {shard: sorted(keys) for shard, keys in sorted(self.used.items())}}
+        return {**self.rank_json(), "inherited": self.inherited.to_json()}
+
+    def rank_json(self) -> dict[str, Any]:
+        """The rank's own part, without ``inherited`` (the same on every rank: a checkpoint holds it once)."""
+        return {"epoch": self.epoch, "batches": self.batches, "layout": self.layout, "workers": self.workers,
+                "next_worker": self.next_worker}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EpochProgress:
-        return cls(int(data["epoch"]), int(data["batches"]), list(data["consumed"]), list(data["last"]),
-                   list(data["bad"]), list(data.get("layout", [])),
-                   {str(k): list(v) for k, v in data.get("used", {}).items()})
-
-    def mark_used(self, shard: str, key: str) -> None:
-        self.used.setdefault(shard, []).append(key)
-
-    def inherited(self) -> dict[str, set[str]]:
-        """Per shard file, the keys an earlier layout used: in ``used`` but not in this layout's batches."""
-        own = set(self.consumed) | set(self.last) | set(self.bad)
-        found = {shard: set(keys) - own for shard, keys in self.used.items()}
-        return {shard: keys for shard, keys in found.items() if keys}
+        return cls(int(data["epoch"]), int(data["batches"]), list(data["layout"]),
+                   [list(w) for w in data["workers"]], int(data["next_worker"]),
+                   UsedEntries.from_json(data.get("inherited", {})))
 
 
-def merge_progress(saved: list[dict[str, Any]], epoch: int, layout: list[int]) -> EpochProgress | None:
-    """A start for ``layout`` at the stopped run's sample position, from every old rank's saved position:
-    nothing consumed yet in the new layout, and everything any old rank used left out. None when a rank's
-    position is missing, is for another epoch, or predates ``used`` (the epoch is then replayed)."""
-    if not saved or any(not s or "used" not in s or int(s["epoch"]) != epoch for s in saved):
-        return None
-    used: dict[str, set[str]] = {}
-    for state in saved:
-        for shard, keys in state["used"].items():
-            used.setdefault(shard, set()).update(keys)
-    return EpochProgress(epoch, 0, layout=list(layout), used={shard: sorted(keys) for shard, keys in used.items()})
+def _is_position(state: dict[str, Any] | None, epoch: int) -> bool:
+    return bool(state) and "workers" in state and int(state["epoch"]) == epoch  # type: ignore[index]
 
 
 class ShardLoader:
@@ -258,7 +291,7 @@ class ShardLoader:
 
     @property
     def layout(self) -> list[int]:
-        return [self.world_size, self.num_workers, self.batch_size, self.seed, self.multiple_of]
+        return [self.world_size, self.num_workers, self.batch_size, self.seed, self.multiple_of, self.shuffle_buffer]
 
     def can_resume(self, progress: EpochProgress, epoch: int, batches: int) -> bool:
         """Whether ``progress`` describes this loader at (epoch, batches): same ranks, workers, batch, seed."""
@@ -269,85 +302,186 @@ class ShardLoader:
         layout's batches done, as the checkpoint counts them).
 
         The same layout resumes its own position exactly. Another layout (more or fewer ranks or
-        workers, another batch size) starts at the stopped run's sample position: the samples any old
-        rank used are left out and the new ranks share out the rest. None: replay the epoch (positions
-        from before ``used`` existed)."""
+        workers, another batch size) starts at the stopped run's sample position: the entries any old
+        rank used are left out and the new ranks share out the rest. Positions of checkpoint format 1
+        (sample keys) are read the same way. None: replay the epoch (no usable position)."""
         mine = saved[self.rank] if self.rank < len(saved) else None
-        if mine is not None:
-            progress = EpochProgress.from_json(mine)
+        if _is_position(mine, epoch):
+            progress = EpochProgress.from_json(mine)  # type: ignore[arg-type]
             if self.can_resume(progress, epoch, batches):
                 return progress
-        complete = [state for state in saved if state is not None]
-        return merge_progress(complete, epoch, self.layout) if len(complete) == len(saved) else None
+        if saved and all(_is_position(state, epoch) for state in saved):
+            used = self._used_by([EpochProgress.from_json(state) for state in saved])  # type: ignore[arg-type]
+        elif saved and all(state and "used" in state and int(state["epoch"]) == epoch for state in saved):
+            used = self._used_by_keys(saved)  # type: ignore[arg-type]
+        else:
+            return None
+        return EpochProgress(epoch, 0, self.layout, inherited=used)
+
+    def _used_by(self, positions: list[EpochProgress]) -> UsedEntries:
+        """Every entry the ranks of ``positions`` (one layout, in rank order) used this epoch, recomputed
+        from their plan: shards before each worker's current one whole, the current one by replaying its
+        shuffle on entry indices (no shard is read)."""
+        world, workers, batch, seed, _, buffer = positions[0].layout
+        inherited = positions[0].inherited
+        manifest = self.manifest
+        sizes = shard_sizes(manifest, inherited.counts(manifest))
+        assigned = assign_shards(manifest, seed, positions[0].epoch, world, sizes)
+        used = UsedEntries(set(inherited.complete), {k: set(v) for k, v in inherited.partial.items()})
+        for rank, position in enumerate(positions):
+            lanes = max(1, min(workers, len(assigned[rank])))
+            for worker, (current, taken, ended) in enumerate(position.workers):
+                mine = assigned[rank][worker::lanes]
+                for shard in mine[:len(mine) if ended else current]:
+                    used.complete.add(shard)
+                    used.partial.pop(manifest.shards[shard]["file"], None)
+                if not ended and taken and current < len(mine):
+                    shard = mine[current]
+                    file, entries = manifest.shards[shard]["file"], int(manifest.shards[shard]["samples_with_repeats"])
+                    before = inherited.partial.get(file, set())
+                    used.add(manifest, shard, taken_entries(entries, before, taken, batch, buffer, seed,
+                                                            position.epoch, file))
+        return used
+
+    def _used_by_keys(self, saved: list[dict[str, Any]]) -> UsedEntries:
+        """A format-1 position (the sample keys each rank used) as entry indices: each named shard's
+        samples are read once to number its entries."""
+        keys: dict[str, set[str]] = {}
+        for state in saved:
+            for shard, names in state["used"].items():
+                keys.setdefault(shard, set()).update(names)
+        index = {s["file"]: i for i, s in enumerate(self.manifest.shards)}
+        used = UsedEntries()
+        for file, names in keys.items():
+            if file not in index:
+                continue
+            shard = index[file]
+            samples = tar_samples(self.urls[shard], file, int(self.manifest.shards[shard]["samples"]))
+            numbered = {item["__key__"]: i for i, item in shard_entries(samples, set(), frozenset())
+                        if not isinstance(item, BadData)}  # type: ignore[misc]
+            used.add(self.manifest, shard, {numbered[k] for k in names if k in numbered})
+        return used
 
     def plan(self, epoch: int, progress: EpochProgress | None = None) -> EpochPlan:
         """This rank's plan for ``epoch``; with ``progress``, of the part an earlier layout left over."""
-        used = {shard: len(keys) for shard, keys in progress.inherited().items()} if progress else None
+        used = progress.inherited.counts(self.manifest) if progress else None
         return plan_epoch(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
                           batch_size=self.batch_size, num_workers=self.num_workers, multiple_of=self.multiple_of,
                           used=used, idle_ranks=self.idle_ranks)
 
-    def stream(self, epoch: int, shard_indices: list[int], resume: EpochProgress | None = None) -> RankShardStream:
-        skip = frozenset(resume.consumed) if resume else frozenset()
-        bad = frozenset(resume.bad) if resume else frozenset()
-        drop = frozenset(k for keys in resume.inherited().values() for k in keys) if resume else frozenset()
-        spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.captions, self.use_latents,
-                          self.use_text, skip, bad, drop, self.augment, self.use_masks)
+    def stream(self, epoch: int, shard_indices: list[int], progress: EpochProgress | None = None) -> RankShardStream:
+        starts = [[shard, taken] for shard, taken, _ in progress.workers] if progress else []
+        drop = {file: to_runs(entries) for file, entries in progress.inherited.partial.items()} if progress else {}
+        spec = StreamSpec(self.seed, epoch, self.rank, self.shuffle_buffer, self.batch_size, self.captions,
+                          self.use_latents, self.use_text, starts, drop, augment=self.augment, use_masks=self.use_masks)
         shards = [(self.urls[i], self.manifest.shards[i]["file"], int(self.manifest.shards[i]["samples"]))
                   for i in shard_indices]
         return RankShardStream(shards, spec)
 
     def epoch(self, epoch: int, resume: EpochProgress | None = None) -> Iterator[Batch]:
         """The epoch's batches; with ``resume`` (saved by ``progress`` at a checkpoint), the batches after
-        those already consumed, identical to the uninterrupted epoch's.
-
-        Consumed samples still pass through the workers, as undecoded placeholders, so every worker's
-        sequence, and with it the interleaving and the bucket grouping, is the same as before."""
+        those already taken, identical to the uninterrupted epoch's. Each worker opens no shard before the
+        one it stopped in, and decodes nothing it took before."""
         plan = self.plan(epoch, resume)
         if resume is not None and not self.can_resume(resume, epoch, resume.batches):
             raise ShardDataError(f"rank {self.rank}: the saved data position (epoch {resume.epoch}, layout "
                                  f"{resume.layout}) is not for epoch {epoch} of this loader (layout {self.layout}).")
-        skip = resume.batches if resume else 0
-        self.progress = EpochProgress(epoch, skip, list(resume.consumed) if resume else [],
-                                      list(resume.last) if resume else [], list(resume.bad) if resume else [],
-                                      self.layout, {k: list(v) for k, v in resume.used.items()} if resume else {})
         workers = min(self.num_workers, len(plan.shard_indices))
-        stream = self.stream(epoch, plan.shard_indices, resume)
-        samples: Iterable[dict[str, Any]] = (
-            (record for chunk in self._worker_loader(stream, workers) for record in unpack_chunk(chunk))
-            if workers else DataLoader(stream, batch_size=None))
-        produced = 0
-        for batch in self._batches(samples, skip):
+        lanes = max(1, workers)
+        fresh = resume is None or not resume.workers
+        self.progress = EpochProgress(epoch, resume.batches if resume else 0, self.layout,
+                                      [[0, 0, 0] for _ in range(lanes)] if fresh else [list(w) for w in resume.workers],
+                                      0 if fresh else resume.next_worker,
+                                      resume.inherited if resume else UsedEntries())
+        if len(self.progress.workers) != lanes:
+            raise ShardDataError(f"rank {self.rank}: the saved data position has {len(self.progress.workers)} "
+                                 f"worker(s) but this epoch reads with {lanes}; resume with the same data.")
+        stream = self.stream(epoch, plan.shard_indices, self.progress)
+        units: Iterable[dict[str, Any]] = (
+            (unpack_unit(unit) for unit in self._worker_loader(stream, workers)) if workers else iter(stream))
+        self._template = None
+        produced = self.progress.batches
+        for unit in self._in_round_order(units):
+            batch = self._batch_of(unit["records"])
             produced += 1
             if produced > plan.steps:
                 raise ShardDataError(f"rank {self.rank} read more than the {plan.steps} batches planned for epoch "
                                      f"{epoch}; the shards in '{self.manifest.root}' do not match {MANIFEST_NAME}.")
-            if produced <= skip:
-                continue  # consumed before the checkpoint: placeholders, or the last consumed batch
-            self._record(batch)
+            if batch is None:  # every entry of the batch failed to decode: a filler takes its place
+                batch = self._filler(epoch)
+            self.progress.batches += 1
             yield batch
-        template = self._template  # the last real batch: fillers copy it with weight 0
-        if template is None and not plan.shard_indices and produced < plan.steps:
-            template = self._filler_template(epoch)  # a resume left this rank nothing to read
         while produced < plan.steps:  # this rank had fewer batches than the busiest rank
-            if template is None:
-                raise ShardDataError(f"rank {self.rank} could read no sample of its shards in epoch {epoch}; see "
-                                     f"the warnings above for the damaged shards.")
             produced += 1
-            self.stats.padded_samples += self.batch_size
-            if produced > skip:
-                self.progress.batches += 1
-                yield Batch([f"pad:{k.removeprefix('pad:')}" for k in template.keys], template.captions,
-                            template.metas, torch.zeros_like(template.weights), template.pixels,
-                            template.latent_mean, template.latent_std, template.hidden, template.pooled,
-                            template.shards, template.masks)
+            self.progress.batches += 1
+            yield self._filler(epoch)
+
+    def _in_round_order(self, units: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The workers' batch units in the fixed round, from the progress's next worker on: whatever order
+        the DataLoader delivers them in, a worker's units wait until its turn (a few at most)."""
+        progress = self.progress
+        lanes = len(progress.workers)
+        waiting: dict[int, deque[dict[str, Any]]] = {w: deque() for w in range(lanes)}
+        source = iter(units)
+        turn = progress.next_worker
+        while any(not ended for _, _, ended in progress.workers):
+            worker = next(w % lanes for w in range(turn, turn + lanes) if not progress.workers[w % lanes][2])
+            while not waiting[worker]:
+                unit = next(source, None)
+                if unit is None:  # the stream ended without its end marker: nothing more will come
+                    waiting[worker].append({"kind": "end", "worker": worker})
+                    break
+                waiting[int(unit["worker"])].append(unit)
+            unit = waiting[worker].popleft()
+            kind = unit["kind"]
+            if kind == "opened":
+                self.stats.shards_opened += 1
+            elif kind == "bad":
+                for record in unit["records"]:
+                    self.stats.bad(record["bad"])
+            elif kind == "end":
+                progress.workers[worker][2] = 1
+                turn = worker + 1
+            else:
+                progress.workers[worker] = [int(unit["shard"]), int(unit["batch"]) + 1, 0]
+                turn = progress.next_worker = (worker + 1) % lanes
+                yield unit
+
+    def _batch_of(self, records: list[dict[str, Any]]) -> Batch | None:
+        """A unit's records as a batch, completed with padding; None when none of them decoded."""
+        samples = []
+        for record in records:
+            if "bad" in record:
+                self.stats.bad(record["bad"])
+            else:
+                samples.append(record)
+        if not samples:
+            return None
+        batch = _padded(samples, self.batch_size) if len(samples) < self.batch_size else \
+            collate(samples, [1.0] * len(samples))
+        self.stats.padded_samples += self.batch_size - len(samples)
+        self._template = batch
+        return batch
+
+    def _filler(self, epoch: int) -> Batch:
+        """A weight-0 copy of the last real batch (or of the epoch's first readable sample)."""
+        template = self._template if self._template is not None else self._filler_template(epoch)
+        if template is None:
+            raise ShardDataError(f"rank {self.rank} could read no sample of its shards in epoch {epoch}; see "
+                                 f"the warnings above for the damaged shards.")
+        self._template = template
+        self.stats.padded_samples += self.batch_size
+        return Batch([f"pad:{k.removeprefix('pad:')}" for k in template.keys], template.captions, template.metas,
+                     torch.zeros_like(template.weights), template.pixels, template.latent_mean, template.latent_std,
+                     template.hidden, template.pooled, template.shards, template.masks)
 
     def _filler_template(self, epoch: int) -> Batch | None:
         """A batch to copy as weight-0 filler, decoded in this process from the epoch's first readable sample."""
         for index in epoch_shard_order(len(self.manifest.shards), self.seed, epoch):
-            for sample in self.stream(epoch, [index]):
-                if "bad" not in sample:
-                    return _padded([sample], self.batch_size)
+            for unit in self.stream(epoch, [index]):
+                samples = [r for r in unit.get("records", []) if "bad" not in r] if unit["kind"] == "batch" else []
+                if samples:
+                    return _padded(samples[:1], self.batch_size)
         return None
 
     def _worker_loader(self, stream: RankShardStream, workers: int) -> DataLoader:  # type: ignore[type-arg]
@@ -360,10 +494,9 @@ class ShardLoader:
             self._remove_mailbox = weakref.finalize(self, shutil.rmtree, folder, True)
         self._mailbox.post(stream)
         if self._loader is None or self._loader.num_workers != workers:
-            # A chunk is a batch's worth of records; two chunks ahead per worker keep a batch ready.
-            self._loader = DataLoader(MailboxStream(self._mailbox, self.batch_size), batch_size=None,
-                                      num_workers=workers, persistent_workers=True, prefetch_factor=2,
-                                      worker_init_fn=ignore_in_worker)
+            # Two units ahead per worker keep a batch ready.
+            self._loader = DataLoader(MailboxStream(self._mailbox), batch_size=None, num_workers=workers,
+                                      persistent_workers=True, prefetch_factor=2, worker_init_fn=ignore_in_worker)
         return self._loader
 
     def close(self) -> None:
@@ -372,59 +505,3 @@ class ShardLoader:
         if self._remove_mailbox is not None:
             self._remove_mailbox()
             self._mailbox = None
-
-    def _record(self, batch: Batch) -> None:
-        progress = self.progress
-        progress.batches += 1
-        real = batch.real_samples
-        if real:
-            progress.consumed += progress.last
-            progress.last = [key for _, key in real]
-            for shard, key in real:
-                progress.mark_used(shard, key)
-
-    def _batches(self, samples: Iterable[dict[str, Any]], skip: int) -> Iterator[Batch]:
-        """Single-bucket batches in arrival order, then each bucket's last one completed with padding.
-
-        Batches of placeholders (consumed before a resume) come out as an empty marker batch that the
-        caller drops; the last consumed batch is decoded, so a padding template exists after a resume."""
-        pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-        self._template = None
-        count = 0
-
-        def emit(group: list[dict[str, Any]], padded: bool) -> Batch:
-            nonlocal count
-            count += 1
-            placeholders = [s for s in group if s.get("placeholder")]
-            if placeholders:
-                if count > skip:
-                    raise ShardDataError(f"rank {self.rank}: the checkpoint's data position does not match the "
-                                         f"shards (sample {placeholders[0]['key']} was consumed before the resume but "
-                                         f"falls in batch {count}); resume with the same data and world size.")
-                return _PLACEHOLDER_BATCH
-            batch = _padded(group, self.batch_size) if padded else collate(group, [1.0] * len(group))
-            if padded:
-                self.stats.padded_samples += int((batch.weights == 0).sum())
-            self._template = batch
-            return batch
-
-        for sample in samples:
-            if "bad" in sample:
-                self.stats.bad(sample["bad"])
-                bad = sample["bad"]
-                if bad.sample_key and bad.sample_key not in self.progress.bad:
-                    self.progress.bad.append(bad.sample_key)
-                    self.progress.mark_used(bad.shard, bad.sample_key)
-                continue
-            self.stats.placeholders += bool(sample.get("placeholder"))
-            group = pending.setdefault(_shape_key(sample), [])
-            group.append(sample)
-            if len(group) == self.batch_size:
-                pending[_shape_key(sample)] = []
-                yield emit(group, padded=False)
-        for group in pending.values():  # the last, incomplete batch of each bucket
-            if group:
-                yield emit(group, padded=True)
-
-
-_PLACEHOLDER_BATCH = Batch([], [], [], torch.zeros(0))

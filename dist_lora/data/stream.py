@@ -1,19 +1,28 @@
-"""The worker side of the loader: one rank's shards read, repeated, shuffled and decoded.
+"""The worker side of the loader: one rank's shards read, repeated, shuffled, batched and decoded.
 
-Runs in DataLoader worker processes. Everything it yields is a sample, a placeholder (a sample
-consumed before a resume, passed on undecoded) or a ``{"bad": BadData}`` record, sent to the training
-process in packed chunks of consecutive records; batching, padding and counting happen there
+Runs in DataLoader worker processes (or in the training process with data.num_workers = 0). Each worker
+reads its shards one after another. A shard's samples, expanded by their repeats in shard order, are
+its *entries*, numbered from 0; they are shuffled through a buffer that never crosses into the next
+shard, by a generator keyed by (seed, epoch, shard), and cut into batches of ``batch_size`` (the last one
+of a shard short, to be padded). So a worker's position is the shard it is in and the batches it has
+taken from it: a resume reads that one shard again up to its position, decoding nothing it skips, and
+opens no shard before it.
+
+What a worker yields are *units*: a batch (its records: samples, or ``{"bad": BadData}`` for an entry
+that failed to decode), bad data found outside any batch (a damaged tar), the opening of a shard, and
+the end of its stream. Batching across workers, padding and counting happen in the training process
 (``shards.py``).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +43,11 @@ MASK_MEMBER = "mask.png"  # the loss weight of each pixel, 8-bit grey (prepare -
 TEXT_MEMBER = "te.safetensors"  # cached text-encoder outputs: "hidden" (and "pooled" for SDXL)
 
 
-def _expand_repeats(items: Iterator[dict[str, Any] | BadData]) -> Iterator[dict[str, Any] | BadData]:
+def shard_entries(items: Iterator[dict[str, Any] | BadData], dropped: set[int], dropped_keys: frozenset[str],
+                   ) -> Iterator[tuple[int, dict[str, Any]] | BadData]:
+    """A shard's entries in shard order, ``(entry index, sample)``, without those in ``dropped``; damage
+    passes through as BadData (it takes no entry index)."""
+    index = 0
     for item in items:
         if isinstance(item, BadData):
             yield item
@@ -46,10 +59,15 @@ def _expand_repeats(items: Iterator[dict[str, Any] | BadData]) -> Iterator[dict[
             yield BadData(item["__shard__"], item["__key__"], f"unreadable json member: {exc}")
             continue
         for r in range(repeats):
-            yield {**item, "__key__": f"{item['__key__']}#{r}", "__source_key__": item["__key__"], "meta": meta}
+            key = f"{item['__key__']}#{r}"
+            if index not in dropped and key not in dropped_keys:
+                yield index, {**item, "__key__": key, "__source_key__": item["__key__"], "meta": meta}
+            index += 1
 
 
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+def buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """WebDataset's shuffle buffer: fill to ``size``, then each new item puts out a random one; BadData
+    passes straight through. The order depends on the number of items alone, not their contents."""
     buffer: list[Any] = []
     for item in items:
         if isinstance(item, BadData) or size <= 1:
@@ -60,6 +78,34 @@ def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iter
             yield buffer.pop(rng.randrange(len(buffer)))
     rng.shuffle(buffer)
     yield from buffer
+
+
+def shard_rng(seed: int, epoch: int, shard: str) -> random.Random:
+    return random.Random(f"samples/{seed}/{epoch}/{shard}")
+
+
+def expand_runs(runs: list[list[int]]) -> set[int]:
+    return {i for start, length in runs for i in range(start, start + length)}
+
+
+def to_runs(indices: Iterable[int]) -> list[list[int]]:
+    """Sorted indices as [start, length] runs: a compact record of the entries a shard has used."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return runs
+
+
+def taken_entries(entries: int, dropped: set[int], batches: int, batch_size: int, shuffle_buffer: int, seed: int,
+                  epoch: int, shard: str) -> set[int]:
+    """The entry indices a worker took in its first ``batches`` batches of a shard with ``entries`` entries:
+    the stream's shuffle replayed on the indices alone (no shard is read)."""
+    order = buffer_shuffle((i for i in range(entries) if i not in dropped), shuffle_buffer,
+                           shard_rng(seed, epoch, shard))
+    return set(itertools.islice(order, batches * batch_size))
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -90,14 +136,15 @@ class StreamSpec:
     epoch: int
     rank: int
     shuffle_buffer: int
+    batch_size: int = 1
     captions: CaptionPolicy = CaptionPolicy(CaptionTransform())
     use_latents: bool = False  # read cached VAE posteriors instead of decoding images
     use_text: bool = False  # read cached text-encoder outputs instead of captions for encoding
-    # On resume: samples consumed before the checkpoint pass as placeholders (nothing decoded), and
-    # samples that failed to decode then are reported bad again without a second try.
-    skip_keys: frozenset[str] = frozenset()
-    bad_keys: frozenset[str] = frozenset()
-    # On a resume on another layout of ranks: samples the stopped run trained on this epoch, left out.
+    # A resume: per worker, [shard index in its list, batches of that shard already taken].
+    starts: list[list[int]] = field(default_factory=list)
+    # Entries an earlier layout of ranks used this epoch, left out: per shard file, [start, length] runs;
+    # and by sample key, for positions of checkpoint format 1.
+    drop: dict[str, list[list[int]]] = field(default_factory=dict)
     drop_keys: frozenset[str] = frozenset()
     augment: AugmentPolicy = AugmentPolicy(Augment())
     use_masks: bool = False  # every sample gets a "mask" (all 255 where the data holds none)
@@ -152,7 +199,8 @@ def _augmentation(meta: dict[str, Any], spec: StreamSpec, key: str) -> Draw | No
 
 
 class RankShardStream(IterableDataset):  # type: ignore[type-arg]
-    """One rank's samples for one epoch; DataLoader workers split the rank's shards between them."""
+    """One rank's units for one epoch; DataLoader workers split the rank's shards between them (shard i
+    to worker i mod workers)."""
 
     def __init__(self, shards: list[tuple[str, str, int]], spec: StreamSpec) -> None:
         super().__init__()
@@ -161,27 +209,48 @@ class RankShardStream(IterableDataset):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.shards[worker::workers]
+        yield from self.worker_units(worker, workers)
+
+    def worker_units(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         spec = self.spec
-        rng = random.Random(f"samples/{spec.seed}/{spec.epoch}/{spec.rank}/{worker}")
-        raw = (item for url, name, expected in mine for item in tar_samples(url, name, expected))
-        for item in _buffer_shuffle(_expand_repeats(raw), spec.shuffle_buffer, rng):
+        mine = self.shards[worker::workers]
+        first, done = spec.starts[worker] if worker < len(spec.starts) else (0, 0)
+        for position in range(first, len(mine)):
+            url, name, expected = mine[position]
+            yield {"kind": "opened", "worker": worker, "file": name}
+            yield from self._shard_units(worker, position, url, name, expected, done if position == first else 0)
+        yield {"kind": "end", "worker": worker}
+
+    def _shard_units(self, worker: int, position: int, url: str, name: str, expected: int,
+                     skip: int) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        entries = shard_entries(tar_samples(url, name, expected), expand_runs(spec.drop.get(name, [])),
+                                 spec.drop_keys)
+        pending: list[dict[str, Any]] = []
+        batch = 0
+
+        def unit(entries_of_batch: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"kind": "batch", "worker": worker, "shard": position, "batch": batch,
+                    "records": [self._decoded(item) for item in entries_of_batch]}
+
+        for item in buffer_shuffle(entries, spec.shuffle_buffer, shard_rng(spec.seed, spec.epoch, name)):
             if isinstance(item, BadData):
-                yield {"bad": item}
+                yield {"kind": "bad", "worker": worker, "records": [{"bad": item}]}
                 continue
-            key = item["__key__"]
-            if key in spec.drop_keys:
-                continue
-            if key in spec.skip_keys:
-                yield {"key": key, "meta": item["meta"], "shard": item["__shard__"], "placeholder": True}
-                continue
-            try:
-                if key in spec.bad_keys:
-                    raise ValueError("failed to decode before the checkpoint this run resumed from")
-                yield decode_sample(item, spec)
-            except Exception as exc:  # noqa: BLE001 - any undecodable member is bad data, reported and skipped
-                yield {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}",
-                                      sample_key=key)}
+            pending.append(item[1])
+            if len(pending) == spec.batch_size:
+                if batch >= skip:  # a batch taken before the resume is passed over, nothing decoded
+                    yield unit(pending)
+                pending, batch = [], batch + 1
+        if pending and batch >= skip:
+            yield unit(pending)
+
+    def _decoded(self, item: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return decode_sample(item, self.spec)
+        except Exception as exc:  # noqa: BLE001 - any undecodable member is bad data, reported and skipped
+            return {"bad": BadData(item["__shard__"], item["__source_key__"], f"{type(exc).__name__}: {exc}",
+                                   sample_key=item["__key__"])}
 
 
 class EpochMailbox:
@@ -196,7 +265,6 @@ class EpochMailbox:
         spec = stream.spec
         record = {"shards": [list(s) for s in stream.shards],
                   "spec": {**asdict(spec), "captions": spec.captions.to_json(), "augment": spec.augment.to_json(),
-                           "skip_keys": sorted(spec.skip_keys), "bad_keys": sorted(spec.bad_keys),
                            "drop_keys": sorted(spec.drop_keys)}}
         write_text_atomic(self.path, json.dumps(record, ensure_ascii=False))
 
@@ -205,7 +273,6 @@ class EpochMailbox:
         raw = record["spec"]
         spec = StreamSpec(**{**raw, "captions": CaptionPolicy.from_json(raw["captions"], CaptionTransform),
                              "augment": AugmentPolicy.from_json(raw["augment"], Augment),
-                             "skip_keys": frozenset(raw["skip_keys"]), "bad_keys": frozenset(raw["bad_keys"]),
                              "drop_keys": frozenset(raw["drop_keys"])})
         return RankShardStream([(url, name, int(n)) for url, name, n in record["shards"]], spec)
 
@@ -243,20 +310,27 @@ def unpack_chunk(chunk: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def pack_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """A unit for the hand-off from a worker: its records' tensors packed (``pack_chunk``)."""
+    if "records" not in unit:
+        return unit
+    return {**{k: v for k, v in unit.items() if k != "records"}, "chunk": pack_chunk(unit["records"])}
+
+
+def unpack_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    if "chunk" not in unit:
+        return unit
+    return {**{k: v for k, v in unit.items() if k != "chunk"}, "records": unpack_chunk(unit["chunk"])}
+
+
 class MailboxStream(IterableDataset):  # type: ignore[type-arg]
     """The dataset of a persistent-worker DataLoader: each epoch's iteration reads the mailbox anew and
-    yields its records packed ``chunk_size`` at a time (``unpack_chunk`` restores them in order)."""
+    yields the stream's units, packed (``unpack_unit`` restores them)."""
 
-    def __init__(self, mailbox: EpochMailbox, chunk_size: int) -> None:
+    def __init__(self, mailbox: EpochMailbox) -> None:
         super().__init__()
-        self.mailbox, self.chunk_size = mailbox, chunk_size
+        self.mailbox = mailbox
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        chunk: list[dict[str, Any]] = []
-        for record in self.mailbox.read():
-            chunk.append(record)
-            if len(chunk) == self.chunk_size:
-                yield pack_chunk(chunk)
-                chunk = []
-        if chunk:
-            yield pack_chunk(chunk)
+        for unit in self.mailbox.read():
+            yield pack_unit(unit)

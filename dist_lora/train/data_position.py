@@ -25,26 +25,30 @@ class DataPosition:
     def __init__(self, loader: ShardLoader, state: TrainState) -> None:
         self.loader, self.state = loader, state
         self.resume: EpochProgress | None = None
+        self.inherited: dict[str, Any] = {}  # what an earlier layout used this epoch (loaded before this part)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.progress.to_json()
+        return self.loader.progress.rank_json()
 
     def load_rank_states(self, saved: SavedRanks) -> None:
         loader, epoch = self.loader, self.state.epoch
         own = saved.own()
-        if own is not None:
-            progress = EpochProgress.from_json(own)
+        if own is not None and "workers" in own:
+            progress = EpochProgress.from_json({**own, "inherited": self.inherited})
             if loader.can_resume(progress, epoch, self.state.batch_in_epoch):
                 self.resume = progress
                 return
-        self.resume = loader.continuation(saved.every(), epoch, self.state.batch_in_epoch)
+        every = [{**state, "inherited": self.inherited} if state and "workers" in state else state
+                 for state in saved.every()]
+        self.resume = loader.continuation(every, epoch, self.state.batch_in_epoch)
         if loader.rank != 0:
             return
         if self.resume is None:
             log.warning("the checkpoint holds no sample position usable by this layout of ranks; epoch %d is "
                         "replayed from its start", epoch)
         else:
-            left = loader.manifest.num_samples_with_repeats - sum(len(k) for k in self.resume.used.values())
+            used = sum(self.resume.inherited.counts(loader.manifest).values())
+            left = loader.manifest.num_samples_with_repeats - used
             log.info("resuming epoch %d on another layout (%d rank(s), was %d) at the stopped run's sample "
                      "position: %d sample(s) left", epoch, loader.world_size, saved.world_size, left)
 
@@ -58,3 +62,20 @@ class DataPosition:
     def first_batch(self) -> int:
         """This layout's index of the first micro-batch the resumed epoch still takes."""
         return self.resume.batches if self.resume is not None else self.state.batch_in_epoch
+
+
+class InheritedEntries:
+    """The entries an earlier layout of ranks used in the current epoch: the same on every rank, so the main
+    rank writes it once (MAIN_JSON) and every rank reads it before its own data position."""
+
+    def __init__(self, position: DataPosition) -> None:
+        self.position = position
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.position.loader.progress.inherited.to_json()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position.inherited = dict(state)
+
+    def missing(self, folder: Path) -> None:
+        self.position.inherited = {}  # format 1: its positions name their samples themselves

@@ -13,7 +13,7 @@ from dist_lora.train.data_position import DataPosition
 from dist_lora.train.state import TrainState
 
 # Loaded before the model is built: the run's length (and with it the LR schedule) depends on them.
-POSITION_PARTS = ("train_state", "data_position")
+POSITION_PARTS = ("train_state", "data_inherited", "data_position")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dist_lora.train.checkpoint import Checkpointer, CheckpointWorld, resolve_re
 from dist_lora.train.checkpoint_format import Storage
 from dist_lora.train.checkpoint_parts import register_training_parts
 from dist_lora.train.conditioning import Conditioner
-from dist_lora.train.data_position import DataPosition
+from dist_lora.train.data_position import DataPosition, InheritedEntries
 from dist_lora.train.export import AdapterExporter, IntermediateSaveHook, step_file
 from dist_lora.train.hooks import StepHook
 from dist_lora.train.loop import TrainingLoop
@@ -252,6 +252,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
     checkpointer = Checkpointer(pre.run_dir, cfg.checkpoint.keep,
                                 CheckpointWorld(w.rank, w.size, lambda: parallel.barrier(accelerator)))
     checkpointer.register("train_state", state, Storage.MAIN_JSON)
+    checkpointer.register("data_inherited", InheritedEntries(data_position), Storage.MAIN_JSON, optional=True)
     checkpointer.register("data_position", data_position, Storage.RANK_JSON, optional=True)
     resumed = restore_position(checkpointer, resolve_resume(cfg.checkpoint.resume, pre.run_dir), state,
                                data_position, cfg.training.gradient_accumulation_steps)

@@ -42,13 +42,13 @@ def reference(tiny_models: dict[str, Path], same_shards: Path, tmp_path_factory:
     return load_file(str(tmp / "run" / "adapter.safetensors"))
 
 
-def _assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def _assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 2e-6) -> None:
     assert got.keys() == want.keys()
     # lora_up starts at zero: its size is how far training moved the adapter.
     moved = max(want[k].abs().max().item() for k in want if "lora_up" in k)
     assert moved > 1e-4, "the adapter did not move; the comparison would be vacuous"
     for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=1e-4, msg=key)
+        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=1e-4, msg=key)
 
 
 def test_gradient_accumulation_equals_larger_batch(tiny_models: dict[str, Path], same_shards: Path,
@@ -81,7 +81,9 @@ def test_fp8_base_under_zero2_on_two_processes_equals_one(tiny_models: dict[str,
     run_training(fp8(tmp_path / "one", 4), tmp_path)
     run_training(fp8(tmp_path / "two", 2), tmp_path, launch="zero2.yaml")
     one, two = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("one", "two"))
-    _assert_same_adapter(two, one)
+    # Each layer's fp8 weights are upcast and multiplied in another order on 2 x 2 samples than on 4: up to
+    # 3.1e-6 apart after 3 steps (measured here), against an adapter that moved up to 3e-3.
+    _assert_same_adapter(two, one, atol=5e-6)
 
 
 def test_srun_style_launch_equals_one_process(tiny_models: dict[str, Path], same_shards: Path,

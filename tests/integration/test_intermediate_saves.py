@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def _raw(model: Path, shards: Path, out: Path, **checkpoint: object) -> dict:
-    # 48 samples per epoch in batches of 16: 3 steps per epoch, 9 steps in all.
+    # 48 samples per epoch in 4 shards of 12, in batches of 16: a batch per shard (12 samples and 4 of
+    # padding), 4 steps per epoch, 12 steps in all.
     return tiny_train_config(model, shards, out, training={"batch_size": 16, "max_steps": 0, "epochs": 3},
-                             output={"save_every_steps": 4, "save_every_epochs": 1, "save_last_n": 1},
+                             output={"save_every_steps": 3, "save_every_epochs": 1, "save_last_n": 1},
                              checkpoint={"every_steps": 1, **checkpoint})
 
 
@@ -35,21 +36,21 @@ def test_files_every_n_steps_and_epochs_pruned_loadable_and_resumable(tiny_model
     with pytest.raises(Preempted):
         train(config_from_dict(_raw(model, shapes_shards, run, stop_at_step=5)))
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["adapter-000001.safetensors",
-                                                                 "adapter-step00000004.safetensors"]
+                                                                 "adapter-step00000003.safetensors"]
     train(config_from_dict(_raw(model, shapes_shards, run, resume="latest")))
-    # Steps 4 and 8, epochs 1 (step 3) and 2 (step 6); the last step writes adapter.safetensors instead of
+    # Steps 3, 6 and 9, epochs 1 (step 4) and 2 (step 8); the last step writes adapter.safetensors instead of
     # adapter-000003; save_last_n = 1 keeps the newest file of each kind.
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["adapter-000002.safetensors",
-                                                                 "adapter-step00000008.safetensors",
+                                                                 "adapter-step00000009.safetensors",
                                                                  "adapter.safetensors"]
     by_epoch = _metadata(run / "adapter-000002.safetensors")
-    by_step = _metadata(run / "adapter-step00000008.safetensors")
-    assert (by_epoch["ss_steps"], by_epoch["ss_epoch"]) == ("6", "2")
-    assert (by_step["ss_steps"], by_step["ss_epoch"]) == ("8", "3")
+    by_step = _metadata(run / "adapter-step00000009.safetensors")
+    assert (by_epoch["ss_steps"], by_epoch["ss_epoch"]) == ("8", "2")
+    assert (by_step["ss_steps"], by_step["ss_epoch"]) == ("9", "3")
     assert (_metadata(run / "adapter.safetensors")["ss_steps"], _metadata(run / "adapter.safetensors")["ss_epoch"]) \
-        == ("9", "3")
+        == ("12", "3")
     assert not list(run.glob(".*.tmp"))  # written atomically: no temporary files left
-    for name in ("adapter-000002.safetensors", "adapter-step00000008.safetensors"):
+    for name in ("adapter-000002.safetensors", "adapter-step00000009.safetensors"):
         pipe = DiffusionPipeline.from_pretrained(str(model))
         pipe.load_lora_weights(str(run), weight_name=name)
         assert pipe.get_list_adapters()["unet"]

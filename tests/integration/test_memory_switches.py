@@ -44,7 +44,7 @@ def test_out_of_memory_gives_advice_and_keeps_checkpoint(monkeypatch: pytest.Mon
                             checkpoint={"every_steps": 2})
     trainer.train(config_from_dict(raw))
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
-    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    before = {str(p.relative_to(checkpoint)): p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
 
     def exhausted(*args: object, **kwargs: object) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -55,7 +55,7 @@ def test_out_of_memory_gives_advice_and_keeps_checkpoint(monkeypatch: pytest.Mon
     raw["output"]["overwrite"] = True
     with pytest.raises(OutOfMemory, match=r"(?s)ran out of memory.*gradient_checkpointing=true"):
         trainer.train(config_from_dict(raw))
-    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+    assert {str(p.relative_to(checkpoint)): p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
 
 
 def test_vae_in_training_precision_when_asked(tiny_models: dict[str, Path], shapes_shards: Path,

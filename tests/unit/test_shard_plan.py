@@ -174,8 +174,8 @@ def test_brace_and_pipe_urls_read_the_same_samples(uneven_shards: Path) -> None:
 
 
 def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: Path) -> None:
-    """A loader resumed from a saved position yields exactly the rest of the epoch, and the samples
-    consumed before the stop pass the workers undecoded."""
+    """A loader resumed from a saved position yields exactly the rest of the epoch, reading only the shards
+    its workers had not finished."""
     import shutil
 
     from dist_lora.data.shards import EpochProgress
@@ -210,10 +210,13 @@ def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: P
         for got, want in zip(rest, full[stop:], strict=True):
             assert got.pixels is not None and want.pixels is not None and torch.equal(got.pixels, want.pixels)
             assert torch.equal(got.weights, want.weights)
-        consumed_real = sum(len(b.real_keys) for b in full[:stop])
-        last_real = next(len(b.real_keys) for b in reversed(full[:stop]) if b.real_keys)
-        assert resumed.stats.placeholders == consumed_real - last_real  # only the last consumed batch decoded
+        # Each worker opened only the shard it stopped in and those after it; none it had finished.
+        plan, lanes = resumed.plan(1), len(saved["workers"])
+        expected_open = sum(len(plan.shard_indices[w::lanes]) - current
+                            for w, (current, _, ended) in enumerate(saved["workers"]) if not ended)
+        assert resumed.stats.shards_opened == expected_open
         assert resumed.progress.batches == len(full)
+    assert len(json.dumps(saved)) < 400  # the position is a few numbers, not the consumed sample keys
     # A position saved under another layout (here: 1 worker instead of 2) is not used for a skip.
     other = ShardLoader(damaged, rank=1, world_size=2, batch_size=2, seed=3, num_workers=1, shuffle_buffer=4)
     saved_progress = EpochProgress.from_json(saved)
@@ -371,8 +374,8 @@ def test_a_continued_epoch_resumes_exactly_and_moves_on_again(uneven_shards: Pat
         for batch in loader.epoch(0, resume=progress):
             seen.update(batch.real_keys)
     assert seen == expected_sample_keys(uneven_shards)
-    # Positions saved before sample positions existed, or of another epoch, replay the epoch (None).
-    legacy = [{k: v for k, v in state.items() if k != "used"} for state in again]
+    # Positions without a sample position, or of another epoch, replay the epoch (None).
+    legacy = [{k: v for k, v in state.items() if k != "workers"} for state in again]
     other = _layout_loaders(uneven_shards, 2, 0, 2)[0]
     assert other.continuation(legacy, 0, 3) is None
-    assert other.continuation([EpochProgress(epoch=1, used={"x": ["y"]}).to_json()], 0, 3) is None
+    assert other.continuation([EpochProgress(epoch=1, workers=[[0, 1, 0]]).to_json()], 0, 3) is None
