@@ -180,7 +180,8 @@ class _LoaderStub:
     """What the loop reads from a loader between batches, for batches fed from memory."""
 
     def __init__(self) -> None:
-        from dist_lora.data.shards import DataStats, EpochProgress
+        from dist_lora.data.position import EpochProgress
+        from dist_lora.data.shards import DataStats
 
         self.stats, self.progress = DataStats(), EpochProgress()
 

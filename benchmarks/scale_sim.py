@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from dist_lora.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
-from dist_lora.data.shards import EpochPlan, EpochProgress, ShardLoader, assign_shards, plan_epoch
+from dist_lora.data.position import EpochProgress
+from dist_lora.data.shards import EpochPlan, ShardLoader, assign_shards, plan_epoch
 
 SAMPLES_PER_SHARD = 1000
 SAMPLE_BYTES = 178_000

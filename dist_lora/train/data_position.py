@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dist_lora.data.shards import EpochProgress, ShardLoader
+from dist_lora.data.position import EpochProgress
+from dist_lora.data.shards import ShardLoader
 from dist_lora.train.checkpoint_format import SavedRanks
 from dist_lora.train.state import TrainState
 

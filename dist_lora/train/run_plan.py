@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dist_lora.config import Config
-from dist_lora.data.shards import EpochProgress, ShardLoader
+from dist_lora.data.position import EpochProgress
+from dist_lora.data.shards import ShardLoader
 from dist_lora.train.checkpoint import Checkpointer
 from dist_lora.train.data_position import DataPosition
 from dist_lora.train.state import TrainState

@@ -16,7 +16,8 @@ from torch import nn
 
 from dist_lora import parallel
 from dist_lora.config import Config, config_from_dict
-from dist_lora.data.shards import Batch, EpochProgress
+from dist_lora.data.position import EpochProgress
+from dist_lora.data.shards import Batch
 from dist_lora.train.checkpoint import Checkpointer, CheckpointWorld
 from dist_lora.train.checkpoint_format import Storage
 from dist_lora.train.hooks import HookContext, Schedule, Scope

@@ -178,7 +178,7 @@ def test_resume_mid_epoch_decodes_nothing_twice(uneven_shards: Path, tmp_path: P
     its workers had not finished."""
     import shutil
 
-    from dist_lora.data.shards import EpochProgress
+    from dist_lora.data.position import EpochProgress
 
     damaged = tmp_path / "damaged"  # one undecodable member, so the resume must also replay bad data
     shutil.copytree(uneven_shards, damaged)
@@ -356,7 +356,7 @@ def test_resume_on_another_layout_uses_every_sample_once(uneven_shards: Path, ol
 def test_a_continued_epoch_resumes_exactly_and_moves_on_again(uneven_shards: Path) -> None:
     """Stopped on 2 ranks, continued on 1, stopped again: the same layout resumes that position bit for
     bit; yet another layout (3 ranks) still completes the epoch with every sample once."""
-    from dist_lora.data.shards import EpochProgress
+    from dist_lora.data.position import EpochProgress
 
     seen: Counter[str] = Counter()
     saved = _stop_after(_layout_loaders(uneven_shards, 2, 1, 2), 0, 2, seen=seen)
