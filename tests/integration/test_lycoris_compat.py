@@ -132,9 +132,8 @@ class _LycorisModules:
             module.multiplier = multiplier
 
 
-def _lycoris_apply(c, path: Path, multiplier: float) -> tuple[_LycorisModules, int]:  # type: ignore[no-untyped-def]
-    """Find each file key's module by the name kohya/LyCORIS would give it, build LyCORIS' own module
-    for it from the file's tensors (lycoris.modules.get_module/make_module) and patch it in."""
+def modules_by_name(c) -> dict[str, nn.Module]:  # type: ignore[no-untyped-def]
+    """Every module of the UNet and text encoders under the name kohya/LyCORIS give it."""
     unet = c.unet
     if c.family == "sdxl":  # kohya's SDXL UNet uses SGM names
         layout = UNetLayout.from_config(unet.config)
@@ -144,7 +143,13 @@ def _lycoris_apply(c, path: Path, multiplier: float) -> tuple[_LycorisModules, i
     encoders = [e if hasattr(e, "text_model") else _view({"text_model": e}) for e in c.text_encoders]
     prefixes = [("lora_unet", unet)] + ([("lora_te1", encoders[0]), ("lora_te2", encoders[1])]
                                         if c.family == "sdxl" else [("lora_te", encoders[0])])
-    by_name = {f"{prefix}_{n}".replace(".", "_"): m for prefix, model in prefixes for n, m in model.named_modules()}
+    return {f"{prefix}_{n}".replace(".", "_"): m for prefix, model in prefixes for n, m in model.named_modules()}
+
+
+def _lycoris_apply(c, path: Path, multiplier: float) -> tuple[_LycorisModules, int]:  # type: ignore[no-untyped-def]
+    """Find each file key's module by the name kohya/LyCORIS would give it, build LyCORIS' own module
+    for it from the file's tensors (lycoris.modules.get_module/make_module) and patch it in."""
+    by_name = modules_by_name(c)
     weights = load_file(str(path))
     applied = []
     for lora_name in sorted({k.split(".")[0] for k in weights}):
