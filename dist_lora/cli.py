@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dist_lora.adapter_cli import add_adapter_tool_commands
 from dist_lora.errors import DistLoraError
 
 _USER_ERRORS = (DistLoraError, FileExistsError, PermissionError, NotADirectoryError, FileNotFoundError)
@@ -156,20 +157,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     out = merge_command(args.base, args.lora, args.out, config_dir=args.config_dir,
                         save_precision=args.save_precision, overwrite=args.overwrite)
     print(f"wrote merged model to {out}")
-    return 0
-
-
-def _cmd_resize(args: argparse.Namespace) -> int:
-    from dist_lora.adapters.resize import ResizeRule, resize_file, summary
-
-    rule = ResizeRule(args.rank, args.conv_rank or args.rank, args.dynamic, args.dynamic_param)
-    reports = resize_file(args.input, args.output, rule, save_precision=args.save_precision, base=args.base,
-                          overwrite=args.overwrite)
-    if args.verbose:
-        for report in reports:
-            print(report.line())
-    print(summary(reports))
-    print(f"wrote {args.output}")
     return 0
 
 
@@ -337,25 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=_cmd_merge)
 
-    resize = sub.add_parser("resize", help="re-approximate every module of an adapter file at a new rank by SVD "
-                            "(kohya's resize_lora; LoHa/LoKr are written as LoRA)")
-    resize.add_argument("input", help="adapter .safetensors (ours, kohya's or LyCORIS')")
-    resize.add_argument("output", help="the resized .safetensors")
-    resize.add_argument("--rank", type=int, required=True,
-                        help="new rank; with --dynamic the most any module gets (kohya's --new_rank)")
-    resize.add_argument("--conv-rank", type=int, default=0,
-                        help="new rank of k x k convolutions (kohya's --new_conv_rank; default --rank)")
-    resize.add_argument("--dynamic", choices=["sv_ratio", "sv_fro", "sv_cumulative"], default=None,
-                        help="choose each module's rank from its singular values (kohya's --dynamic_method)")
-    resize.add_argument("--dynamic-param", type=float, default=None,
-                        help="sv_ratio: largest / smallest kept singular value; sv_fro, sv_cumulative: the "
-                             "fraction of the Frobenius norm / of the singular values' sum to keep")
-    resize.add_argument("--base", default=None, help="diffusers folder of the model it was trained on (its "
-                        "unet/config.json only): needed for LyCORIS files of non-standard UNets")
-    resize.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
-    resize.add_argument("--verbose", action="store_true", help="each module's retained energy, as kohya prints it")
-    resize.add_argument("--overwrite", action="store_true")
-    resize.set_defaults(func=_cmd_resize)
+    add_adapter_tool_commands(sub)
 
     sample = sub.add_parser("sample", help="X/Y grid over adapter files x weights x CFG scales with fixed seeds "
                             "(run under accelerate launch to split the cells across processes)")

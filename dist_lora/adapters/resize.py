@@ -92,6 +92,21 @@ def _svd(adapter: ModuleAdapter, shape: tuple[int, ...] | None) -> tuple[torch.T
     return u, s, vh, tuple(delta.shape), 1.0
 
 
+def is_spatial(weight_shape: tuple[int, ...]) -> bool:
+    """A k x k convolution (k > 1): what kohya's conv ranks apply to."""
+    return len(weight_shape) == 4 and weight_shape[2] * weight_shape[3] > 1
+
+
+def lora_tensors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, weight_shape: tuple[int, ...],
+                 scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """LoRA tensors of the rank-``rank`` truncation of U diag(S) Vh (up = U S, down = Vh) that a loader
+    applies at ``scale``: alpha = scale x rank."""
+    up = (u[:, :rank] * s[:rank]).reshape(weight_shape[0], rank, *([1, 1] if len(weight_shape) == 4 else []))
+    down = vh[:rank].reshape(rank, *weight_shape[1:])
+    return {"lora_down.weight": down.float().contiguous(), "lora_up.weight": up.float().contiguous(),
+            "alpha": torch.tensor(scale * rank, dtype=torch.float32)}
+
+
 @dataclass(frozen=True)
 class ModuleReport:
     key: str
@@ -113,13 +128,9 @@ def resize_module(key: str, adapter: ModuleAdapter, rule: ResizeRule,
     """The module as LoRA tensors (``lora_down.weight``, ``lora_up.weight``, ``alpha``, and a DoRA
     magnitude unchanged) at the rank the rule chooses, and what was kept."""
     u, s, vh, weight_shape, scale = _svd(adapter, shape)
-    spatial = len(weight_shape) == 4 and weight_shape[2] * weight_shape[3] > 1
-    rank = chosen_rank(s, rule, rule.conv_rank if spatial else rule.rank)
-    up = (u[:, :rank] * s[:rank]).reshape(weight_shape[0], rank, *([1, 1] if len(weight_shape) == 4 else []))
-    down = vh[:rank].reshape(rank, *weight_shape[1:])
+    rank = chosen_rank(s, rule, rule.conv_rank if is_spatial(weight_shape) else rule.rank)
+    tensors = lora_tensors(u, s, vh, rank, weight_shape, scale)
     alpha = scale * rank
-    tensors = {"lora_down.weight": down.float().contiguous(), "lora_up.weight": up.float().contiguous(),
-               "alpha": torch.tensor(alpha, dtype=torch.float32)}
     if "dora_scale" in adapter.tensors:
         tensors["dora_scale"] = adapter.tensors["dora_scale"].float()
     total, squares = float(s.abs().sum()), float(s.pow(2).sum())
@@ -130,7 +141,7 @@ def resize_module(key: str, adapter: ModuleAdapter, rule: ResizeRule,
     return tensors, report
 
 
-def _family(keys: list[str], metadata: dict[str, str]) -> str:
+def file_family(keys: list[str], metadata: dict[str, str]) -> str:
     if metadata.get("ss_base_model_version", "").startswith("sdxl") or \
             any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
                               "lora_unet_middle_block_")) for k in keys):
@@ -154,7 +165,7 @@ def resize_file(source: str | Path, target: str | Path, rule: ResizeRule, *, sav
         raise DistLoraError(f"output '{target}' is the input file; write the resized file elsewhere.")
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None or any(needs_shape(k, a) for k, a in adapter_file.modules.items()):
-        shapes = weight_shapes(base, _family(list(adapter_file.modules), adapter_file.metadata))
+        shapes = weight_shapes(base, file_family(list(adapter_file.modules), adapter_file.metadata))
     tensors: dict[str, torch.Tensor] = {}
     reports = []
     for key, adapter in sorted(adapter_file.modules.items()):
@@ -171,7 +182,7 @@ def resize_file(source: str | Path, target: str | Path, rule: ResizeRule, *, sav
             raise AdapterFileError(f"adapter file '{source}': module '{key}': {exc}{hint}") from exc
         tensors.update({f"{key}.{suffix}": value for suffix, value in module_tensors.items()})
         reports.append(report)
-    _write(target, tensors, _metadata(adapter_file.metadata, adapter_file.modules, rule, reports), save_precision)
+    write_lora(target, tensors, _metadata(adapter_file.metadata, adapter_file.modules, rule, reports), save_precision)
     return reports
 
 
@@ -202,7 +213,7 @@ def _metadata(old: dict[str, str], modules: dict[str, ModuleAdapter], rule: Resi
     return meta
 
 
-def _write(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], save_precision: str) -> None:
+def write_lora(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], save_precision: str) -> None:
     dtype = SAVE_DTYPES[save_precision]
     cast = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
     bad = [k for k, v in cast.items() if not torch.isfinite(v.float()).all()]
