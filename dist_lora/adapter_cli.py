@@ -43,6 +43,19 @@ def _cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from dist_lora.adapters.extract import ExtractOptions, extract_lora
+
+    options = ExtractOptions(args.rank, args.conv_rank, args.clamp_quantile, args.min_diff, args.preset,
+                             args.config_dir, args.load_precision, args.save_precision, args.overwrite)
+    report = extract_lora(args.base, args.tuned, args.out, options)
+    text = ("text encoders included" if report.text_encoders else
+            f"text encoders left out (largest change {report.largest_text_diff:.3g} <= --min-diff {args.min_diff})")
+    print(f"extracted {report.modules} modules ({report.unchanged} unchanged, not written); {text}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def add_adapter_tool_commands(sub: Any) -> None:
     """Register the commands on the main parser's subparsers."""
     resize = sub.add_parser("resize", help="re-approximate every module of an adapter file at a new rank by SVD "
@@ -84,3 +97,24 @@ def add_adapter_tool_commands(sub: Any) -> None:
     merge_lora.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     merge_lora.add_argument("--overwrite", action="store_true")
     merge_lora.set_defaults(func=_cmd_merge_lora)
+
+    extract = sub.add_parser("extract", help="a LoRA approximating a fine-tune's change to its base, by SVD per "
+                             "module (kohya's extract_lora_from_models)")
+    extract.add_argument("--base", required=True, help="the original model: diffusers folder or .safetensors")
+    extract.add_argument("--tuned", required=True, help="the fine-tuned model: diffusers folder or .safetensors")
+    extract.add_argument("--out", required=True, help="the LoRA .safetensors")
+    extract.add_argument("--rank", type=int, required=True, help="rank of every module (kohya's --dim)")
+    extract.add_argument("--conv-rank", type=int, default=0,
+                         help="extract resnet and sampler convolutions too, at this rank (kohya's --conv_dim)")
+    extract.add_argument("--clamp-quantile", type=float, default=0.99, help="clamp the factors at this quantile "
+                         "(kohya's --clamp_quantile; 1: none)")
+    extract.add_argument("--min-diff", type=float, default=0.01, help="leave the text encoders out unless a weight "
+                         "of theirs changed by more (kohya's --min_diff)")
+    extract.add_argument("--preset", choices=["attn_ff", "attn", "full"], default="attn_ff",
+                         help="the UNet modules to extract (network.preset's meaning)")
+    extract.add_argument("--config-dir", default="", help="diffusers folder with configs for single-file models")
+    extract.add_argument("--load-precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                         help="precision the models load in (auto: as the base's UNet is stored)")
+    extract.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    extract.add_argument("--overwrite", action="store_true")
+    extract.set_defaults(func=_cmd_extract)

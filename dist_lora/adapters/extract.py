@@ -90,8 +90,8 @@ def stored_dtype(source: ModelSource) -> torch.dtype:
         key = next((k for k in handle.keys() if k.startswith(prefix)), None)  # noqa: SIM118
         if key is None:
             raise DistLoraError(f"'{path}' holds no UNet weights (no key starting '{prefix}').")
-        return handle.get_slice(key).get_dtype_torch() if hasattr(handle.get_slice(key), "get_dtype_torch") \
-            else handle.get_tensor(key).dtype
+        stored = handle.get_slice(key).get_dtype()
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
 
 
 def _targets(unet: nn.Module, encoders: list[nn.Module], family: str, options: ExtractOptions
