@@ -180,13 +180,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_import_kohya(args: argparse.Namespace) -> int:
     from dist_lora.importers.kohya_import import import_kohya_config, write_import
 
-    result = import_kohya_config(args.config, args.out, args.dataset_config or None)
+    supplied = {key: value for key, value in (("train_data_dir", args.train_data_dir),
+                                              ("reg_data_dir", args.reg_data_dir),
+                                              ("pretrained_model_name_or_path", args.pretrained),
+                                              ("output_dir", args.output_dir)) if value}
+    result = import_kohya_config(args.config, args.out, args.dataset_config or None, supplied)
     written = write_import(result, args.out, Path(args.config))
     report = result.report
     print(f"{len(report.mapped)} keys mapped, {len(report.no_effect)} without effect here, {len(report.unsupported)} "
           f"unsupported (see {written[2]})")
     for key, value, why in report.unsupported:
         print(f"  unsupported: {key} = {value!r}: {why}")
+    for line in result.missing_lines():
+        print(f"  {line}")
     print(f"recipe: {written[0]}\ndata and training commands: bash {written[1]}")
     return 0
 
@@ -352,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--dataset-config", default="",
                      help="sd-scripts dataset config (TOML with [[datasets]] and [[datasets.subsets]]); default: the "
                           "config's own dataset_config key, if set")
+    imp.add_argument("--train-data-dir", default="", help="training images (kohya's <repeats>_<name> folders): "
+                     "what a kohya_ss preset leaves out; wins over the config's train_data_dir")
+    imp.add_argument("--reg-data-dir", default="", help="regularization images (kohya's reg_data_dir)")
+    imp.add_argument("--pretrained", default="", help="base model (kohya's pretrained_model_name_or_path)")
+    imp.add_argument("--output-dir", default="", help="where runs are written (kohya's output_dir)")
     imp.set_defaults(func=_cmd_import_kohya)
 
     ref = sub.add_parser("config-reference", help="print the config reference (markdown)")

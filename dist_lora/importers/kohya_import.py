@@ -39,6 +39,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 LORA_TYPES = {"standard": "lora", "kohya locon": "locon", "lycoris/locon": "locon", "lycoris/loha": "loha",
               "lycoris/lokr": "lokr"}
 LYCORIS_ALGOS = {"locon": "locon", "lora": "locon", "loha": "loha", "lokr": "lokr"}
+# What a kohya_ss GUI preset leaves out (it carries no paths), and the import-kohya flag that supplies each.
+SUPPLIED_BY_FLAG = {"train_data_dir": "--train-data-dir", "reg_data_dir": "--reg-data-dir",
+                    "pretrained_model_name_or_path": "--pretrained", "output_dir": "--output-dir"}
+# Written where a needed value is missing, so that the recipe is complete but for these marks.
+PLACEHOLDERS = {"train_data_dir": "<TRAIN_DATA_DIR>", "pretrained_model_name_or_path": "<PRETRAINED_MODEL>"}
 _NETWORK_KEYS = {"LoRA_type", "network_module", "network_args", "dora_wd", "algo",
                  "network_train_unet_only", "network_train_text_encoder_only"}
 
@@ -69,6 +74,11 @@ class KohyaImport:
     commands: list[list[str]]  # dist-lora prepare / cache, in order
     report: ImportReport
     dataset: ImportedDataset | None = None  # the dataset config's copy (dataset.toml), if one was given
+    missing: list[str] = field(default_factory=list)  # kohya keys marked with PLACEHOLDERS: the flag fills each
+
+    def missing_lines(self) -> list[str]:
+        return [f"{key} is missing: marked {PLACEHOLDERS[key]} in train.toml and prepare.sh; "
+                f"import again with {SUPPLIED_BY_FLAG[key]} to fill it" for key in self.missing]
 
 
 def read_kohya_file(path: Path) -> dict[str, Any]:
@@ -277,13 +287,40 @@ def _apply_dataset(dataset: ImportedDataset, b: _Builder) -> None:
     b.report.unsupported += dataset.unsupported
 
 
-def import_kohya_config(path: str | Path, out_dir: str | Path,
-                        dataset_config: str | Path | None = None) -> KohyaImport:
-    """Read and map every key, of the dataset config too (nothing is written)."""
+def _supply(keys: dict[str, Any], supplied: dict[str, str], b: _Builder) -> None:
+    """Values given by flag win over the file's (reported), and fill what it leaves out."""
+    for key, value in supplied.items():
+        if key not in SUPPLIED_BY_FLAG:
+            raise ValueError(f"not a key a flag supplies: {key}")
+        if not _is_off(keys.get(key)) and str(keys[key]) != value:
+            b.report.no_effect.append((f"{key} (in the file)", keys[key], f"{SUPPLIED_BY_FLAG[key]} {value} is used "
+                                                                          f"instead"))
+        keys[key] = value
+
+
+def _mark_missing(keys: dict[str, Any], with_dataset: bool) -> list[str]:
+    """The needed values the file and the flags leave out, set to their placeholders."""
+    missing = []
+    if not with_dataset and _is_off(keys.get("train_data_dir")) and _is_off(keys.get("in_json")):
+        missing.append("train_data_dir")
+    if _is_off(keys.get("pretrained_model_name_or_path")):
+        missing.append("pretrained_model_name_or_path")
+    for key in missing:
+        keys[key] = PLACEHOLDERS[key]
+    return missing
+
+
+def import_kohya_config(path: str | Path, out_dir: str | Path, dataset_config: str | Path | None = None,
+                        supplied: dict[str, str] | None = None) -> KohyaImport:
+    """Read and map every key, of the dataset config too (nothing is written). ``supplied``: values of
+    SUPPLIED_BY_FLAG's keys given on the command line; needed ones still missing are marked."""
     path, out_dir = Path(path), Path(out_dir)
     b = _Builder(path)
-    keys = _normalise(read_kohya_file(path), b)
+    raw_keys = read_kohya_file(path)
+    _supply(raw_keys, supplied or {}, b)
+    keys = _normalise(raw_keys, b)
     dataset = _dataset_config(keys, dataset_config, b)
+    missing = _mark_missing(keys, dataset is not None)
     args = _network_args(keys.get("network_args", []), path)
     b.raw.setdefault("network", {})["type"] = _network_type(keys, args, path)
     for key in sorted(_NETWORK_KEYS & keys.keys()):
@@ -336,7 +373,7 @@ def import_kohya_config(path: str | Path, out_dir: str | Path,
                 raise KohyaImportError(f"dataset config '{dataset_config or keys.get('dataset_config')}' turns {key} "
                                        f"on, which changes the images every epoch, but '{path}' caches latents "
                                        f"(sd-scripts refuses it too); turn cache_latents or {key} off.")
-    return KohyaImport(b.raw, _data_commands(b, out_dir, dataset is not None), b.report, dataset)
+    return KohyaImport(b.raw, _data_commands(b, out_dir, dataset is not None), b.report, dataset, missing)
 
 
 def _unmap(b: _Builder, target: str, why: str) -> None:
@@ -415,6 +452,14 @@ def write_import(result: KohyaImport, out_dir: str | Path, source: Path) -> list
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     (staging / "train.toml").write_text(f"# imported from {source}\n" + to_toml(config), encoding="utf-8")
     script = ["#!/usr/bin/env bash", f"# data commands for {source}", "set -euo pipefail"]
+    if result.missing:
+        # Stops before any command runs; delete these lines once the marks are filled in by hand.
+        script += [f"# {line}" for line in result.missing_lines()]
+        needed = ", ".join(f"{SUPPLIED_BY_FLAG[k]} ({k})" for k in result.missing)
+        message = (f"prepare.sh: values still missing: {needed}; import again with them, or fill the marks in "
+                   f"train.toml and here and delete these lines")
+        script.append(f"echo {shlex.quote(message)} >&2")
+        script.append("exit 2")
     script += [" ".join(shlex.quote(part) for part in command) for command in result.commands]
     script.append(f"dist-lora train --config {shlex.quote(str(out_dir / 'train.toml'))}")
     (staging / "prepare.sh").write_text("\n".join(script) + "\n", encoding="utf-8")

@@ -215,7 +215,6 @@ def test_an_sd_scripts_config_file(tmp_path: Path) -> None:
     ("a = [", "bad.toml", r"bad.toml' is not valid TOML"),
     ({**USER, "LoRA_type": "LyCORIS/iA3"}, "c.json", r"c.json': LoRA_type 'LyCORIS/iA3' cannot be trained here"),
     ({**USER, "network_dim": "many"}, "c.json", r"c.json': network_dim = 'many': 'many' is not a number"),
-    ({"network_dim": 8}, "c.json", r"c.json' names no train_data_dir"),
     ({**USER, "cache_latents": True, "color_aug": True}, "c.json", r"c.json': color_aug changes the images every"),
     ({**USER, "cache_latents": True, "random_crop": True}, "c.json", r"c.json': random_crop changes the images"),
     ({**USER, "optimizer": "DAdaptAdam"}, "c.json", r"optimizer = 'DAdaptAdam': 'DAdaptAdam' is not one of"),
@@ -366,3 +365,56 @@ def test_fp8_base_options(keys: dict[str, Any], model: dict[str, Any], tmp_path:
 def test_a_bad_fp8_value_is_refused_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(KohyaImportError, match="fp8_base_unet = 'sometimes'"):
         import_kohya_config(_write(tmp_path, {**USER, "fp8_base_unet": "sometimes"}), tmp_path / "out")
+
+
+PRESET = DATA / "kohya_ss SDXL - LoRA AI_characters standard v1.1.json"
+
+
+def test_a_preset_without_paths_is_imported_with_the_missing_values_marked(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+
+    from dist_lora.cli import main
+
+    out = tmp_path / "imported"
+    assert main(["import-kohya", str(PRESET), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "train_data_dir is missing: marked <TRAIN_DATA_DIR>" in printed and "with --train-data-dir" in printed
+    assert "pretrained_model_name_or_path is missing: marked <PRETRAINED_MODEL>" in printed
+    assert "with --pretrained" in printed
+    assert load_config(out / "train.toml").model.pretrained == "<PRETRAINED_MODEL>"
+    script = (out / "prepare.sh").read_text()
+    assert "<TRAIN_DATA_DIR>" in script and "<PRETRAINED_MODEL>" in script
+    # The script stops before its first command, saying what is missing.
+    # With no dist-lora on PATH: a command that ran would fail with 127, not 2.
+    proc = subprocess.run([shutil.which("bash") or "/bin/bash", str(out / "prepare.sh")], capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/nonexistent"})
+    assert proc.returncode == 2 and "--train-data-dir (train_data_dir)" in proc.stderr
+    assert "--pretrained (pretrained_model_name_or_path)" in proc.stderr
+
+
+def test_flags_supply_what_a_preset_leaves_out(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from dist_lora.cli import main
+
+    preset = json.loads(PRESET.read_text())
+    paths = {k: v for k, v in USER.items() if k != "output_name"}
+    by_file = import_kohya_config(_write(tmp_path, {**preset, **paths, "reg_data_dir": "/data/reg"}),
+                                  tmp_path / "a")
+    assert main(["import-kohya", str(PRESET), str(tmp_path / "b"), "--train-data-dir", "/data/img", "--pretrained",
+                 "/models/sdxl.safetensors", "--output-dir", "/runs", "--reg-data-dir", "/data/reg"]) == 0
+    assert "missing" not in capsys.readouterr().out
+    by_flags = import_kohya_config(PRESET, tmp_path / "a", supplied={
+        "train_data_dir": "/data/img", "pretrained_model_name_or_path": "/models/sdxl.safetensors",
+        "output_dir": "/runs", "reg_data_dir": "/data/reg"})
+    assert by_flags.raw == by_file.raw and by_flags.commands == by_file.commands and not by_flags.missing
+    assert "--reg" in by_flags.commands[0] and "exit 2" not in (tmp_path / "b" / "prepare.sh").read_text()
+    assert load_config(tmp_path / "b" / "train.toml").output.dir == "/runs"
+
+
+def test_a_flag_wins_over_the_files_value_and_says_so(tmp_path: Path) -> None:
+    preset = json.loads(PRESET.read_text())
+    result = import_kohya_config(_write(tmp_path, {**preset, **USER}), tmp_path / "out",
+                                 supplied={"train_data_dir": "/elsewhere"})
+    assert result.commands[0][2] == "/elsewhere"
+    no_effect = {k: (v, why) for k, v, why in result.report.no_effect}
+    assert no_effect["train_data_dir (in the file)"] == ("/data/img", "--train-data-dir /elsewhere is used instead")
