@@ -166,9 +166,12 @@ class NetworkConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion", "lion8bit", "prodigy", "adafactor"] = _field(
-        "adamw", "Optimizer (kohya: optimizer_type). 8-bit and Lion ones use bitsandbytes and fall back to "
-        "AdamW / a PyTorch Lion, with a warning, where it cannot run.")
+    type: str = _field(
+        "adamw", "Optimizer (kohya: optimizer_type): adamw, adamw8bit, paged_adamw8bit, lion, lion8bit, prodigy, "
+        "adafactor, came, adopt, muon, adamw_schedulefree, or any torch optimizer class by import path (e.g. "
+        "'torch.optim.RAdam', 'pytorch_optimizer.Lamb'; built as Class(params, lr=lr, **args)). 8-bit and Lion "
+        "ones use bitsandbytes and fall back to AdamW / a PyTorch Lion, with a warning, where it cannot run; "
+        "came, adopt, muon and adamw_schedulefree need the 'optimizers' extra.")
     args: list[str] = _field([], "Extra optimizer arguments as key=value (kohya: optimizer_args), values in TOML "
                              "syntax, e.g. ['d_coef=2', 'betas=[0.9, 0.99]'].")
     lr: float = _field(1e-4, "Learning rate of the UNet adapters (kohya: unet_lr).", minimum=0.0,

@@ -22,7 +22,10 @@ GUI_NAMES = {
 
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "paged_adamw8bit", "lion": "lion",
               "lion8bit": "lion8bit", "prodigy": "prodigy", "adafactor": "adafactor",
-              "bitsandbytes.optim.pagedadamw8bit": "paged_adamw8bit", "prodigyopt.prodigy": "prodigy"}
+              "bitsandbytes.optim.pagedadamw8bit": "paged_adamw8bit", "prodigyopt.prodigy": "prodigy",
+              "came": "came", "pytorch_optimizer.came": "came", "adopt": "adopt", "pytorch_optimizer.adopt": "adopt",
+              "muon": "muon", "pytorch_optimizer.muon": "muon", "adamwschedulefree": "adamw_schedulefree",
+              "schedulefree.adamwschedulefree": "adamw_schedulefree"}
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 MIXED_PRECISIONS = {"fp16": "fp16", "bf16": "bf16", "no": "no", "fp32": "no"}
 SAVE_PRECISIONS = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
@@ -118,6 +121,16 @@ def _choice(options: dict[str, str] | tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
+def _optimizer_type(value: Any) -> str:
+    """kohya's names, or (as sd-scripts takes them) any optimizer class by import path, kept as written."""
+    text = str(value).strip()
+    if text.lower() in OPTIMIZERS:
+        return OPTIMIZERS[text.lower()]
+    if "." in text and all(part.isidentifier() for part in text.split(".")):
+        return text
+    return _choice(OPTIMIZERS)(value)
+
+
 def optimizer_args(value: Any) -> list[str]:
     """kohya's ``key=value key=value`` (values Python-ish: ``betas=0.9,0.99``, ``decouple=True``) as our
     TOML-valued ``key=value`` list."""
@@ -172,7 +185,7 @@ MAPPED: dict[str, Target] = {
     "loraplus_unet_lr_ratio": Target("network.loraplus_unet_lr_ratio", _float),
     "loraplus_text_encoder_lr_ratio": Target("network.loraplus_text_encoder_lr_ratio", _float),
     "network_weights": Target("network.init_from", str),
-    "optimizer_type": Target("optimizer.type", _choice(OPTIMIZERS)),
+    "optimizer_type": Target("optimizer.type", _optimizer_type),
     "optimizer_args": Target("optimizer.args", optimizer_args),
     "learning_rate": Target("optimizer.lr", _float),
     "unet_lr": Target("optimizer.lr", _float),

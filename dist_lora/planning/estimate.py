@@ -14,7 +14,9 @@ from dist_lora.planning.shapes import ModelSizes
 GIB = 2**30
 # Optimizer state bytes per trainable parameter (fp32 unless 8-bit).
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "lion": 4.0, "lion8bit": 1.0,
-                         "prodigy": 16.0, "adafactor": 0.5}
+                         "prodigy": 16.0, "adafactor": 0.5, "came": 4.5, "adopt": 8.0, "muon": 4.0,
+                         "adamw_schedulefree": 8.0}
+UNKNOWN_STATE_BYTES = 8.0  # an optimizer by import path: planned as AdamW
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 # Bytes per quantised linear weight: nf4 packs two in a byte, plus each block of 64's absmax, itself quantised to
 # one byte with an fp32 absmax per 256 blocks (bitsandbytes' compress_statistics, on by default); int8 is one
@@ -99,7 +101,8 @@ def estimate(sizes: ModelSizes, run: RunSettings) -> Plan:
         Component(("UNet + text encoder weights (frozen" if run.train_text_encoder else "UNet weights (frozen") +
                   storage + ")", frozen_trained_module),
         Component("adapters (fp32) + gradients", adapters * 4 + adapters * 4 // shards),
-        Component(f"optimizer state ({run.optimizer})", int(adapters * OPTIMIZER_STATE_BYTES[run.optimizer]) // shards),
+        Component(f"optimizer state ({run.optimizer})",
+                  int(adapters * OPTIMIZER_STATE_BYTES.get(run.optimizer, UNKNOWN_STATE_BYTES)) // shards),
     ]
     # Offloaded, the encoders are on the GPU one phase at a time (VAE encode, then prompt encode) and never
     # beside the UNet's activations: each phase is one transient component.

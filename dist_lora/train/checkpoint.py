@@ -14,11 +14,13 @@ per rank, and a resume on the same layout reads its own file only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,9 @@ class Checkpointer:
         self.parts: dict[str, _Registered] = {}
         self.last_step = -1  # the step of the newest checkpoint this run wrote or resumed from
         self.loaded_from: Path | None = None
+        # Entered around every save: the parts are taken at the weights the run is evaluated at (a
+        # schedule-free optimizer's average).
+        self.around_save: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     def register(self, name: str, part: Any, storage: Storage, optional: bool = False) -> None:
         if name in self.parts:
@@ -128,6 +133,10 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         """Collective: every rank calls it, with the same parts. Returns the completed folder."""
+        with self.around_save():
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
         final = self.folder_for(step)
         staging = self.root / f".tmp-{final.name}"
         world = self.world

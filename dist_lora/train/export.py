@@ -21,6 +21,7 @@ from dist_lora.adapters.network import network_metadata
 from dist_lora.config import Config, TrainingConfig
 from dist_lora.data.manifest import Manifest
 from dist_lora.train.hooks import HookContext, Schedule, Scope
+from dist_lora.train.optimizer_modes import averaged_weights
 from dist_lora.train.setup import Setup
 
 
@@ -32,7 +33,7 @@ class AdapterExporter:
     def export(self, path: Path, steps: int, epoch: int) -> None:
         """Collective: every rank calls it; the main rank writes the trained (fp32 master) weights."""
         ema = self.setup.ema if self.cfg.ema.export else None
-        with parallel.master_weights(self.acc, self.setup.trainable_params), \
+        with averaged_weights(self.setup.optimizer), parallel.master_weights(self.acc, self.setup.trainable_params), \
                 ema.swapped_in() if ema is not None else contextlib.nullcontext():
             if self.acc.is_main_process:
                 self._write(path, steps, epoch)

@@ -33,6 +33,7 @@ from dist_lora.config import Config
 from dist_lora.data.shards import Batch, ShardLoader
 from dist_lora.train.guards import FaultInjection, NonFiniteRunError
 from dist_lora.train.hooks import HookContext, HookRunner, Moment, StepHook
+from dist_lora.train.optimizer_modes import to_training_point
 from dist_lora.train.run_plan import RunPlan
 from dist_lora.train.setup import Setup
 from dist_lora.train.state import TrainState
@@ -77,6 +78,7 @@ class TrainingLoop:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         self.setup.model.train()
+        to_training_point(self.setup.optimizer)  # a checkpoint holds a schedule-free optimizer's average
         start_epoch, already = self.state.epoch, self.state.batch_in_epoch
         # A signal during start-up (loading, resume): every rank agrees, and the run stops before its first
         # step with nothing new to checkpoint.

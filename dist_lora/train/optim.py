@@ -19,6 +19,7 @@ from torch import nn
 
 from dist_lora.config import OptimizerConfig, SchedulerConfig, parse_override
 from dist_lora.errors import DistLoraError
+from dist_lora.train.optimizer_classes import BUILT_IN, build_named_optimizer
 
 BITSANDBYTES_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion", "lion8bit")
 _BITSANDBYTES = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion": "Lion", "lion8bit": "Lion8bit"}
@@ -97,6 +98,9 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimizerConfig,
         reason = bitsandbytes_unavailable(device or torch.device("cpu"))
         if reason:
             kind = _FALLBACK[kind]
+    if kind not in (*BUILT_IN, "lion_torch"):  # CAME, ADOPT, Muon, Schedule-Free AdamW, or an import path
+        optimizer, used = build_named_optimizer(kind, param_groups, cfg, parse_optimizer_args(cfg.args))
+        return optimizer, OptimizerChoice(cfg.type, used)
     kwargs = {**_base_kwargs(kind, cfg), **parse_optimizer_args(cfg.args)}
     try:
         optimizer, used = _construct(kind, param_groups, kwargs)

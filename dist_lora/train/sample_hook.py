@@ -36,6 +36,7 @@ from dist_lora.sampling.render import (
 from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Moment, Schedule, Scope
 from dist_lora.train.offload import maybe_on_device
+from dist_lora.train.optimizer_modes import averaged_weights
 from dist_lora.train.setup import Setup
 from dist_lora.train.tracking import MetricsLog
 from dist_lora.utils.files import atomic_path
@@ -105,7 +106,8 @@ class SampleHook:
         try:
             modules = self._modules()
             try:
-                with eval_mode([modules.unet, modules.vae, *modules.text_encoders]), \
+                with averaged_weights(self.setup.optimizer), \
+                        eval_mode([modules.unet, modules.vae, *modules.text_encoders]), \
                         maybe_on_device(self.setup.offload, modules.vae, *modules.text_encoders):
                     pipeline = build_pipeline(modules)
                     pipeline.set_progress_bar_config(disable=True)

@@ -37,6 +37,8 @@ from dist_lora.train.loop_hooks import CheckpointHook, MetricsHook, MetricsSourc
 from dist_lora.train.memory import OutOfMemory, out_of_memory_advice
 from dist_lora.train.objective import check_objective, training_scheduler
 from dist_lora.train.optim import BITSANDBYTES_OPTIMIZERS
+from dist_lora.train.optimizer_classes import check_optimizer
+from dist_lora.train.optimizer_modes import averaged_weights
 from dist_lora.train.precision import WEIGHT_DTYPES, allow_tf32, device_mixed_precision
 from dist_lora.train.run_plan import POSITION_PARTS, plan_run, restore_position
 from dist_lora.train.sample_hook import SampleHook
@@ -101,6 +103,7 @@ def preflight(cfg: Config) -> Preflight:
         unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
     check_network_options(cfg.network, cfg.output.format)
     check_base_dtype(cfg.model, parallel.requested_zero_stage(), cfg.network.type)
+    check_optimizer(cfg.optimizer, parallel.deepspeed_requested())
     if family == "sdxl" and cfg.model.clip_skip != 1:
         raise RunSetupError(f"model.clip_skip = {cfg.model.clip_skip} has no meaning for SDXL, which is conditioned on "
                             f"the penultimate layer of both text encoders (kohya ignores clip_skip for SDXL); set "
@@ -282,6 +285,7 @@ def _train(cfg: Config, pre: Preflight) -> TrainResult:
         hooks.append(ValidationHook(cfg, val_loader, setup, conditioner, accelerator, metrics))
     hooks.append(SampleHook(cfg, pre.prompts, setup, accelerator, w, pre.run_dir, metrics))
     register_training_parts(checkpointer, accelerator, setup)
+    checkpointer.around_save = lambda: averaged_weights(setup.optimizer)
     signals = StopSignals.current()
     sources = MetricsSources(cfg.logging.log_every,
                              cfg.training.batch_size * w.size * cfg.training.gradient_accumulation_steps,

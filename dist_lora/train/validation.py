@@ -25,6 +25,7 @@ from dist_lora.train.diffusion_loss import DiffusionLoss
 from dist_lora.train.eval_mode import eval_mode
 from dist_lora.train.hooks import HookContext, Schedule, Scope
 from dist_lora.train.noise import NoiseOptions, draw_noise, draw_timesteps
+from dist_lora.train.optimizer_modes import averaged_weights
 from dist_lora.train.setup import Setup
 from dist_lora.train.tracking import MetricsLog, read_validation_log
 
@@ -57,7 +58,8 @@ class ValidationHook:
         plain = NoiseOptions(max_timestep=num_timesteps)
         objective = DiffusionLoss(c.noise_scheduler.alphas_cumprod.to(cond.device), c.prediction_type, num_timesteps)
         totals = torch.zeros(2, device=cond.device)
-        with eval_mode([module]), cond.frozen_on_device():  # offloaded encoders: once per round, not per batch
+        # Offloaded encoders come to the device once per round, not per batch.
+        with averaged_weights(setup.optimizer), eval_mode([module]), cond.frozen_on_device():
             for batch in self.loader.epoch(0):
                 generators = key_generators(self.cfg.training.seed, batch.keys, cond.device)
                 timesteps = draw_timesteps(generators, plain)

@@ -418,3 +418,11 @@ def test_a_flag_wins_over_the_files_value_and_says_so(tmp_path: Path) -> None:
     assert result.commands[0][2] == "/elsewhere"
     no_effect = {k: (v, why) for k, v, why in result.report.no_effect}
     assert no_effect["train_data_dir (in the file)"] == ("/data/img", "--train-data-dir /elsewhere is used instead")
+
+
+@pytest.mark.parametrize("given,ours", [("AdamWScheduleFree", "adamw_schedulefree"), ("CAME", "came"),
+                                        ("pytorch_optimizer.CAME", "came"), ("torch.optim.RAdam", "torch.optim.RAdam"),
+                                        ("pytorch_optimizer.Lamb", "pytorch_optimizer.Lamb")])
+def test_optimizer_names_and_import_paths(given: str, ours: str, tmp_path: Path) -> None:
+    result = import_kohya_config(_write(tmp_path, {**USER, "optimizer": given}), tmp_path / "out")
+    assert result.raw["optimizer"]["type"] == ours
