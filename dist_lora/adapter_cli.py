@@ -1,4 +1,4 @@
-"""The adapter-file tools of `dist-lora`: resize and merge-lora (parse, call, report)."""
+"""The adapter-file tools of `dist-lora`: resize, merge-lora, extract and verify (parse, call, report)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,29 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     print(f"extracted {report.modules} modules ({report.unchanged} unchanged, not written); {text}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_lora.adapters.loaders.fix import fix_file
+    from dist_lora.adapters.loaders.verify import format_verification, parse_uis, verify_file
+
+    uis = parse_uis(args.ui)
+    result = verify_file(args.file, uis, args.family, args.base)
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_verification(result, args.verbose))
+    if not args.fix:
+        return 0 if result.ok else 1
+    fixed = fix_file(args.file, args.fix, args.family, args.base, args.overwrite)
+    print(f"wrote {args.fix}: {fixed.modules} modules in the kohya layout ({fixed.renamed} renamed, "
+          f"{fixed.alphas_from_peft} alphas from the peft config, {fixed.dora_reshaped} DoRA magnitudes reshaped, "
+          f"{fixed.lokr_rewritten} LoKr convolution factors written whole)")
+    if fixed.alphas_added:
+        print(f"  {fixed.alphas_added} modules had no alpha: written with alpha = rank (scale 1, what every loader "
+              f"applies without one)")
+    after = verify_file(args.fix, uis, result.parsed.family, args.base)
+    print(format_verification(after, args.verbose))
+    return 0 if after.ok else 1
 
 
 def add_adapter_tool_commands(sub: Any) -> None:
@@ -118,3 +141,20 @@ def add_adapter_tool_commands(sub: Any) -> None:
     extract.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     extract.add_argument("--overwrite", action="store_true")
     extract.set_defaults(func=_cmd_extract)
+
+    verify = sub.add_parser("verify", help="which keys of an adapter file each UI loads into which module, which it "
+                            "leaves out and why; --fix writes the layout they all read")
+    verify.add_argument("file", help="any LoRA/LyCORIS .safetensors (kohya, LyCORIS, diffusers/peft, "
+                        "SimpleTuner, ai-toolkit)")
+    verify.add_argument("--ui", default="all", help="a1111, comfyui, diffusers, kohya (comma-separated) or all")
+    verify.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default=None,
+                        help="the base model (default: from the file's metadata, else its keys and shapes)")
+    verify.add_argument("--base", default=None, help="diffusers folder of the model (its config files only): for "
+                        "UNets and text encoders other than the published SD 1.5 / 2.1 / SDXL ones")
+    verify.add_argument("--fix", default=None, metavar="OUT",
+                        help="write the file in the kohya layout (names, alphas and DoRA shapes only; the math is "
+                             "unchanged) and verify that")
+    verify.add_argument("--json", action="store_true", help="the full report (every key) as JSON")
+    verify.add_argument("--verbose", action="store_true", help="list every left-out key")
+    verify.add_argument("--overwrite", action="store_true", help="replace an existing --fix file")
+    verify.set_defaults(func=_cmd_verify)

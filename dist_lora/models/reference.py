@@ -10,6 +10,8 @@ from typing import Any
 
 _CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
            "hidden_act": "quick_gelu", "vocab_size": 49408, "max_position_embeddings": 77, "projection_dim": 768}
+_OPEN_CLIP_H = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+                "hidden_act": "gelu", "vocab_size": 49408, "max_position_embeddings": 77, "projection_dim": 512}
 _BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
           "hidden_act": "gelu", "vocab_size": 49408, "max_position_embeddings": 77, "projection_dim": 1280}
 
@@ -33,6 +35,15 @@ FULL_SIZE: dict[str, dict[str, dict[str, Any]]] = {
                  "attention_head_dim": 8, "cross_attention_dim": 768},
         "vae": _vae(512, 0.18215),
         "text_encoder": _CLIP_L,
+    },
+    # SD 2.1 (768-v): OpenCLIP ViT-H as diffusers ships it (23 of its 24 layers: SD 2 reads the penultimate).
+    "sd21": {
+        "unet": {**_UNET_COMMON, "sample_size": 96, "block_out_channels": [320, 640, 1280, 1280],
+                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                 "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True},
+        "vae": _vae(768, 0.18215),
+        "text_encoder": _OPEN_CLIP_H,
     },
     "sdxl": {
         "unet": {**_UNET_COMMON, "sample_size": 128, "block_out_channels": [320, 640, 1280],
