@@ -379,3 +379,54 @@ def test_lokr_convolution_lycoris_cannot_split_is_written_whole(tmp_path: Path) 
     expected = trained.get_weight(conv.weight.shape)
     torch.testing.assert_close(rebuilt.get_weight(conv.weight.shape), expected, atol=1e-6, rtol=1e-5)
     assert not any("w2_a @ w2_b" in n for r in verify_file(tmp_path / "fixed.safetensors").reports for n in r.notes)
+
+
+def test_older_layouts_fix_back_to_our_export(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """diffusers' attention-processor layout (``unet.<attention>.processor.to_q_lora.down.weight``, no alphas)
+    and ComfyUI's ``diffusion_model.<LDM module>`` keys."""
+    arch = "sdxl"
+    ours = _adapted(arch, "lora", tiny_models)
+    original = load_file(str(_export(ours, "lora", tmp_path / "ours.safetensors")))
+    table = module_key_table(ours.unet, ours.text_encoders, ours.family)
+    names = family_names("sdxl", str(tiny_models[arch]))
+    attention = {m for m in {k.partition(".")[0] for k in original}
+                 if table[m][0] == 0 and re.search(r"\.attn[12]\.(to_[qkv]|to_out\.0)$", table[m][1])}
+    # Scale 1 modules only: the attention-processor layout has no alphas.
+    scale_one = {k: v for k, v in original.items() if k.partition(".")[0] in attention}
+    for key in list(scale_one):
+        if key.endswith(".lora_up.weight"):
+            alpha = original[key.replace(".lora_up.weight", ".alpha")].item()
+            scale_one[key] = scale_one[key] * (alpha / scale_one[key].shape[1])
+        elif key.endswith(".alpha"):
+            scale_one[key] = torch.tensor(float(original[key.replace(".alpha", ".lora_down.weight")].shape[0]))
+
+    def processor(module: str, part: str) -> tuple[str, str]:
+        attn, _, proj = table[module][1].removesuffix(".0").rpartition(".")  # to_out.0 -> to_out
+        return f"unet.{attn}.processor.{proj}_lora", {"lora_down.weight": "down.weight",
+                                                       "lora_up.weight": "up.weight"}[part]
+
+    old = _renamed({k: v for k, v in scale_one.items() if not k.endswith(".alpha")}, processor)
+    save_file(old, str(tmp_path / "attn_procs.safetensors"))
+    reports, result = _report(tmp_path / "attn_procs.safetensors", arch, tiny_models)
+    assert set(result.layouts()) == {"diffusers/peft"}
+    assert reports["comfyui"].ok and reports["diffusers"].ok and set(reports["diffusers"].loaded) == set(old)
+    assert set(reports["a1111"].ignored) == set(reports["kohya"].ignored) == set(old)
+    pipe = _pipe(tiny_models[arch])
+    pipe.load_lora_weights(str(tmp_path / "attn_procs.safetensors"))
+    assert _peft_modules(pipe) == reports["diffusers"].modules()
+    fixed_result = fix_file(tmp_path / "attn_procs.safetensors", tmp_path / "fixed.safetensors", "sdxl",
+                            str(tiny_models[arch]))
+    assert fixed_result.alphas_added == len(attention)
+    fixed = load_file(str(tmp_path / "fixed.safetensors"))
+    assert set(fixed) == set(scale_one) and all(torch.equal(fixed[k], scale_one[k]) for k in scale_one)
+
+    def comfy_generic(module: str, part: str) -> tuple[str, str]:
+        component, path = table[module]
+        return (f"diffusion_model.{names.modules[(0, path)].ldm}" if component == 0 else module), part
+
+    save_file(_renamed(original, comfy_generic), str(tmp_path / "generic.safetensors"))
+    reports, _ = _report(tmp_path / "generic.safetensors", arch, tiny_models)
+    assert reports["comfyui"].ok
+    fix_file(tmp_path / "generic.safetensors", tmp_path / "generic_fixed.safetensors", "sdxl", str(tiny_models[arch]))
+    fixed = load_file(str(tmp_path / "generic_fixed.safetensors"))
+    assert set(fixed) == set(original) and all(torch.equal(fixed[k], original[k]) for k in original)

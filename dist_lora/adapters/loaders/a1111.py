@@ -29,7 +29,7 @@ def _num(text: str) -> int:
     return int(text)
 
 
-def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:  # noqa: PLR0911 - one rule per return
+def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
     """A1111's conversion of a diffusers-named kohya module part (it assumes two layers per block)."""
     if m := re.match(r"lora_unet_conv_in(.*)", key):
         return f"diffusion_model_input_blocks_0_0{m[1]}"
@@ -37,17 +37,14 @@ def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:  # noqa: P
         return f"diffusion_model_out_2{m[1]}"
     if m := re.match(r"lora_unet_time_embedding_linear_(\d+)(.*)", key):
         return f"diffusion_model_time_embed_{_num(m[1]) * 2 - 2}{m[2]}"
-    if m := re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
-        suffix = _RESNET_SUFFIX.get(m[4], m[4]) if m[2] == "resnets" else m[4]
-        return f"diffusion_model_input_blocks_{1 + _num(m[1]) * 3 + _num(m[3])}_{1 if m[2] == 'attentions' else 0}_" \
-               f"{suffix}"
+    for side, ldm_blocks, first in (("down", "input_blocks", 1), ("up", "output_blocks", 0)):
+        if m := re.match(rf"lora_unet_{side}_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+            suffix = _RESNET_SUFFIX.get(m[4], m[4]) if m[2] == "resnets" else m[4]
+            index = first + _num(m[1]) * 3 + _num(m[3])
+            return f"diffusion_model_{ldm_blocks}_{index}_{1 if m[2] == 'attentions' else 0}_{suffix}"
     if m := re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
         suffix = _RESNET_SUFFIX.get(m[3], m[3]) if m[1] == "resnets" else m[3]
         return f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else _num(m[2]) * 2}_{suffix}"
-    if m := re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
-        suffix = _RESNET_SUFFIX.get(m[4], m[4]) if m[2] == "resnets" else m[4]
-        return f"diffusion_model_output_blocks_{_num(m[1]) * 3 + _num(m[3])}_{1 if m[2] == 'attentions' else 0}_" \
-               f"{suffix}"
     if m := re.match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key):
         return f"diffusion_model_input_blocks_{3 + _num(m[1]) * 3}_0_op"
     if m := re.match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key):
