@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,11 @@ SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 # What only a DreamBooth-style subset (image files with caption files) takes; sd-scripts' schema refuses
 # them on a fine-tuning subset or its dataset.
 DREAMBOOTH_ONLY_KEYS = ("is_reg", "class_tokens", "caption_extension", "conditioning_data_dir")
-# A dataset's (or [general]'s) settings: one bucket set and one batch size for the whole manifest.
+# A dataset's (or [general]'s) settings. Its bucket set (resolution and bucket keys) is its own: datasets of
+# several resolutions prepare into one folder with a bucket set each. The rest hold for the whole manifest
+# (one batch size, one validation split).
+BUCKET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+               "bucket_no_upscale")
 DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "resolution": (_resolution, "prepare:resolution"),
     "enable_bucket": (_bool, "prepare:buckets"),
@@ -173,6 +177,7 @@ class SubsetSpec:
     mask_dir: Path | None = None  # masks for masked loss (sd-scripts: conditioning_data_dir)
     metadata_file: Path | None = None  # sd-scripts' fine-tuning metadata (.json, or .jsonl)
     where: str = ""  # "datasets[0].subsets[1]", for messages
+    buckets: dict[str, Any] = field(default_factory=dict)  # its dataset's bucket settings (PrepareOptions fields)
 
     def record(self) -> dict[str, Any]:
         """The subset's entry in the manifest."""
@@ -182,13 +187,15 @@ class SubsetSpec:
                 "class_tokens": self.class_tokens, "captions": dict(self.captions), "augment": dict(self.augment),
                 **({"mask_dir": str(self.mask_dir)} if self.mask_dir else {}),
                 **({"alpha_mask": self.alpha_mask} if self.alpha_mask is not None else {}),
-                **({"random_crop": self.random_crop} if self.random_crop is not None else {})}
+                **({"random_crop": self.random_crop} if self.random_crop is not None else {}),
+                **({"buckets": dict(self.buckets)} if self.buckets else {})}
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset config says: its subsets, the prepare settings it set (``prepare``: PrepareOptions
-    fields) and the training settings it set (``training``: training config keys)."""
+    """What a dataset config says: its subsets, the prepare settings it set for all of them (``prepare``:
+    PrepareOptions fields; bucket settings that differ between datasets are each subset's ``buckets``) and
+    the training settings it set (``training``: training config keys)."""
 
     path: Path
     subsets: list[SubsetSpec]
@@ -322,19 +329,22 @@ def parse_dataset_config(data: dict[str, Any], path: Path) -> DatasetSpec:
     general = _read_level(path, "general.", _table(path, "[general]", data.get("general", {})), level_keys)
     subsets: list[SubsetSpec] = []
     dataset_settings: dict[str, tuple[Any, str, str]] = {}  # key -> (value, target, where it was set)
+    bucket_settings: list[dict[str, Any]] = []  # per dataset: PrepareOptions field -> value
     for d, raw_dataset in enumerate(datasets):
         where_d = f"datasets[{d}]."
         dataset = _read_level(path, where_d, _table(path, f"datasets[{d}]", raw_dataset), level_keys, ("subsets",))
         merged = {**general, **dataset}
+        bucket_settings.append({target.partition(":")[2]: value for key, (value, target) in merged.items()
+                                if key in BUCKET_KEYS})
         for key, (value, target) in merged.items():
-            if key not in DATASET_KEYS:
+            if key not in DATASET_KEYS or key in BUCKET_KEYS:
                 continue
             earlier = dataset_settings.get(key)
             if earlier is not None and earlier[0] != value:
                 raise DatasetConfigError(
                     f"dataset config '{path}': {where_d}{key} = {value!r} differs from {earlier[2]}{key} = "
-                    f"{earlier[0]!r}; one prepared folder has one bucket set and one batch size. Give the datasets "
-                    f"the same {key}, or prepare each into its own folder.")
+                    f"{earlier[0]!r}; one prepared folder has one batch size and one validation split. Give the "
+                    f"datasets the same {key}, or prepare each into its own folder.")
             dataset_settings[key] = (value, target, where_d)
         raw_subsets = raw_dataset.get("subsets")
         if not isinstance(raw_subsets, list) or not raw_subsets:
@@ -349,11 +359,15 @@ def parse_dataset_config(data: dict[str, Any], path: Path) -> DatasetSpec:
                 _check_fine_tuning(path, where_d, where_s, own, dataset)
                 inherited = {k: v for k, v in inherited.items() if k not in DREAMBOOTH_ONLY_KEYS}  # [general]'s
             kinds.add("metadata_file" in own)
-            subsets.append(_subset(path, where_s, {**inherited, **own}))
+            subsets.append(replace(_subset(path, where_s, {**inherited, **own}), buckets=bucket_settings[d]))
         if len(kinds) > 1:
             raise DatasetConfigError(f"dataset config '{path}': datasets[{d}] mixes subsets with metadata_file "
                                      f"(fine-tuning) and without (image folders with caption files); as in "
                                      f"sd-scripts, put them in separate [[datasets]].")
     prepare = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("prepare:")}
+    if all(b == bucket_settings[0] for b in bucket_settings):
+        # One bucket set: the prepare options themselves, as before datasets could differ.
+        prepare.update(bucket_settings[0])
+        subsets = [replace(s, buckets={}) for s in subsets]
     training = {t.partition(":")[2]: v for v, t, _ in dataset_settings.values() if t.startswith("training:")}
     return DatasetSpec(path, subsets, prepare, training)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_lora.data.buckets import (
+    Bucket,
     BucketSpec,
     bucket_set,
 )
@@ -80,6 +81,19 @@ class PrepareOptions:
     mask_dir: str = ""  # mask images (their red channel) for masked loss, mirroring the source folder's layout
     caption_extension: str = ".caption"  # of a dataset config's subsets that set none (sd-scripts' default)
     wildcard: bool = False  # captions keep every line: one is chosen (and {a|b} expanded) per epoch
+    # A dataset config's subsets whose datasets set their own resolution / bucket settings (one dict of
+    # these fields per subset, empty where none): several bucket sets in one prepared folder.
+    subset_buckets: tuple[dict[str, Any], ...] = ()
+
+    def for_image(self, image: SourceImage) -> PrepareOptions:
+        """The options ``image`` is encoded with: its subset's bucket settings over these."""
+        if image.subset is None or image.subset >= len(self.subset_buckets) or not self.subset_buckets[image.subset]:
+            return self
+        return replace(self, **self.subset_buckets[image.subset], subset_buckets=())
+
+    def resolutions(self) -> list[int]:
+        """The base sides the images are bucketed at."""
+        return sorted({b.get("resolution", self.resolution) for b in self.subset_buckets} or {self.resolution})
 
     def bucket_spec(self) -> BucketSpec:
         if not self.buckets:
@@ -282,7 +296,11 @@ def _encoded_images(todo: list[tuple[int, EncodeJob]], workers: int) -> Iterator
 
 
 def image_options(image: SourceImage, opts: PrepareOptions) -> dict[str, Any]:
-    """How this image is encoded beyond the bucket set: its subset's options, else the command line's."""
+    """How this image is encoded beyond the folder's bucket set: its subset's options, else the command
+    line's (and its own bucket set where its dataset has one)."""
+    own = opts.for_image(image)
+    options_of_set = {"buckets": asdict(own.bucket_spec())} if own is not opts else {}
+    opts = own
     random_crop = opts.random_crop if image.random_crop is None else image.random_crop
     alpha_mask = opts.alpha_mask if image.alpha_mask is None else image.alpha_mask
     options: dict[str, Any] = {"random_crop": True} if random_crop else {}
@@ -292,13 +310,12 @@ def image_options(image: SourceImage, opts: PrepareOptions) -> dict[str, Any]:
         options["mask"] = str(image.mask_path)
     if opts.no_upscale and opts.buckets:  # without buckets sd-scripts ignores bucket_no_upscale too
         options["no_upscale"] = True
-    return options
+    return {**options, **options_of_set}
 
 
 def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts: PrepareOptions,
                       report: PrepareReport) -> Iterable[tuple[SourceImage, Any]]:
-    spec = opts.bucket_spec()
-    buckets = bucket_set(spec)
+    bucket_sets: dict[BucketSpec, list[Bucket]] = {}
     reused: dict[int, Any] = {}
     todo: list[tuple[int, EncodeJob]] = []
     for index, image in enumerate(images):
@@ -306,9 +323,12 @@ def _results_in_order(images: list[SourceImage], previous: _PreviousOutput, opts
         hit = previous.lookup(image, options)
         if hit is not None:
             reused[index] = hit
-        else:
-            todo.append((index, EncodeJob(str(image.path), opts.effective_min_side, opts.max_pixels, buckets,
-                                           opts.image_format, options, spec)))
+            continue
+        own = opts.for_image(image)
+        spec = own.bucket_spec()
+        buckets = bucket_sets.setdefault(spec, bucket_set(spec))
+        todo.append((index, EncodeJob(str(image.path), own.effective_min_side, opts.max_pixels, buckets,
+                                       opts.image_format, options, spec)))
     report.reused, report.encoded = len(reused), len(todo)
     workers = opts.workers or os.cpu_count() or 1
     encoded = _encoded_images(todo, workers)
@@ -327,18 +347,19 @@ def prepare_dataset(src: str | Path | None, out: str | Path, opts: PrepareOption
     settings replace those of ``opts``."""
     opts = opts or PrepareOptions()
     if dataset is not None:
-        opts = replace(opts, **dataset.prepare)
+        opts = replace(opts, **dataset.prepare, subset_buckets=tuple(s.buckets for s in dataset.subsets))
     elif src is None:
         raise DatasetFolderError("give a dataset folder or a dataset config (--dataset-config).")
     src = Path(src) if src is not None else dataset.path if dataset is not None else Path()
     out = Path(out)
     if opts.image_format not in ("png", "jpg"):
         raise DatasetFolderError(f"image format {opts.image_format!r} is not supported; use 'png' or 'jpg'.")
-    if opts.resolution < 64 or opts.resolution % 64:
-        raise DatasetFolderError(f"resolution {opts.resolution} must be a multiple of 64 (and >= 64).")
     if opts.shard_size < 1:
         raise DatasetFolderError(f"shard size {opts.shard_size} must be at least 1.")
-    opts.bucket_spec()  # raises BucketError naming a bad bucket parameter
+    if opts.resolution < 64 or opts.resolution % 64:
+        raise DatasetFolderError(f"resolution {opts.resolution} must be a multiple of 64 (and >= 64).")
+    for own in [opts, *(replace(opts, **b) for b in opts.subset_buckets if b)]:
+        own.bucket_spec()  # raises BucketError naming a bad bucket parameter
     images = _scan(src, opts, dataset)
     _check_output(out, opts.overwrite)
 
@@ -423,12 +444,15 @@ def _write_metadata(staging: Path, opts: PrepareOptions, shards: list[dict[str, 
                     tag_frequency: dict[str, Counter[str]], sources: dict[str, dict[str, Any]],
                     fingerprint: dict[str, Any], report: PrepareReport, started: float,
                     subsets: list[dict[str, Any]]) -> None:
-    manifest = new_manifest(resolution=opts.resolution, bucket_spec=fingerprint["buckets"],
+    resolutions = opts.resolutions()
+    manifest = new_manifest(resolution=max(resolutions), bucket_spec=fingerprint["buckets"],
                             image_format=opts.image_format, trigger=opts.trigger, num_samples=report.accepted,
                             shards=shards, tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
                             subsets=subsets, masks=any(MASK_MEMBER in e["members"] for e in sources.values()),
                             uncropped=sum(bool(e["geometry"].get("uncropped")) for e in sources.values()),
                             wildcard=opts.wildcard)
+    if len(resolutions) > 1:  # several bucket sets; samples and shards carry their own buckets
+        manifest["resolutions"] = resolutions
     report.shards = len(shards)
     report.samples_with_repeats = manifest["num_samples_with_repeats"]
     report.buckets = {name: c["samples"] for name, c in manifest["buckets"].items()}

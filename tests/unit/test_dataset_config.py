@@ -147,8 +147,11 @@ def test_cli_prepare_with_a_dataset_config(tmp_path: Path, capsys: pytest.Captur
     (("caption_dropout_rate = 1.0", "caption_dropout_rate = 1.5"), "expected a probability between 0 and 1"),
     (("[[datasets]]", "[general2]\n[[datasets]]"), "unknown top-level key(s) ['general2']"),
     (("  [[datasets.subsets]]\n  image_dir = \"reg\"",
-      "[[datasets]]\nresolution = 128\n  [[datasets.subsets]]\n  image_dir = \"reg\""),
-     "datasets[1].resolution = 128 differs from datasets[0].resolution = 64"),
+      "[[datasets]]\nresolution = 64\nbatch_size = 3\n  [[datasets.subsets]]\n  image_dir = \"reg\""),
+     "datasets[1].batch_size = 3 differs from datasets[0].batch_size = 2"),
+    (("  [[datasets.subsets]]\n  image_dir = \"reg\"",
+      "[[datasets]]\nresolution = 96\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = \"reg\""),
+     "datasets[1].resolution = 96: expected a multiple of 64"),
     (("[general]", "[general"), "is not valid TOML"),
 ])
 def test_bad_dataset_configs_name_the_key_and_write_nothing(tmp_path: Path, change: tuple[str, str],

@@ -321,6 +321,39 @@ def test_a_dataset_config_with_three_subsets(tmp_path: Path) -> None:
     assert "colour = 'red': not a dataset config key known here" in (out / "import_report.txt").read_text()
 
 
+def test_a_dataset_config_of_two_resolutions(tmp_path: Path) -> None:
+    """sd-scripts' per-dataset resolution and bucket settings: kept per dataset in the copy, which prepares
+    one folder with a bucket set each."""
+    for folder in ("portraits", "landscapes"):
+        (tmp_path / folder).mkdir()
+    dataset = _write(tmp_path, """
+[general]
+enable_bucket = true
+[[datasets]]
+resolution = 512
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "portraits"
+[[datasets]]
+resolution = [768, 768]
+batch_size = 2
+max_bucket_reso = 1280
+  [[datasets.subsets]]
+  image_dir = "landscapes"
+""", "dataset.toml")
+    result = import_kohya_config(_write(tmp_path, {**USER, "dataset_config": str(dataset)}), tmp_path / "out", dataset)
+    mapped = {k: ours for k, _, ours in result.report.mapped}
+    assert mapped["dataset datasets[1].resolution"] == mapped["dataset datasets[1].max_bucket_reso"] == \
+        "dataset.toml (dist-lora prepare --dataset-config)"
+    write_import(result, tmp_path / "out", tmp_path / "config.json")
+    from dist_lora.data.dataset_config import read_dataset_config
+
+    spec = read_dataset_config(tmp_path / "out" / "dataset.toml")
+    assert [s.buckets for s in spec.subsets] == [{"buckets": True, "resolution": 512},
+                                                 {"buckets": True, "resolution": 768, "max_bucket_side": 1280}]
+    assert "resolution" not in spec.prepare and result.raw["training"]["batch_size"] == 2
+
+
 def test_a_dataset_config_with_a_missing_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "chars" / "alice").mkdir(parents=True)
     dataset = _write(tmp_path, DATASET_TOML, "dataset.toml")
