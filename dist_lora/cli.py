@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dist_lora.adapter_cli import add_adapter_tool_commands
+from dist_lora.caption_cli import add_caption_editor_command, add_captioning_commands
 from dist_lora.errors import DistLoraError
 
 _USER_ERRORS = (DistLoraError, FileExistsError, PermissionError, NotADirectoryError, FileNotFoundError)
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_cmd_merge)
 
     add_adapter_tool_commands(sub)
+    add_captioning_commands(sub)
+    add_caption_editor_command(sub)
 
     sample = sub.add_parser("sample", help="X/Y grid over adapter files x weights x CFG scales with fixed seeds "
                             "(run under accelerate launch to split the cells across processes)")
