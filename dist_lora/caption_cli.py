@@ -1,4 +1,4 @@
-"""The dataset-captioning commands of `dist-lora`: tag and captions (parse, call, report)."""
+"""The dataset tools of `dist-lora`: tag, captions and audit (parse, call, report)."""
 
 from __future__ import annotations
 
@@ -135,3 +135,52 @@ def add_caption_editor_command(sub: Any) -> None:
     captions.add_argument("--list", action="store_true", help="print every tag's frequency (after the edit)")
     captions.add_argument("--dry-run", action="store_true", help="print the changes as a diff; write nothing")
     captions.set_defaults(func=_cmd_captions)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from dist_lora.data.audit_source import audit_dataset
+    from dist_lora.data.prepare import PrepareOptions
+    from dist_lora.errors import DistLoraError
+
+    dataset = None
+    if args.dataset_config:
+        from dist_lora.data.dataset_config import read_dataset_config
+
+        if args.src:
+            raise DistLoraError(f"give a dataset folder ('{args.src}') or --dataset-config, not both.")
+        dataset = read_dataset_config(args.dataset_config)
+    opts = PrepareOptions(trigger=args.trigger, reg_src=args.reg, val_fraction=args.val_fraction,
+                          caption_extension=args.caption_extension, audit_distance=args.audit_distance,
+                          tokenizer=args.tokenizer, max_token_length=args.max_token_length)
+    report, unreadable = audit_dataset(args.src or None, opts, dataset)
+    if args.json:
+        print(json.dumps({**report.to_json(), "unreadable": unreadable}, indent=1, ensure_ascii=False))
+    else:
+        print("\n".join(report.summary()))
+        for bad in unreadable:
+            print(f"  unreadable {bad['path']}: {bad['reason']}")
+    return 0
+
+
+def add_audit_options(parser: Any) -> None:
+    """The audit's options, shared by `prepare` and `audit`."""
+    parser.add_argument("--audit-distance", type=int, default=4,
+                        help="perceptual-hash bits (of 64) within which two images count as near-duplicates")
+    parser.add_argument("--tokenizer", default="", help="CLIP tokenizer folder (or a diffusers model folder): "
+                        "the audit then reports captions longer than --max-token-length")
+    parser.add_argument("--max-token-length", type=int, default=75, choices=[75, 150, 225],
+                        help="caption tokens the text encoder reads (kohya's max_token_length)")
+
+
+def add_audit_command(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="near-duplicate images, train/val leakage, train/reg duplicates, captions "
+                           "without the trigger or over the token limit, tag coverage (what prepare reports)")
+    audit.add_argument("src", nargs="?", default="", help="kohya folder (<repeats>_<name>/...)")
+    audit.add_argument("--dataset-config", default="", help="an sd-scripts dataset config instead of SRC")
+    audit.add_argument("--reg", default="", help="regularization folder (kohya layout)")
+    audit.add_argument("--val-fraction", type=float, default=0.0, help="the validation split prepare would hold out")
+    audit.add_argument("--trigger", default="", help="report captions without this tag")
+    audit.add_argument("--caption-extension", default=".caption", help="of a dataset config's subsets that set none")
+    audit.add_argument("--json", action="store_true", help="the full report as JSON")
+    add_audit_options(audit)
+    audit.set_defaults(func=_cmd_audit)

@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dist_lora.adapter_cli import add_adapter_tool_commands
-from dist_lora.caption_cli import add_caption_editor_command, add_captioning_commands
+from dist_lora.caption_cli import (
+    add_audit_command,
+    add_audit_options,
+    add_caption_editor_command,
+    add_captioning_commands,
+)
 from dist_lora.errors import DistLoraError
 
 _USER_ERRORS = (DistLoraError, FileExistsError, PermissionError, NotADirectoryError, FileNotFoundError)
@@ -47,7 +52,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                           min_side=args.min_side, max_pixels=args.max_pixels, reg_src=args.reg,
                           workers=args.workers, val_fraction=args.val_fraction, no_upscale=args.bucket_no_upscale,
                           random_crop=args.random_crop, alpha_mask=args.alpha_mask, mask_dir=args.mask_dir,
-                          caption_extension=args.caption_extension, wildcard=args.enable_wildcard)
+                          caption_extension=args.caption_extension, wildcard=args.enable_wildcard,
+                          audit_distance=args.audit_distance, tokenizer=args.tokenizer,
+                          max_token_length=args.max_token_length)
     dataset = None
     if args.dataset_config:
         from dist_lora.data.dataset_config import read_dataset_config
@@ -276,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "option of each {a|b|c} per sample and epoch (a dataset config's subsets may set it)")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty output folder (a previous prepare output is updated in place)")
+    add_audit_options(prep)
     prep.set_defaults(func=_cmd_prepare)
 
     cache = sub.add_parser("cache", help="add VAE latents (and text-encoder outputs) to prepared shards; run under "
@@ -334,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_tool_commands(sub)
     add_captioning_commands(sub)
     add_caption_editor_command(sub)
+    add_audit_command(sub)
 
     sample = sub.add_parser("sample", help="X/Y grid over adapter files x weights x CFG scales with fixed seeds "
                             "(run under accelerate launch to split the cells across processes)")

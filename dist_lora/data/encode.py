@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from dist_lora.data.audit import perceptual_hash
 from dist_lora.data.buckets import (
     Bucket,
     BucketError,
@@ -88,11 +89,12 @@ def encode_image(job: EncodeJob) -> tuple[dict[str, bytes], dict[str, Any]] | st
             mask = ImageOps.exif_transpose(opened).convert("RGB").getchannel("R")  # the red channel, as kohya
     crop = not options.get("random_crop")
     members = {job.image_format: _png_bytes(_fit(image, placement, crop), job.image_format)}
+    phash = perceptual_hash(image.convert("RGB"))  # for the dataset audit, while the image is decoded
     if mask is not None:
         members[MASK_MEMBER] = _png_bytes(_fit(mask, placement, crop))
     bucket = placement.bucket
     geometry = {"original_size": [image.height, image.width], "crop_top_left": list(placement.crop_top_left),
                 "target_size": [bucket.height, bucket.width], "bucket": [bucket.width, bucket.height],
                 "resized_size": [placement.resized[1], placement.resized[0]],
-                **({"uncropped": True} if not crop else {})}
+                **({"uncropped": True} if not crop else {}), "phash": phash}
     return members, geometry

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dist_lora.data.audit import DEFAULT_HASH_DISTANCE, AuditItem, AuditReport, audit, file_hash, load_tokenizer
 from dist_lora.data.buckets import (
     Bucket,
     BucketSpec,
@@ -81,6 +82,9 @@ class PrepareOptions:
     mask_dir: str = ""  # mask images (their red channel) for masked loss, mirroring the source folder's layout
     caption_extension: str = ".caption"  # of a dataset config's subsets that set none (sd-scripts' default)
     wildcard: bool = False  # captions keep every line: one is chosen (and {a|b} expanded) per epoch
+    audit_distance: int = DEFAULT_HASH_DISTANCE  # perceptual-hash bits within which images are near-duplicates
+    tokenizer: str = ""  # a CLIP tokenizer (or diffusers) folder: the audit then counts caption tokens
+    max_token_length: int = 75  # what the text encoder reads (kohya's max_token_length: 75, 150, 225)
     # A dataset config's subsets whose datasets set their own resolution / bucket settings (one dict of
     # these fields per subset, empty where none): several bucket sets in one prepared folder.
     subset_buckets: tuple[dict[str, Any], ...] = ()
@@ -126,13 +130,15 @@ class PrepareReport:
     buckets: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     validation: PrepareReport | None = None  # the held-out set's own report (--val-fraction)
+    audit: AuditReport | None = None  # training, validation and regularization images together
 
     def to_json(self) -> dict[str, Any]:
         return {"found": self.found, "accepted": self.accepted, "rejected_count": len(self.rejected),
                 "encoded": self.encoded, "reused": self.reused, "shards": self.shards,
                 "samples_with_repeats": self.samples_with_repeats, "buckets": self.buckets,
                 "rejected": self.rejected, "warnings": self.warnings, "seconds": round(self.seconds, 3),
-                **({"validation": self.validation.to_json()} if self.validation else {})}
+                **({"validation": self.validation.to_json()} if self.validation else {}),
+                **({"audit": self.audit.to_json()} if self.audit else {})}
 
     def summary(self) -> str:
         reasons = Counter(r["reason"].split(":")[0] for r in self.rejected)
@@ -146,6 +152,8 @@ class PrepareReport:
         if self.validation is not None:
             lines.append(f"held out for validation (in val/): {self.validation.accepted} images in "
                          f"{self.validation.shards} shards")
+        if self.audit is not None:
+            lines += self.audit.summary()
         return "\n".join(lines)
 
 
@@ -250,7 +258,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
     check_writable_dir(out)
 
 
-def _scan(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[SourceImage]:
+def scan_sources(src: Path, opts: PrepareOptions, dataset: DatasetSpec | None) -> list[SourceImage]:
     if dataset is not None:
         if opts.reg_src:
             raise DatasetFolderError(f"--reg '{opts.reg_src}' and a dataset config: give the regularization images "
@@ -360,7 +368,8 @@ def prepare_dataset(src: str | Path | None, out: str | Path, opts: PrepareOption
         raise DatasetFolderError(f"resolution {opts.resolution} must be a multiple of 64 (and >= 64).")
     for own in [opts, *(replace(opts, **b) for b in opts.subset_buckets if b)]:
         own.bucket_spec()  # raises BucketError naming a bad bucket parameter
-    images = _scan(src, opts, dataset)
+    images = scan_sources(src, opts, dataset)
+    tokenizer = load_tokenizer(opts.tokenizer) if opts.tokenizer else None  # checked before any encoding
     _check_output(out, opts.overwrite)
 
     if not 0.0 <= opts.val_fraction < 1.0:
@@ -371,10 +380,15 @@ def prepare_dataset(src: str | Path | None, out: str | Path, opts: PrepareOption
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         subsets = [s.record() for s in dataset.subsets] if dataset is not None else []
-        report = _write_folder(src, train_images, staging, out, opts, started, subsets)
+        audited: list[AuditItem] = []
+        report = _write_folder(src, train_images, staging, out, opts, started, subsets, audited)
         if val_images:
             report.validation = _write_folder(src, [replace(i, repeats=1) for i in val_images], staging / "val",
-                                              out / "val", opts, started, subsets)
+                                              out / "val", opts, started, subsets, audited, "val")
+        report.audit = audit(audited, trigger=opts.trigger, max_distance=opts.audit_distance, tokenizer=tokenizer,
+                             max_tokens=opts.max_token_length)
+        (staging / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False),
+                                           encoding="utf-8")
         _swap_into_place(staging, out)
     finally:
         if staging.exists():
@@ -396,7 +410,8 @@ def split_validation(images: list[SourceImage], fraction: float) -> tuple[list[S
 
 
 def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path, opts: PrepareOptions,
-                  started: float, subsets: list[dict[str, Any]]) -> PrepareReport:
+                  started: float, subsets: list[dict[str, Any]], audited: list[AuditItem],
+                  split: str = "train") -> PrepareReport:
     """Encode ``images`` into shards and metadata in ``staging`` (reusing unchanged ones from ``out``)."""
     staging.mkdir(parents=True, exist_ok=True)
     report = PrepareReport(found=len(images))
@@ -416,7 +431,11 @@ def _write_folder(src: Path, images: list[SourceImage], staging: Path, out: Path
             if warning:
                 report.warnings.append({"path": image.relative, "warning": warning})
             key = _sample_key(image.relative, used_keys)
-            meta = {**geometry, "repeats": image.repeats, "folder": image.folder, "source": image.relative,
+            raw_caption = read_caption(image, "")[0] if opts.trigger else caption
+            audited.append(AuditItem(image.relative, "reg" if image.is_reg else split,
+                                     geometry.get("phash") or file_hash(image.path), raw_caption))
+            placement = {k: v for k, v in geometry.items() if k != "phash"}  # the hash stays in sources.json
+            meta = {**placement, "repeats": image.repeats, "folder": image.folder, "source": image.relative,
                     "is_reg": image.is_reg, **({"subset": image.subset} if image.subset is not None else {})}
             encoded = list(members)
             members = {**members, "txt": caption.encode("utf-8"),
