@@ -31,7 +31,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         shutdown()
     if launched_rank() != 0:
         return 0
-    print(f"tagged {report.tagged} images of {report.images} ({report.kept} already captioned, kept; "
+    print(f"tagged {report.captioned} images of {report.images} ({report.kept} already captioned, kept; "
           f"{len(report.unreadable)} unreadable, skipped)")
     for bad in report.unreadable:
         print(f"  unreadable {bad['path']}: {bad['reason']}")
@@ -41,6 +41,27 @@ def _cmd_tag(args: argparse.Namespace) -> int:
             f"\n  {tag}: {count}" for tag, count in shown))
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False), encoding="utf-8")
+    return 0
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from dist_lora.captioning.captioner import CaptionOptions, caption_folder
+    from dist_lora.captioning.files import CaptionFiles
+    from dist_lora.parallel import launched_rank, shutdown
+
+    opts = CaptionOptions(args.prompt, args.prefix, args.suffix, args.num_beams, args.max_length, args.min_length,
+                          args.batch_size)
+    files = CaptionFiles(args.caption_extension, args.overwrite, False, ", ")
+    try:
+        report = caption_folder(args.src, args.model, opts, files, recursive=args.recursive,
+                                progress=not args.no_progress)
+    finally:
+        shutdown()
+    if launched_rank() == 0:
+        print(f"captioned {report.captioned} images of {report.images} ({report.kept} already captioned, kept; "
+              f"{len(report.unreadable)} unreadable, skipped)")
+        for bad in report.unreadable:
+            print(f"  unreadable {bad['path']}: {bad['reason']}")
     return 0
 
 
@@ -79,6 +100,26 @@ def add_captioning_commands(sub: Any) -> None:
     tag.add_argument("--report", default="", help="write the counts, unreadable images and frequencies as JSON")
     tag.add_argument("--no-progress", action="store_true", help="no progress bar")
     tag.set_defaults(func=_cmd_tag)
+
+    caption = sub.add_parser("caption", help="describe a folder's images in words with BLIP or Florence-2 "
+                             "(kohya's make_captions), writing a caption file beside each")
+    caption.add_argument("src", help="folder of images")
+    caption.add_argument("--model", default="Salesforce/blip-image-captioning-large",
+                         help="BLIP or Florence-2: a transformers folder or a hub id")
+    caption.add_argument("--prompt", default="", help="BLIP: text the caption continues ('a photo of'); Florence-2: "
+                         "its task (<CAPTION>, <DETAILED_CAPTION>, default <MORE_DETAILED_CAPTION>)")
+    caption.add_argument("--prefix", default="", help="put before every caption (e.g. the trigger and a comma)")
+    caption.add_argument("--suffix", default="", help="put after every caption")
+    caption.add_argument("--num-beams", "--num_beams", type=int, default=1, help="beam search width (1: greedy)")
+    caption.add_argument("--max-length", "--max_length", type=int, default=75, help="tokens at most")
+    caption.add_argument("--min-length", "--min_length", type=int, default=5, help="tokens at least (BLIP)")
+    caption.add_argument("--batch-size", "--batch_size", type=int, default=1)
+    caption.add_argument("--caption-extension", "--caption_extension", default=".caption",
+                         help="kohya's make_captions default: .caption")
+    caption.add_argument("--overwrite", action="store_true", help="replace existing captions")
+    caption.add_argument("--recursive", action="store_true", help="caption the images of subfolders too")
+    caption.add_argument("--no-progress", action="store_true", help="no progress bar")
+    caption.set_defaults(func=_cmd_caption)
 
 
 def _cmd_captions(args: argparse.Namespace) -> int:

@@ -115,7 +115,7 @@ OPTIONS = [TagOptions(),
 def test_tags_are_kohyas_rule_over_the_models_outputs(opts: TagOptions, tagger: Path, tmp_path: Path) -> None:
     paths = _images(tmp_path / "images")
     report = tag_folder(tmp_path / "images", str(tagger), opts, CaptionFiles(".txt"), batch_size=3, progress=False)
-    assert report.tagged == len(COLOURS) and report.kept == 0 and not report.unreadable
+    assert report.captioned == len(COLOURS) and report.kept == 0 and not report.unreadable
     written = {p.name: p.with_suffix(".txt").read_text() for p in paths}
     expected = {p.name: ", ".join(_expected(c, opts)) for p, c in zip(paths, COLOURS, strict=True)}
     assert written == expected
@@ -142,7 +142,7 @@ def test_existing_captions_kept_replaced_or_added_to(tagger: Path, tmp_path: Pat
     paths[0].with_suffix(".caption").write_text("mine, hand written")
     opts = TagOptions(general_threshold=0.2)
     report = tag_folder(tmp_path / "images", str(tagger), opts, CaptionFiles(".caption"), progress=False)
-    assert report.kept == 1 and report.tagged == len(COLOURS) - 1
+    assert report.kept == 1 and report.captioned == len(COLOURS) - 1
     assert paths[0].with_suffix(".caption").read_text() == "mine, hand written"
     tag_folder(tmp_path / "images", str(tagger), opts, CaptionFiles(".caption", append=True), progress=False)
     assert paths[0].with_suffix(".caption").read_text() == ", ".join(["mine", "hand written", *_expected(
@@ -157,7 +157,7 @@ def test_bad_inputs_are_named(tagger: Path, tmp_path: Path, capsys: pytest.Captu
     paths = _images(tmp_path / "images")
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG not really")
     report = tag_folder(tmp_path / "images", str(tagger), TagOptions(), CaptionFiles(), progress=False)
-    assert report.tagged == len(paths) and [u["path"] for u in report.unreadable] == \
+    assert report.captioned == len(paths) and [u["path"] for u in report.unreadable] == \
         [str(tmp_path / "images" / "broken.png")]
     assert not (tmp_path / "images" / "broken.txt").exists()
     nchw = _export(tmp_path / "nchw", nchw=True)
@@ -202,4 +202,4 @@ def test_two_processes_write_what_one_does(tagger: Path, tmp_path: Path) -> None
     one = {p.name: p.read_text() for p in (tmp_path / "one").glob("*.txt")}
     two = {p.name: p.read_text() for p in (tmp_path / "two").glob("*.txt")}
     assert one == two and len(one) == len(COLOURS)
-    assert json.loads((tmp_path / "two.json").read_text())["tagged"] == len(COLOURS)
+    assert json.loads((tmp_path / "two.json").read_text())["captioned"] == len(COLOURS)
