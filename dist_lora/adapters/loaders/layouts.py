@@ -37,8 +37,7 @@ _RENAMED_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up
                   "lora_linear_layer.up.weight": "lora_up.weight",
                   "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale"}
 _ATTN_PROC = re.compile(r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
-_DOTTED_PREFIXES = {"unet.": 0, "text_encoder.": 1, "text_encoder_2.": 2, "base_model.model.": 0,
-                    "diffusion_model.": 0}
+_DOTTED_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "base_model.model.", "diffusion_model.")
 _BASE_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2"}
 
 
@@ -148,7 +147,7 @@ def _split(key: str, spellings: dict[str, tuple[Target, str]]) -> tuple[str, str
         module, _, part = key.partition(".")
         part = _RENAMED_PARTS.get(part, part)
         return (module, part) if part in _KOHYA_PARTS else None
-    if key.startswith(tuple(_DOTTED_PREFIXES)):
+    if key.startswith(_DOTTED_PREFIXES):
         for spelled in sorted(_RENAMED_PARTS, key=len, reverse=True) + list(_KOHYA_PARTS):
             if key.endswith(f".{spelled}"):
                 module = key[: -len(spelled) - 1]

@@ -44,7 +44,6 @@ class FamilyNames:
     family: str
     modules: dict[Target, ModuleInfo]  # every Linear and Conv2d of the UNet and the text encoders
     kohya: dict[str, Target]  # the kohya/LyCORIS module key each loader agrees on -> module
-    encoder_layers: tuple[int, ...]  # transformer layers per text encoder
     unet_config: Any  # diffusers' FrozenDict (its conversions read attributes)
 
     def by_kohya(self, key: str) -> ModuleInfo | None:
@@ -108,8 +107,7 @@ def family_names(family: str, base: str | None = None) -> FamilyNames:
             modules[(component, path)] = ModuleInfo(component, path, tuple(module.weight.shape), ldm)
     kohya_family = "sdxl" if family == "sdxl" else "sd1"
     kohya = module_key_table(unet, list(encoders), kohya_family)
-    layers = tuple(int(e.config.num_hidden_layers) for e in encoders)  # type: ignore[union-attr]
-    return FamilyNames(family, modules, kohya, layers, unet.config)
+    return FamilyNames(family, modules, kohya, unet.config)
 
 
 def underscored(path: str) -> str:

@@ -39,12 +39,6 @@ class UiReport:
                 "loaded": dict(sorted(self.loaded.items())), "notes": self.notes}
 
 
-def ignore_unknown(parsed: ParsedFile, report: UiReport) -> None:
-    """Keys of no layout any loader here reads."""
-    for key in parsed.unknown:
-        report.ignored[key] = "not a key of any LoRA/LyCORIS layout"
-
-
 def dora_notes(parsed: ParsedFile, ui: str) -> list[str]:
     """DoRA magnitudes are applied by three conventions (see dist_lora.adapters.dora_axis)."""
     per_row = per_column = 0
