@@ -3,6 +3,7 @@ Florence-2 (transformers' own Florence2ForConditionalGeneration), from a local f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ class Captioner:
                                 f"{opts.min_length}: beams and length must be at least 1, min at most max.")
         self.kind = _model_type(model)
         self.opts = opts
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # One GPU per process under a launcher: its local rank's.
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         from transformers import AutoProcessor, BlipForConditionalGeneration, Florence2ForConditionalGeneration
 

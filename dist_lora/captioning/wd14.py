@@ -11,6 +11,7 @@ rating first or last when asked, then the ``always_first_tags`` moved to the fro
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +137,12 @@ class Wd14Tagger:
     def __post_init__(self) -> None:
         self.table = read_tag_table(self.folder / TAGS_FILE)
         ort = _onnxruntime()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in
-                     ort.get_available_providers()]
+        # One GPU per process under a launcher: its local rank's.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        available = ort.get_available_providers()
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": local_rank})] \
+            if "CUDAExecutionProvider" in available else []
+        providers.append("CPUExecutionProvider")
         try:
             self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), providers=providers)
         except Exception as exc:  # onnxruntime raises its own types for unreadable models
