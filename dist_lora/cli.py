@@ -72,7 +72,22 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                                     f"{'regularization images' if flag == '--reg' else 'mask folder'} in sd-scripts; "
                                     f"use a dataset config (--dataset-config) with an image-folder subset.")
         dataset = metadata_dataset(args.metadata_file, args.src, args.repeats)  # SRC: the images' folder
-    report = prepare_dataset(None if dataset is not None else args.src, args.out, opts, dataset)
+    shards = None
+    if args.webdataset:
+        from dist_lora.data.webdataset_source import WebDatasetSource
+
+        shards = WebDatasetSource.open(args.webdataset, args.caption_key)
+    elif args.caption_key:
+        raise DistLoraError(f"--caption-key '{args.caption_key}' names a key of WebDataset samples' .json; it "
+                            f"needs --webdataset.")
+    from dist_lora.parallel import launched_rank, shutdown
+
+    try:
+        report = prepare_dataset(None if dataset is not None else args.src, args.out, opts, dataset, shards)
+    finally:
+        shutdown()
+    if launched_rank() != 0:
+        return 0
     print(report.summary())
     for key, value in (dataset.training.items() if dataset is not None else ()):
         print(f"note: the dataset config sets {key} = {value!r}, a training setting: set training.{key} = "
@@ -229,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--single-file", default="", help="also write it as one LDM-style .safetensors file")
     tiny.set_defaults(func=_cmd_tiny_model)
 
-    prep = sub.add_parser("prepare", help="kohya folder (<repeats>_<name>/img.png + img.txt), or the subsets of an "
-                          "sd-scripts dataset config, -> WebDataset shards")
-    prep.add_argument("src", nargs="?", help="kohya training folder (omit with --dataset-config; with "
-                      "--metadata-file, the images' folder)")
+    prep = sub.add_parser("prepare", help="kohya folder (<repeats>_<name>/img.png + img.txt), the subsets of an "
+                          "sd-scripts dataset config, or existing WebDataset shards -> bucketed WebDataset shards; "
+                          "under accelerate launch or srun, every process prepares a slice")
+    prep.add_argument("src", nargs="?", help="kohya training folder (omit with --dataset-config or --webdataset; "
+                      "with --metadata-file, the images' folder)")
     prep.add_argument("out")
     prep.add_argument("--dataset-config", default="",
                       help="sd-scripts dataset config ([general], [[datasets]], [[datasets.subsets]]): its subsets "
@@ -242,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sd-scripts' fine-tuning metadata (.json or .jsonl; sd-scripts: in_json): the images it "
                            "lists, with its captions and tags; SRC, if given, is the folder its relative keys are "
                            "in (sd-scripts: train_data_dir)")
+    prep.add_argument("--webdataset", default="", metavar="URLS",
+                      help="existing WebDataset / img2dataset shards as the source, read as they stream: braces "
+                           "('shards/{00000..00127}.tar'), '::'-separated lists and 'pipe:' commands (omit SRC); "
+                           "under accelerate launch or srun each process reads every n-th shard")
+    prep.add_argument("--caption-key", default="",
+                      help="with --webdataset: take each sample's caption from this key of its .json member "
+                           "(dotted for nested keys, e.g. 'caption' or 'meta.prompt') instead of its .txt member")
     prep.add_argument("--repeats", type=int, default=1,
                       help="repeats of each --metadata-file image (sd-scripts: dataset_repeats)")
     prep.add_argument("--resolution", type=int, default=512,

@@ -104,6 +104,41 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def adopt_slurm_tasks() -> None:
+    """Under ``srun`` with several tasks and no launcher's variables (``srun -n 8 dist-lora prepare ...``):
+    take RANK / WORLD_SIZE / LOCAL_RANK from Slurm's task variables and the rendezvous from the step's first
+    node, as slurm/train.sbatch exports them for training. Nothing changes where RANK is already set or
+    the step has one task (a batch script's own shell is not a step task: it has no SLURM_STEP_NUM_TASKS)."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" in env or tasks <= 1 or "SLURM_PROCID" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], str(tasks)
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _first_node(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    if "MASTER_PORT" not in env:  # the same on every task of the step, and another per step of a job
+        env["MASTER_PORT"] = str(20000 + (int(env.get("SLURM_JOB_ID", "0")) + int(env.get("SLURM_STEP_ID", "0"))
+                                          + 1) % 10000)
+
+
+def _first_node(nodelist: str) -> str:
+    import subprocess
+
+    if nodelist and not any(c in nodelist for c in "[,"):
+        return nodelist
+    try:
+        names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DistLoraError(f"cannot find the first node of the Slurm step ('{nodelist}') for the rendezvous "
+                            f"({exc}); export MASTER_ADDR=<that node's address> before srun.") from exc
+    if not names:
+        raise DistLoraError(f"'scontrol show hostnames {nodelist}' printed no node; export MASTER_ADDR before srun.")
+    return names[0]
+
+
 def requested_zero_stage() -> int:
     """The ZeRO stage the launch asks for (0 without DeepSpeed), before the accelerator exists."""
     if not deepspeed_requested():

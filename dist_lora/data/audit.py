@@ -155,8 +155,9 @@ def load_tokenizer(path: str | Path) -> Any:
                             f"tokenizer/): {exc}") from exc
 
 
-def file_hash(path: Path) -> str:
-    """The perceptual hash of an image file (for images an earlier prepare encoded before hashes were kept)."""
+def file_hash(path: Path, data: bytes | None = None) -> str:
+    """The perceptual hash of an image file, or of ``data``, its bytes (for images an earlier prepare encoded
+    before hashes were kept)."""
     from dist_lora.data.images import open_image
 
-    return perceptual_hash(open_image(path, min_side=1))
+    return perceptual_hash(open_image(path, min_side=1, data=data))

@@ -10,7 +10,8 @@ from dist_lora.data.audit import AuditItem, AuditReport, audit, file_hash, load_
 from dist_lora.data.dataset_config import DatasetSpec
 from dist_lora.data.images import RejectedImage
 from dist_lora.data.kohya import DatasetFolderError, read_caption
-from dist_lora.data.prepare import PrepareOptions, scan_sources, split_validation
+from dist_lora.data.prepare_options import PrepareOptions
+from dist_lora.data.prepare_sources import scan_sources, split_validation
 
 
 def audit_dataset(src: str | Path | None, opts: PrepareOptions, dataset: DatasetSpec | None = None

@@ -42,6 +42,7 @@ class EncodeJob:
     image_format: str
     options: dict[str, Any]  # random_crop, alpha_mask, mask (a mask file's path) and no_upscale: the image's own
     spec: BucketSpec | None = None  # for no_upscale
+    data: bytes | None = None  # the image file's bytes (a WebDataset member); None: read ``path``
 
 
 def _placement(image: Image.Image, job: EncodeJob) -> Placement:
@@ -75,7 +76,7 @@ def encode_image(job: EncodeJob) -> tuple[dict[str, bytes], dict[str, Any]] | st
     options = job.options
     try:
         image = open_image(Path(job.path), min_side=job.min_side, max_pixels=job.max_pixels,
-                           keep_alpha=bool(options.get("alpha_mask")))
+                           keep_alpha=bool(options.get("alpha_mask")), data=job.data)
         placement = _placement(image, job)
     except RejectedImage as exc:
         return str(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -47,15 +48,15 @@ def to_rgb(image: Image.Image, keep_alpha: bool = False) -> Image.Image:
 
 
 def open_image(path: Path, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               keep_alpha: bool = False) -> Image.Image:
+               keep_alpha: bool = False, data: bytes | None = None) -> Image.Image:
     """The decoded RGB image (RGBA with ``keep_alpha`` when it has transparency), or ``RejectedImage``
-    saying why not.
+    saying why not. ``data``: the file's bytes (a member of a tar shard), ``path`` then only names it.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb costs
     nothing; the full decode then catches truncated and corrupt files.
     """
     try:
-        size = path.stat().st_size
+        size = len(data) if data is not None else path.stat().st_size
     except OSError as exc:
         raise RejectedImage(f"unreadable: {exc.strerror or exc}") from exc
     if size == 0:
@@ -63,7 +64,7 @@ def open_image(path: Path, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXEL
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(data) if data is not None else path) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise RejectedImage(f"decompression bomb: {width}x{height} = {width * height} pixels exceeds "

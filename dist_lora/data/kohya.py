@@ -40,6 +40,7 @@ class SourceImage:
     mask_path: Path | None = None  # its mask image, for masked loss
     caption_text: str | None = None  # its caption when it has no caption file (a fine-tuning subset's metadata)
     caption_lines: bool = False  # keep every line of the caption (wildcards) instead of sd-scripts' first line
+    data: bytes | None = None  # the image file's bytes when it is a member of a WebDataset shard (path: its URL)
 
 
 def _caption_for(image: Path) -> Path | None:

@@ -218,3 +218,29 @@ def test_a_rank_that_dies_ends_the_step_at_once(tiny_models: dict[str, Path], sh
     assert time.time() - started < 60
     assert "ran out of memory" in log and "requeueing" not in log
     assert not (run / "adapter.safetensors").exists()
+
+
+def test_prepare_over_srun_tasks_equals_one_process(tmp_path: Path) -> None:
+    """`srun ... dist-lora prepare` on 2 nodes with Slurm's task variables only; the batch shell's own
+    prepare (not a step task) runs as one process beside it."""
+    from PIL import Image
+
+    src = tmp_path / "src" / "2_thing"
+    src.mkdir(parents=True)
+    for i in range(9):
+        Image.new("RGB", (96 + 16 * (i % 4), 128), (25 * i, 100, 200 - 20 * i)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"thing {i}")
+    python = REPO / ".venv" / "bin" / "python"
+    prepare = f"{python} -m dist_lora.cli prepare {tmp_path / 'src'}"
+    options = "--resolution 128 --shard-size 2 --workers 1"
+    script = f"set -e; cd {REPO}; {prepare} {tmp_path / 'one'} {options}; srun {prepare} {tmp_path / 'two'} {options}"
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/p-%j.out",
+                          "--wrap", script], capture_output=True, text=True, check=True).stdout.strip()
+    info = _wait(job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), timeout=240,
+                 what="the prepare job")
+    log = (tmp_path / f"p-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
+    assert "processes" not in one and two["processes"] == [5, 4]
+    assert (two["accepted"], two["samples_with_repeats"], two["buckets"]) == \
+           (one["accepted"], one["samples_with_repeats"], one["buckets"]) == (9, 18, one["buckets"])

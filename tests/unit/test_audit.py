@@ -16,7 +16,8 @@ from PIL import Image
 from dist_lora.cli import main
 from dist_lora.data.audit import AuditItem, audit, near_groups
 from dist_lora.data.kohya import scan_images
-from dist_lora.data.prepare import PrepareOptions, prepare_dataset, split_validation
+from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+from dist_lora.data.prepare_sources import split_validation
 
 
 def _smooth(seed: int, size: int = 128) -> Image.Image:

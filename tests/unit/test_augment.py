@@ -16,7 +16,8 @@ from PIL import Image
 from dist_lora.data.augment import Augment, AugmentPolicy, Draw, apply, draw, kohya_gamma, shift_hue
 from dist_lora.data.buckets import BucketSpec, no_upscale_placement
 from dist_lora.data.kohya import DatasetFolderError, SourceImage
-from dist_lora.data.prepare import PrepareOptions, image_options, prepare_dataset
+from dist_lora.data.prepare import PrepareOptions, prepare_dataset
+from dist_lora.data.prepare_sources import image_options
 from dist_lora.data.shards import ShardLoader
 from dist_lora.train.losses import mask_weights
 from tests.conftest import shard_members
