@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -35,17 +36,25 @@ class AdapterFile:
         return _FAMILY_OF_VERSION.get(self.metadata.get("ss_base_model_version", ""))
 
 
-def read_adapter_file(path: str | Path) -> AdapterFile:
-    """Load and check every key; raise ``AdapterFileError`` naming the file and the first bad keys."""
-    path = Path(path)
+def open_adapter_file(path: Path, *, shapes_only: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
+    """An adapter .safetensors file's metadata and tensors (with ``shapes_only``, their shapes: the header
+    alone is read); ``AdapterFileError`` naming the file when it is missing or damaged."""
     if not path.is_file():
         raise AdapterFileError(f"adapter file '{path}' does not exist.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            if shapes_only:
+                return metadata, {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+            return metadata, {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises several types for damaged files
         raise AdapterFileError(f"adapter file '{path}' is not a readable .safetensors file: {exc}") from exc
+
+
+def read_adapter_file(path: str | Path) -> AdapterFile:
+    """Load and check every key; raise ``AdapterFileError`` naming the file and the first bad keys."""
+    path = Path(path)
+    metadata, tensors = open_adapter_file(path)
     grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unknown = []
     for key, tensor in tensors.items():

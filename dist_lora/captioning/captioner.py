@@ -94,4 +94,4 @@ def caption_folder(src: str | Path, model: str, opts: CaptionOptions, files: Any
     images = find_images(src, recursive)  # inputs checked before the model loads
     captioner = Captioner(model, opts)
     return caption_images(images, files, lambda batch: [[c] for c in captioner.captions(batch)],
-                          batch_size=opts.batch_size, progress=progress, what="captioning")
+                          batch_size=opts.batch_size, progress=progress, what="captioning", count_tags=False)

@@ -40,12 +40,13 @@ def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 def caption_images(images: list[Path], files: CaptionFiles, describe: Callable[[list[Image.Image]], list[list[str]]],
-                   *, batch_size: int, progress: bool, what: str) -> CaptionReport:
+                   *, batch_size: int, progress: bool, what: str, count_tags: bool = True) -> CaptionReport:
     """Write ``describe``'s tags (or one-element caption lists) for the images that need a caption (see
     ``CaptionFiles.wanted``); under a launcher each rank takes every world-size-th image. Returns the
-    report of all ranks, on every rank."""
+    report of all ranks, on every rank; with ``count_tags`` (tagging) it counts the tags written."""
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be at least 1.")
+    parallel.adopt_slurm_tasks()  # `srun -n 8 dist-lora tag ...` with Slurm's task variables alone
     rank, size = parallel.launched_rank(), parallel.launched_world_size()
     if size > 1:
         world = parallel.process_world()
@@ -68,7 +69,8 @@ def caption_images(images: list[Path], files: CaptionFiles, describe: Callable[[
             if opened:
                 for path, tags in zip(readable, describe(opened), strict=True):
                     files.write(path, tags)
-                    report.frequency.update(tags)
+                    if count_tags:
+                        report.frequency.update(tags)
                     report.captioned += 1
             bar.update(len(batch))
     if size > 1:

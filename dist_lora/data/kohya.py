@@ -152,9 +152,16 @@ def scan_subset(subset: SubsetSpec, index: int, caption_extension: str = ".capti
 
 
 def read_caption(image: SourceImage, trigger: str) -> tuple[str, str]:
-    """The image's caption (its caption file, else the class name) with the trigger word first, and a
-    warning ('' if none) when the file was not UTF-8 and was decoded as Windows-1252/Latin-1, or when a
-    subset image has neither a caption file nor class tokens.
+    """The image's caption with the trigger first, and a warning ('' if none); see ``read_captions``."""
+    caption, _, warning = read_captions(image, trigger)
+    return caption, warning
+
+
+def read_captions(image: SourceImage, trigger: str) -> tuple[str, str, str]:
+    """The image's caption (its caption file, else the class name) with the trigger word first, the same
+    without the trigger (what the dataset audit checks), and a warning ('' if none) when the file was not
+    UTF-8 and was decoded as Windows-1252/Latin-1, or when a subset image has neither a caption file nor
+    class tokens.
 
     A subset image's caption is the first line of its file (or of its metadata caption), between the
     subset's prefix and suffix, as sd-scripts reads it; a folder image's caption is the whole file, its
@@ -186,9 +193,9 @@ def read_caption(image: SourceImage, trigger: str) -> tuple[str, str]:
         lines = text.split("\n")[:1]
     else:
         lines = [text]
-    return "\n".join(_with_trigger(" ".join(part for part in (image.caption_prefix, " ".join(line.split()),
-                                                                image.caption_suffix) if part), trigger)
-                     for line in lines), warning
+    plain = [" ".join(part for part in (image.caption_prefix, " ".join(line.split()), image.caption_suffix) if part)
+             for line in lines]
+    return "\n".join(_with_trigger(line, trigger) for line in plain), "\n".join(plain), warning
 
 
 def _with_trigger(caption: str, trigger: str) -> str:

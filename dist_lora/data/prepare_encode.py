@@ -20,7 +20,7 @@ from typing import Any
 from dist_lora.data.audit import AuditItem, file_hash
 from dist_lora.data.buckets import Bucket, BucketSpec, bucket_set
 from dist_lora.data.encode import EncodeJob, encode_image
-from dist_lora.data.kohya import read_caption
+from dist_lora.data.kohya import read_captions
 from dist_lora.data.prepare_options import PrepareOptions, PrepareReport
 from dist_lora.data.prepare_sources import PlannedSample, image_options
 from dist_lora.data.shard_writer import BucketShardSink, PreviousOutput, source_identity
@@ -112,11 +112,10 @@ class _SplitWriter:
             self.report.rejected.append({"path": image.relative, "reason": result})
             return
         members, geometry = result
-        caption, warning = read_caption(image, opts.trigger)
+        caption, raw_caption, warning = read_captions(image, opts.trigger)
         for text in (item.warning, warning):
             if text:
                 self.report.warnings.append({"path": image.relative, "warning": text})
-        raw_caption = read_caption(image, "")[0] if opts.trigger else caption
         audited.append(AuditItem(image.relative, "reg" if image.is_reg else item.split,
                                  geometry.get("phash") or file_hash(image.path, image.data), raw_caption))
         placement = {k: v for k, v in geometry.items() if k != "phash"}  # the hash stays in sources.json

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from dist_lora.adapters.io import open_adapter_file
 from dist_lora.adapters.loaders.names import FAMILIES, FamilyNames, Target, family_names, underscored
 from dist_lora.errors import DistLoraError
 
@@ -159,14 +159,7 @@ def parse_adapter_file(path: str | Path, family: str | None = None, base: str | 
     """Group a file's keys into modules and find what each names, for ``family`` (found from the file's
     metadata or its keys when not given). Reads the header and shapes only."""
     path = Path(path)
-    if not path.is_file():
-        raise DistLoraError(f"adapter file '{path}' does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise DistLoraError(f"adapter file '{path}' is not a readable .safetensors file: {exc}") from exc
+    metadata, shapes = open_adapter_file(path, shapes_only=True)
     if not shapes:
         raise DistLoraError(f"adapter file '{path}' holds no tensors.")
     if family is not None and family not in FAMILIES:
