@@ -66,7 +66,7 @@ def test_cached_training_matches_online(arch: str, tiny_models: dict[str, Path],
     bare = _without(model, tmp_path / "bare", ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
     runs = {}
     for name, weights, shards in (("online", model, shapes_shards), ("cached", bare, tmp_path / "cached")):
-        raw = tiny_train_config(weights, shards, tmp_path / name, optimizer={"lr": 1e-3},
+        raw = tiny_train_config(weights, shards, tmp_path / name, optimizer={"type": "torch.optim.SGD", "lr": 0.5},
                                 training={"max_steps": 3}, logging={"record_sample_keys": True})
         raw["model"].update(text)
         runs[name] = train(config_from_dict(raw))
@@ -75,10 +75,13 @@ def test_cached_training_matches_online(arch: str, tiny_models: dict[str, Path],
     assert (tmp_path / "online" / "sample_keys.jsonl").read_text() == (tmp_path / "cached" / "sample_keys.jsonl"
                                                                         ).read_text()
     a, b = load_file(str(online.adapter_path)), load_file(str(cached.adapter_path))
-    # The text encoders ran on batches of 5 for the cache and of the training batch online: summation order
-    # differences of ~1e-6 in the encodings, which Adam's normalised steps show at ~2e-5 after 3 steps.
+    # The text encoders ran on batches of 5 for the cache and of the training batch online: summation-order
+    # differences of ~1e-7 in the encodings. Plain SGD keeps them that small in the weights (measured: 6e-9
+    # against up projections moved by 2e-3 to 1e-2); Adam's normalised steps would blow a near-zero
+    # gradient's noise up to a whole step.
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 5e-5, worst
+    moved = max(float(a[k].abs().max()) for k in a if "lora_up" in k)
+    assert moved > 1e-3 and worst < 1e-4 * moved, (worst, moved)
     with safe_open(str(cached.adapter_path), framework="pt") as f:
         assert f.metadata()["ss_max_token_length"] == "150"
     raw = tiny_train_config(bare, tmp_path / "cached", tmp_path / "other")
