@@ -58,40 +58,65 @@ def _windows(items: Iterable[PlannedSample], size: int) -> Iterator[list[Planned
         yield window
 
 
+class _Window:
+    """A window of items with what is known of each: its source identity and its encoding (or, for the
+    ones being encoded, an iterator of results still coming)."""
+
+    def __init__(self, items: list[PlannedSample]) -> None:
+        self.items = items
+        self.results: list[Encoded | None] = [None] * len(items)
+        self.identities: list[dict[str, Any]] = [{}] * len(items)
+        self.todo: list[tuple[int, EncodeJob]] = []
+        self.outputs: Iterable[Encoded] = ()
+
+    def finish(self) -> Iterator[tuple[PlannedSample, dict[str, Any], Encoded]]:
+        for (index, _), result in zip(self.todo, self.outputs, strict=True):
+            self.results[index] = result
+        for item, identity, result in zip(self.items, self.identities, self.results, strict=True):
+            assert result is not None
+            yield item, identity, result
+
+
 def _encoded(items: Iterable[PlannedSample], previous: dict[str, PreviousOutput], opts: PrepareOptions,
              reports: dict[str, PrepareReport]) -> Iterator[tuple[PlannedSample, dict[str, Any], Encoded]]:
-    """Each item with its source identity and its encoding, in order."""
+    """Each item with its source identity and its encoding, in order. The next window is handed to the
+    workers before the current one is written, so they do not wait for the writer."""
     workers = opts.workers or os.cpu_count() or 1
     encoder = _Encoder(workers)
     bucket_sets: dict[BucketSpec, list[Bucket]] = {}
+
+    def start(items: list[PlannedSample]) -> _Window:
+        window = _Window(items)
+        for index, item in enumerate(items):
+            if item.rejected:
+                window.results[index] = item.rejected
+                continue
+            image = item.image
+            window.identities[index] = source_identity(image)
+            options = image_options(image, opts)
+            hit = previous[item.split].lookup(image, window.identities[index], options)
+            if hit is not None:
+                window.results[index] = hit
+                reports[item.split].reused += 1
+                continue
+            own = opts.for_image(image)
+            spec = own.bucket_spec()
+            buckets = bucket_sets.setdefault(spec, bucket_set(spec))
+            window.todo.append((index, EncodeJob(str(image.path), own.effective_min_side, opts.max_pixels, buckets,
+                                                 opts.image_format, options, spec, image.data)))
+            reports[item.split].encoded += 1
+        window.outputs = encoder([job for _, job in window.todo])  # a pool's map submits every job at once
+        return window
+
     try:
-        for window in _windows(items, max(4 * PARALLEL_THRESHOLD, 16 * workers)):
-            results: list[Encoded | None] = [None] * len(window)
-            identities: list[dict[str, Any]] = [{}] * len(window)
-            todo: list[tuple[int, EncodeJob]] = []
-            for index, item in enumerate(window):
-                if item.rejected:
-                    results[index] = item.rejected
-                    continue
-                image = item.image
-                identities[index] = source_identity(image)
-                options = image_options(image, opts)
-                hit = previous[item.split].lookup(image, identities[index], options)
-                if hit is not None:
-                    results[index] = hit
-                    reports[item.split].reused += 1
-                    continue
-                own = opts.for_image(image)
-                spec = own.bucket_spec()
-                buckets = bucket_sets.setdefault(spec, bucket_set(spec))
-                todo.append((index, EncodeJob(str(image.path), own.effective_min_side, opts.max_pixels, buckets,
-                                              opts.image_format, options, spec, image.data)))
-                reports[item.split].encoded += 1
-            for (index, _), result in zip(todo, encoder([job for _, job in todo]), strict=True):
-                results[index] = result
-            for item, identity, result in zip(window, identities, results, strict=True):
-                assert result is not None
-                yield item, identity, result
+        pending: _Window | None = None
+        for items_of_window in _windows(items, max(4 * PARALLEL_THRESHOLD, 16 * workers)):
+            current = start(items_of_window)
+            if pending is not None:
+                yield from pending.finish()
+            pending = current
+        if pending is not None:
+            yield from pending.finish()
     finally:
         encoder.close()
 

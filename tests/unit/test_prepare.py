@@ -238,3 +238,16 @@ def test_wildcard_folder_captions_keep_each_line_with_the_trigger(tmp_path: Path
         assert manifest.get("wildcard_captions", False) is wildcard
         if wildcard:  # tags counted line by line
             assert manifest["tag_frequency"]["2_robot"] == {"zkw": 2, "robot": 2, "{red|blue}": 1, "walking": 1}
+
+
+def test_worker_processes_over_several_windows_write_what_one_process_does(tmp_path: Path) -> None:
+    # 140 images: two windows of encoding (128 + 12), the second handed to the workers before the first is written.
+    for i in range(140):
+        _png(tmp_path / "src" / "1_x" / f"{i:03d}.png", (64 + (i % 5) * 16, 96), colour=(i, 40, 200 - i))
+    shards = {}
+    for workers in (1, 2):
+        report = prepare_dataset(tmp_path / "src", tmp_path / f"out{workers}",
+                                 PrepareOptions(resolution=64, workers=workers, shard_size=50))
+        assert (report.accepted, report.encoded) == (140, 140)
+        shards[workers] = {p.name: p.read_bytes() for p in (tmp_path / f"out{workers}").glob("*.tar")}
+    assert shards[1] == shards[2] and len(shards[1]) > 2
