@@ -89,10 +89,13 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
-    type: Literal["lora", "locon", "loha", "lokr", "dora"] = _field(
+    type: Literal["lora", "locon", "loha", "lokr", "dora", "oft", "boft"] = _field(
         "lora", "Adapter type: lora (kohya LoRA), locon (LoRA on conv layers too), loha (Hadamard product), "
-        "lokr (Kronecker product), dora (weight-decomposed LoRA).")
-    rank: int = _field(16, "Adapter rank (kohya: network_dim).", minimum=1)
+        "lokr (Kronecker product), dora (weight-decomposed LoRA), oft (orthogonal rotation of each layer's output "
+        "channels in blocks, LyCORIS diag-oft), boft (butterfly OFT).")
+    rank: int = _field(16, "Adapter rank (kohya: network_dim); for oft/boft the largest block size, split as "
+                       "LyCORIS does (oft: blocks of b <= rank channels with b no larger than the block count; boft: "
+                       "even b, a power-of-two number of blocks).", minimum=1)
     alpha: float = _field(16.0, "Adapter alpha (kohya: network_alpha); the update is scaled by alpha/rank.",
                           minimum=0.0, exclusive_min=True)
     conv_rank: int = _field(0, "Rank of adapters on 3x3 convolutions (kohya: conv_dim); 0 means rank.", minimum=0)
@@ -138,8 +141,12 @@ class NetworkConfig:
     lokr_factor: int = _field(-1, "LoKr: Kronecker factor of each dimension (-1: as balanced as possible).",
                               minimum=-1)
     lokr_decompose_both: bool = _field(False, "LoKr: also low-rank decompose the first (smaller) factor.")
-    dropout: float = _field(0.0, "Dropout on the adapter's input (lora/locon/dora) or module dropout (loha/lokr).",
-                            minimum=0.0, maximum=1.0)
+    dropout: float = _field(0.0, "Dropout on the adapter's input (lora/locon/dora) or module dropout "
+                            "(loha/lokr/oft/boft).", minimum=0.0, maximum=1.0)
+    oft_constraint: float = _field(
+        0.0, "oft/boft (LyCORIS and kohya: constraint, network_alpha of networks.oft): bound each module's "
+        "||Q|| (Q = B - B^T of its blocks) to this times its output channels (COFT); 0: no bound. alpha has no "
+        "other meaning for oft/boft.", minimum=0.0)
     rank_dropout: float = _field(0.0, "kohya's rank_dropout (lora/locon): in training, each rank channel of an "
                                  "adapter's down projection is zeroed with this probability and the rest scaled by "
                                  "1/(1-p); drawn per sample.", minimum=0.0, maximum=0.99)

@@ -5,6 +5,8 @@ LoRA/LoCon: ``scale * up @ down``; LoHa: ``scale * (w1a @ w1b) * (w2a @ w2b)`` (
 a CP core. ``scale`` is ``ModuleAdapter.scale`` (alpha / rank, or 1 for LoKr with two full factors), as
 every loader applies it. LyCORIS stores a convolution's LoHa/LoKr factors flattened to [out, in*k*k]
 where no CP core is used, so those need the module's weight shape; LoRA's tensors carry it.
+OFT/BOFT rotate the base weight, so their change is a function of it (``orthogonal.weight_change``) and
+not of the tensors alone: the tools that work from the file alone refuse them (``refuse_rotations``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def module_delta(adapter: ModuleAdapter, shape: Sequence[int] | None = None) -> 
     """The module's weight change in fp32, scale included, shaped like its weight. ``shape`` (the
     module's weight shape) is needed only for flattened convolution factors; a mismatch is an error."""
     t = adapter.tensors
+    if adapter.kind in ("oft", "boft"):
+        raise DistLoraError(f"an {adapter.kind.upper()} module rotates the base weight: its change depends on that "
+                            f"weight and is not a product of the file's tensors")
     if adapter.kind == "lora":
         down, up = t["lora_down.weight"].float(), t["lora_up.weight"].float()
         delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
@@ -64,7 +69,19 @@ def module_delta(adapter: ModuleAdapter, shape: Sequence[int] | None = None) -> 
 def needs_shape(key: str, adapter: ModuleAdapter) -> bool:
     """Whether the tensors leave the module's weight shape open: a UNet module's LoHa/LoKr factors may be a
     convolution's, flattened (text encoders have linear layers only)."""
-    return adapter.kind != "lora" and key.startswith("lora_unet_") and module_delta(adapter).dim() == 2
+    if adapter.kind in ("lora", "oft", "boft"):
+        return False
+    return key.startswith("lora_unet_") and module_delta(adapter).dim() == 2
+
+
+def refuse_rotations(path: object, modules: dict[str, ModuleAdapter], action: str) -> None:
+    """Refuse an OFT/BOFT file for a tool that works from the file's tensors alone (resize, merge into a LoRA)."""
+    rotating = sorted(k for k, a in modules.items() if a.kind in ("oft", "boft"))
+    if rotating:
+        kind = modules[rotating[0]].kind.upper()
+        raise DistLoraError(f"adapter file '{path}' is {kind} (module '{rotating[0]}' has oft_blocks): it rotates "
+                            f"the base model's weights, so its change depends on them and is no low-rank product; "
+                            f"it cannot be {action}. Bake it into the model with dist-lora merge instead.")
 
 
 def weight_shapes(config_folder: str | Path | None, family: str) -> dict[str, tuple[int, ...]]:

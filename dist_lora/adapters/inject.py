@@ -1,4 +1,5 @@
-"""Putting adapters on modules through peft: LoRA (and LoCon), DoRA, LoHa and LoKr."""
+"""Putting adapters on modules: LoRA (and LoCon), DoRA, LoHa and LoKr through peft; OFT and BOFT as our own
+peft tuner layer (``oft_layer``: peft's rotate the input, the files every loader reads rotate the output)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from dist_lora.adapters.dora_axis import use_input_axis
+from dist_lora.adapters.oft_layer import OrthogonalLayer, out_channels
+from dist_lora.adapters.orthogonal import boft_block_size, boft_block_sizes, boft_stages, oft_block_size
 from dist_lora.adapters.targets import ModuleRank, TargetPlan
 from dist_lora.errors import DistLoraError
 
 ADAPTER_NAME = "default"
-NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora", "oft", "boft")
+ORTHOGONAL_TYPES = ("oft", "boft")
 
 
 def _peft_config(kind: str, plan: TargetPlan, *, dropout: float = 0.0, lokr_factor: int = -1,
@@ -60,10 +64,62 @@ def _check_lokr_factor(model: nn.Module, plan: TargetPlan, factor: int) -> None:
                     f"-1 (balanced) or a factor whose square is at most the smallest adapted dimension.")
 
 
+def blocks_shape(kind: str, dim: int, limit: int, name: str) -> tuple[int, ...]:
+    """The ``oft_blocks`` shape of an OFT/BOFT module with ``dim`` output channels and block size at most
+    ``limit`` (the rank), as LyCORIS chooses it."""
+    if kind == "oft":
+        size = oft_block_size(dim, limit)
+        return (dim // size, size, size)
+    size = boft_block_size(dim, limit)
+    if size is None:
+        sizes = boft_block_sizes(dim)
+        fits = f"the smallest block that fits is {sizes[0]}" if sizes else "no block size fits an odd channel count"
+        raise DistLoraError(f"network.type = 'boft' cannot split the {dim} output channels of '{name}' into a "
+                            f"power-of-two number of even blocks of at most {limit} channels (BOFT's butterfly "
+                            f"needs that; {fits}): raise network.rank (or conv_rank) or use network.type = 'oft'.")
+    return (boft_stages(dim, size), dim // size, size, size)
+
+
+def _orthogonal_shapes(model: nn.Module, kind: str, plan: TargetPlan) -> dict[str, tuple[int, ...]]:
+    return {name: blocks_shape(kind, out_channels(model.get_submodule(name)), setting.rank, name)
+            for name, setting in plan.modules.items()}
+
+
+def check_plan(model: nn.Module, kind: str, plan: TargetPlan, lokr_factor: int = -1) -> None:
+    """Refuse a plan the adapter type cannot be built on, naming the module, without changing the model (so a
+    caller checks every component's plan before it adapts any)."""
+    if kind in ORTHOGONAL_TYPES:
+        _orthogonal_shapes(model, kind, plan)
+    elif kind == "lokr" and lokr_factor > 0:
+        _check_lokr_factor(model, plan, lokr_factor)
+
+
+def _add_orthogonal(model: nn.Module, kind: str, plan: TargetPlan, constraint: float, dropout: float) -> None:
+    """Wrap each planned module in an OrthogonalLayer; ``constraint`` is per output channel (LyCORIS and
+    kohya: the bound on ||Q|| is constraint x out_dim)."""
+    shapes = _orthogonal_shapes(model, kind, plan)  # every module checked before any is changed
+    for name, shape in shapes.items():
+        base = model.get_submodule(name)
+        layer = OrthogonalLayer(base, ADAPTER_NAME, shape, constraint * out_channels(base), dropout)
+        parent_path, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+
+
+def bound_rotations(model: nn.Module, constraint: float) -> None:
+    """Bound every OFT/BOFT layer's ||Q|| to ``constraint`` x its output channels (LyCORIS' constraint)."""
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, OrthogonalLayer):
+            layer.constraint[ADAPTER_NAME] = constraint * out_channels(layer)
+
+
 def add_network(model: nn.Module, kind: str, plan: TargetPlan, *, dora_axis: str = "output",
                 **options: object) -> int:
     """Inject adapters of ``kind`` into exactly the modules of ``plan``; return how many. DoRA keeps its
     magnitude per output row (peft's convention) or, with ``dora_axis = "input"``, per input column."""
+    constraint = float(options.pop("oft_constraint", 0.0))  # type: ignore[arg-type]
+    if kind in ORTHOGONAL_TYPES:
+        _add_orthogonal(model, kind, plan, constraint, float(options.get("dropout", 0.0)))  # type: ignore[arg-type]
+        return len(list(adapter_layers(model)))
     factor = int(options.get("lokr_factor", -1))  # type: ignore[call-overload]
     if kind == "lokr" and factor > 0:
         _check_lokr_factor(model, plan, factor)
@@ -91,7 +147,7 @@ def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: floa
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, LoHaLayer, LoKrLayer)) and ADAPTER_NAME in module.scaling:
+        if isinstance(module, (LoraLayer, LoHaLayer, LoKrLayer, OrthogonalLayer)) and ADAPTER_NAME in module.scaling:
             yield name, module
 
 

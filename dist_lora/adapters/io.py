@@ -13,6 +13,8 @@ from torch import nn
 
 from dist_lora.adapters.inject import adapter_layers, add_network
 from dist_lora.adapters.kohya import BASE_MODEL_VERSION, module_key_table
+from dist_lora.adapters.oft_layer import out_channels
+from dist_lora.adapters.orthogonal import check_blocks
 from dist_lora.adapters.targets import ModuleRank, TargetPlan
 from dist_lora.adapters.tensors import KNOWN_SUFFIXES, ModuleAdapter, is_input_axis_scale, kind_of, write_adapter
 from dist_lora.errors import DistLoraError
@@ -123,8 +125,13 @@ def apply_adapter_file(path: str | Path, unet: nn.Module, text_encoders: list[nn
         raise AdapterFileError(f"adapter file '{path}' does not fit this {family} model: {len(unmatched)} module keys "
                                f"name no module of it, e.g. {unmatched[:3]} (an adapter for another architecture?).")
     per_component: dict[int, dict[str, ModuleAdapter]] = defaultdict(dict)
+    models = [unet, *text_encoders]
     for key, adapter in adapter_file.modules.items():
         component, module_path = table[key]
+        if adapter.kind in ("oft", "boft"):
+            module = models[component].get_submodule(module_path)
+            problem = check_blocks(adapter.tensors["oft_blocks"], out_channels(module))
+            if problem:
+                raise AdapterFileError(f"adapter file '{path}': module '{key}': {problem}.")
         per_component[component][module_path] = adapter
-    models = [unet, *text_encoders]
     return {c: apply_adapters(models[c], adapters) for c, adapters in per_component.items()}

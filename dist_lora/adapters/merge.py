@@ -4,7 +4,8 @@ Non-DoRA adapters: ``W + w * dW``. DoRA: ``W + w * (W_dora - W)`` with
 ``W_dora = m * (W + dW) / ||W + dW||`` (norms per output row or per input column, as the magnitude is
 kept), which is how AUTOMATIC1111 and ComfyUI apply a DoRA file at strength ``w`` (LyCORIS' own runtime
 interpolates from ``W + dW`` instead; both agree at ``w = 1``). ``dW`` comes from peft's own
-``get_delta_weight`` after the file is loaded onto the model.
+``get_delta_weight`` after the file is loaded onto the model. OFT/BOFT: the weight rotated at multiplier
+``w`` (see ``orthogonal``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from dist_lora.adapters.dora_axis import column_norm, is_input_axis
 from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers
 from dist_lora.adapters.io import apply_adapter_file
+from dist_lora.adapters.oft_layer import OrthogonalLayer
 
 
 def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,8 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def merged_weight(layer: nn.Module, multiplier: float) -> torch.Tensor:
+    if isinstance(layer, OrthogonalLayer):
+        return layer.merged_weight(multiplier, ADAPTER_NAME)
     base = layer.get_base_layer().weight.detach().float()
     delta = layer.get_delta_weight(ADAPTER_NAME).detach().float().reshape(base.shape)
     if isinstance(layer, LoraLayer) and is_input_axis(layer, ADAPTER_NAME):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dist_lora.adapters.block_weights import block_weight, parse_block_weights
-from dist_lora.adapters.delta import module_delta, needs_shape, weight_shapes
+from dist_lora.adapters.delta import module_delta, needs_shape, refuse_rotations, weight_shapes
 from dist_lora.adapters.io import AdapterFile, AdapterFileError, read_adapter_file
 from dist_lora.adapters.kohya import SAVE_DTYPES
 from dist_lora.adapters.resize import file_family, is_spatial, lora_tensors, write_lora
@@ -73,6 +73,7 @@ def _check_families(files: list[AdapterFile]) -> str:
         named = ", ".join(f"'{f.path}' ({_version(f) or file_family(list(f.modules), f.metadata)})" for f in files)
         raise AdapterFileError(f"these files are for different base models and cannot be merged: {named}.")
     for f in files:
+        refuse_rotations(f.path, f.modules, "merged into a LoRA")
         dora = [k for k, a in f.modules.items() if a.is_dora]
         if dora:
             raise AdapterFileError(f"adapter file '{f.path}' is DoRA (module '{dora[0]}' has a dora_scale): a DoRA "

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from dist_lora.adapters.blocks import block_index, block_list_text
-from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers, add_network
+from dist_lora.adapters.inject import (
+    ADAPTER_NAME,
+    ORTHOGONAL_TYPES,
+    adapter_layers,
+    add_network,
+    bound_rotations,
+    check_plan,
+)
 from dist_lora.adapters.targets import resolve_preset, text_encoder_targets, unet_block_settings, unet_targets
 from dist_lora.config import NetworkConfig
 from dist_lora.errors import DistLoraError
@@ -41,9 +48,23 @@ def resolve_dora_axis(cfg: NetworkConfig, file_format: str) -> str:
     return axis
 
 
-def check_network_options(cfg: NetworkConfig, file_format: str) -> None:
+def check_network_options(cfg: NetworkConfig, file_format: str, scale_weight_norms: float = 0.0) -> None:
     """Refuse option combinations that cannot be trained or written (before any model loads)."""
     resolve_dora_axis(cfg, file_format)
+    if cfg.type in ORTHOGONAL_TYPES:
+        if file_format == "diffusers":
+            raise DistLoraError(f"network.type = '{cfg.type}' cannot be written in output.format = 'diffusers' (peft's "
+                                f"OFT/BOFT rotate a layer's input, the kohya/LyCORIS files every UI reads rotate its "
+                                f"output); set output.format = 'kohya'.")
+        if scale_weight_norms:
+            raise DistLoraError(f"training.scale_weight_norms bounds the norm of a low-rank update; an {cfg.type} "
+                                f"rotation is bounded by network.oft_constraint instead. Set "
+                                f"training.scale_weight_norms = 0.")
+        ratios = [k for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+                  if getattr(cfg, k)]
+        if ratios:
+            raise DistLoraError(f"network.{ratios[0]} (LoRA+) speeds up LoRA up projections; '{cfg.type}' has none. "
+                                f"Set it to 0.")
     dropouts = [k for k in ("rank_dropout", "module_dropout") if getattr(cfg, k)]
     if dropouts and cfg.type not in ("lora", "locon"):
         raise DistLoraError(f"network.{dropouts[0]} applies to lora and locon adapters (kohya's LoRA modules), not "
@@ -57,14 +78,19 @@ def attach_network(unet: nn.Module, text_encoders: list[nn.Module], family: str,
         from dist_lora.adapters.io import apply_adapter_file
 
         applied = apply_adapter_file(cfg.init_from, unet, text_encoders, family)
+        if cfg.oft_constraint:  # a file's alpha bounds nothing it holds; the recipe's bound is for what follows
+            for model in (unet, *text_encoders):
+                bound_rotations(model, cfg.oft_constraint)
         trained = [e for i, e in enumerate(text_encoders, 1) if applied.get(i)]
         return AttachedNetwork(trained, applied.get(0, 0), sum(applied.get(i, 0) for i in (1, 2)))
-    options = {"dropout": cfg.dropout, "lokr_factor": cfg.lokr_factor,
+    options = {"dropout": cfg.dropout, "lokr_factor": cfg.lokr_factor, "oft_constraint": cfg.oft_constraint,
                "lokr_decompose_both": cfg.lokr_decompose_both, "dora_axis": resolve_dora_axis(cfg, file_format)}
-    unet_count = add_network(unet, cfg.type, unet_targets(unet, cfg, family), **options)
     trained = selected_text_encoders(text_encoders, cfg)
-    te_count = sum(add_network(e, cfg.type, text_encoder_targets(e, cfg), **options) for e in trained)
-    return AttachedNetwork(trained, unet_count, te_count)
+    plans = [(unet, unet_targets(unet, cfg, family)), *((e, text_encoder_targets(e, cfg)) for e in trained)]
+    for model, plan in plans:  # every component checked before any is adapted
+        check_plan(model, cfg.type, plan, cfg.lokr_factor)
+    counts = [add_network(model, cfg.type, plan, **options) for model, plan in plans]
+    return AttachedNetwork(trained, counts[0], sum(counts[1:]))
 
 
 def unet_lr_weights(unet: nn.Module, cfg: NetworkConfig, family: str) -> dict[int, float]:
@@ -107,7 +133,8 @@ def network_metadata(cfg: NetworkConfig, file_format: str = "kohya") -> dict[str
     blocks.update({key: str(getattr(cfg, key)) for key in ("rank_dropout", "module_dropout") if getattr(cfg, key)})
     if cfg.type == "lora":
         return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({**loraplus, **blocks})}
-    args: dict[str, str] = {"algo": {"locon": "locon", "dora": "locon", "loha": "loha", "lokr": "lokr"}[cfg.type],
+    algos = {"locon": "locon", "dora": "locon", "loha": "loha", "lokr": "lokr", "oft": "diag-oft", "boft": "boft"}
+    args: dict[str, str] = {"algo": algos[cfg.type],
                             "preset": LYCORIS_PRESETS[resolve_preset(cfg)], **loraplus, **blocks}
     if cfg.conv_rank:
         args["conv_dim"] = str(cfg.conv_rank)
@@ -115,6 +142,10 @@ def network_metadata(cfg: NetworkConfig, file_format: str = "kohya") -> dict[str
     if cfg.type == "dora":
         args["dora_wd"] = "True"
         args["wd_on_output"] = str(resolve_dora_axis(cfg, file_format) == "output")
+    if cfg.type in ORTHOGONAL_TYPES:
+        # The file's blocks have the constraint applied; continuing in LyCORIS with it bounds the same way.
+        args["constraint"] = str(cfg.oft_constraint)
+        args["rescaled"] = "False"
     if cfg.type == "lokr":
         args["factor"] = str(cfg.lokr_factor)
         args["decompose_both"] = str(cfg.lokr_decompose_both)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dist_lora.adapters.delta import module_delta, needs_shape, weight_shapes
+from dist_lora.adapters.delta import module_delta, needs_shape, refuse_rotations, weight_shapes
 from dist_lora.adapters.io import AdapterFileError, read_adapter_file
 from dist_lora.adapters.kohya import SAVE_DTYPES, safetensors_hashes
 from dist_lora.adapters.tensors import ModuleAdapter
@@ -161,6 +161,7 @@ def resize_file(source: str | Path, target: str | Path, rule: ResizeRule, *, sav
     if save_precision not in SAVE_DTYPES:
         raise DistLoraError(f"--save-precision '{save_precision}' is not one of {', '.join(SAVE_DTYPES)}.")
     adapter_file = read_adapter_file(source)
+    refuse_rotations(source, adapter_file.modules, "resized")
     if Path(source).resolve() == target.resolve():
         raise DistLoraError(f"output '{target}' is the input file; write the resized file elsewhere.")
     shapes: dict[str, tuple[int, ...]] = {}

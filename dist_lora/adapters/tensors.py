@@ -1,14 +1,20 @@
 """Adapter tensors in the LyCORIS/kohya layout, read from and written to peft layers.
 
 One ``ModuleAdapter`` per adapted module: the file-format tensors (``lora_down.weight``,
-``hada_w1_a``, ``lokr_w1``, ``dora_scale``, ...) and the alpha a loader will read. The scale every
-loader applies is ``alpha / dim`` (dim: the rank found in the tensors), except LoKr with two full
+``hada_w1_a``, ``lokr_w1``, ``dora_scale``, ``oft_blocks``, ...) and the alpha a loader will read. The scale
+every loader applies is ``alpha / dim`` (dim: the rank found in the tensors), except LoKr with two full
 factors, which loaders apply at scale 1; there peft's alpha/r is folded into ``lokr_w1`` so the file
 means exactly what was trained.
+
+OFT/BOFT have no scale; their alpha is a constraint on ``||Q||``, read differently by the loaders
+(LyCORIS, kohya and AUTOMATIC1111: ``alpha x out_dim``; ComfyUI: ``alpha``). So the blocks are written
+with the training constraint already applied, and alpha as a bound none of them reaches: every loader
+then rotates exactly as the trained layer did.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +25,19 @@ from torch import nn
 
 from dist_lora.adapters.dora_axis import is_input_axis
 from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers
+from dist_lora.adapters.oft_layer import OrthogonalLayer, out_channels
 from dist_lora.errors import DistLoraError
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-KNOWN_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, "alpha", "dora_scale")
+OFT_KEYS = ("oft_blocks",)
+KNOWN_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, *OFT_KEYS, "alpha", "dora_scale")
 
 
 @dataclass
 class ModuleAdapter:
-    kind: str  # "lora" (incl. LoCon and DoRA), "loha" or "lokr"
+    kind: str  # "lora" (incl. LoCon and DoRA), "loha", "lokr", "oft" or "boft"
     tensors: dict[str, torch.Tensor]
     alpha: float
 
@@ -40,6 +48,8 @@ class ModuleAdapter:
             return int(t["lora_down.weight"].shape[0])
         if self.kind == "loha":
             return int(t["hada_w1_b"].shape[0])
+        if self.kind in ("oft", "boft"):
+            return int(t["oft_blocks"].shape[-1])  # the block size (LyCORIS' dim)
         for key in ("lokr_w2_b", "lokr_w1_b"):
             if key in t:
                 return int(t[key].shape[0])
@@ -48,6 +58,8 @@ class ModuleAdapter:
     @property
     def scale(self) -> float:
         """The factor every loader multiplies the product of the tensors by."""
+        if self.kind in ("oft", "boft"):
+            return 1.0
         return 1.0 if self.kind == "lokr" and self.rank == 0 else self.alpha / self.rank
 
     @property
@@ -62,6 +74,8 @@ def kind_of(tensors: dict[str, torch.Tensor]) -> str:
         return "loha"
     if "lokr_w1" in tensors or "lokr_w1_a" in tensors:
         return "lokr"
+    if "oft_blocks" in tensors and tensors["oft_blocks"].dim() in (3, 4):
+        return "oft" if tensors["oft_blocks"].dim() == 3 else "boft"
     raise DistLoraError(f"unknown adapter tensors {sorted(tensors)[:4]}")
 
 
@@ -81,8 +95,24 @@ def is_input_axis_scale(dora_scale: torch.Tensor) -> bool:
     return dora_scale.dim() >= 2 and dora_scale.shape[0] == 1 and dora_scale.shape[1] > 1
 
 
+def unreached_bound(norm: float) -> float:
+    """An alpha that no loader's constraint reaches for a ``Q`` of this norm (after rounding to fp16/bf16
+    too): 1 where that suffices, else the norm rounded up with a margin."""
+    bound = norm * 1.01 + 1e-6
+    return 1.0 if bound <= 1.0 else math.ceil(bound * 100) / 100
+
+
+def _read_orthogonal(layer: OrthogonalLayer) -> ModuleAdapter:
+    blocks = layer.effective_blocks(ADAPTER_NAME)
+    norm = float(torch.linalg.vector_norm(blocks.float() - blocks.float().transpose(-1, -2)))
+    kind = "boft" if blocks.dim() == 4 else "oft"
+    return ModuleAdapter(kind, {"oft_blocks": blocks}, unreached_bound(norm))
+
+
 def _read_layer(layer: nn.Module) -> ModuleAdapter:
     a = ADAPTER_NAME
+    if isinstance(layer, OrthogonalLayer):
+        return _read_orthogonal(layer)
     if isinstance(layer, LoraLayer):
         tensors = {"lora_down.weight": layer.lora_A[a].weight.detach(),
                    "lora_up.weight": layer.lora_B[a].weight.detach()}
@@ -135,6 +165,10 @@ def write_adapter(layer: nn.Module, adapter: ModuleAdapter) -> None:
     """Overwrite an injected peft layer's adapter with ``adapter`` (shapes may differ from the injection)."""
     a, t = ADAPTER_NAME, adapter.tensors
     with torch.no_grad():
+        if isinstance(layer, OrthogonalLayer):
+            # A file's alpha is the constraint as LyCORIS, kohya and AUTOMATIC1111 read it (x out_dim).
+            layer.set_blocks(a, t["oft_blocks"], adapter.alpha * out_channels(layer.get_base_layer()))
+            return
         if isinstance(layer, LoraLayer):
             layer.lora_A[a].weight.copy_(t["lora_down.weight"])
             layer.lora_B[a].weight.copy_(t["lora_up.weight"])

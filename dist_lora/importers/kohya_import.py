@@ -37,8 +37,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 # kohya_ss GUI LoRA_type -> our network.type.
 LORA_TYPES = {"standard": "lora", "kohya locon": "locon", "lycoris/locon": "locon", "lycoris/loha": "loha",
-              "lycoris/lokr": "lokr"}
-LYCORIS_ALGOS = {"locon": "locon", "lora": "locon", "loha": "loha", "lokr": "lokr"}
+              "lycoris/lokr": "lokr", "lycoris/diag-oft": "oft", "lycoris/boft": "boft"}
+LYCORIS_ALGOS = {"locon": "locon", "lora": "locon", "loha": "loha", "lokr": "lokr", "diag-oft": "oft",
+                 "boft": "boft"}
 # What a kohya_ss GUI preset leaves out (it carries no paths), and the import-kohya flag that supplies each.
 SUPPLIED_BY_FLAG = {"train_data_dir": "--train-data-dir", "reg_data_dir": "--reg-data-dir",
                     "pretrained_model_name_or_path": "--pretrained", "output_dir": "--output-dir"}
@@ -129,7 +130,8 @@ def _network_type(keys: dict[str, Any], args: dict[str, str], path: Path) -> str
         kind = LORA_TYPES.get(name.strip().lower())
         if kind is None:
             raise KohyaImportError(f"kohya config '{path}': LoRA_type {name!r} cannot be trained here; known types: "
-                                   f"Standard, Kohya LoCon, LyCORIS/LoCon, LyCORIS/LoHa, LyCORIS/LoKr.")
+                                   f"Standard, Kohya LoCon, LyCORIS/LoCon, LyCORIS/LoHa, LyCORIS/LoKr, "
+                                   f"LyCORIS/Diag-OFT, LyCORIS/BOFT.")
     else:
         module = str(keys.get("network_module", "networks.lora"))
         if module == "networks.lora":
@@ -140,6 +142,13 @@ def _network_type(keys: dict[str, Any], args: dict[str, str], path: Path) -> str
                 raise KohyaImportError(f"kohya config '{path}': network_args algo={algo!r} cannot be trained here; "
                                        f"known: {', '.join(LYCORIS_ALGOS)}.")
             kind = LYCORIS_ALGOS[algo]
+        elif module == "networks.oft":
+            # sd-scripts' own OFT counts blocks per module (network_dim); LyCORIS' diag-oft, which we train,
+            # sizes them (dim: the largest block size), so the same number would mean another network.
+            raise KohyaImportError(f"kohya config '{path}': network_module 'networks.oft' sets the number of OFT "
+                                   f"blocks per module (network_dim); here OFT is LyCORIS' diag-oft, whose dim is "
+                                   f"the block size. Use network_module = 'lycoris.kohya' with network_args "
+                                   f"algo=diag-oft (dim: block size, constraint = your network_alpha).")
         else:
             raise KohyaImportError(f"kohya config '{path}': network_module {module!r} cannot be trained here; use "
                                    f"networks.lora or lycoris.kohya.")
@@ -326,11 +335,17 @@ def import_kohya_config(path: str | Path, out_dir: str | Path, dataset_config: s
     for key in sorted(_NETWORK_KEYS & keys.keys()):
         b.report.mapped.append((b.name(key), keys[key], "network.type"))
     for key, value in args.items():  # network_args hold the same options as the GUI's own keys
-        name = {"factor": "lokr_factor", "dropout": "network_dropout"}.get(key, key)
+        name = {"factor": "lokr_factor", "dropout": "network_dropout", "constrain": "constraint"}.get(key, key)
         if name in MAPPED:
             keys.setdefault(name, value)
+        elif key == "rescaled":
+            keys.setdefault(key, parse_bool(value))
         elif key not in ("algo", "dora_wd"):
             b.report.unsupported.append((f"network_args {key}", value, "no counterpart here"))
+    if b.raw["network"]["type"] not in ("oft", "boft"):
+        for key in ("constraint", "rescaled"):
+            if key in keys:
+                b.report.no_effect.append((b.name(key), keys.pop(key), "OFT/BOFT only"))
     if b.raw["network"]["type"] == "lora":
         for key in ("conv_dim", "conv_alpha"):
             if key in keys:

@@ -17,7 +17,7 @@ GUI_NAMES = {
     "lora_network_weights": "network_weights", "factor": "lokr_factor", "decompose_both": "decompose_both",
     "xformers": "attention", "sdxl_no_half_vae": "no_half_vae", "lr_warmup": "lr_warmup_percent",
     "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs", "max_resolution": "resolution",
-    "debiased_estimation_loss": "debiased_estimation", "LyCORIS_preset": "preset",
+    "debiased_estimation_loss": "debiased_estimation", "LyCORIS_preset": "preset", "constrain": "constraint",
 }
 
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "pagedadamw8bit": "paged_adamw8bit", "lion": "lion",
@@ -180,6 +180,7 @@ MAPPED: dict[str, Target] = {
     "block_lr_zero_threshold": Target("network.block_lr_zero_threshold", _float),
     "preset": Target("network.preset", _lycoris_preset),
     "lokr_factor": Target("network.lokr_factor", _int),
+    "constraint": Target("network.oft_constraint", _float),
     "decompose_both": Target("network.lokr_decompose_both", parse_bool),
     "loraplus_lr_ratio": Target("network.loraplus_lr_ratio", _float),
     "loraplus_unet_lr_ratio": Target("network.loraplus_unet_lr_ratio", _float),
@@ -292,6 +293,7 @@ NO_EFFECT = {
 
 # Keys with no counterpart yet, or with another meaning here, and why.
 UNSUPPORTED = {
+    "rescaled": "OFT/BOFT's per-channel rescale is not trained here (AUTOMATIC1111 does not read it)",
     "weighted_captions": "prompt weighting in captions is not implemented",
     "stop_text_encoder_training_pct": "text encoders train for the whole run or not at all",
     "full_fp16": "adapters always train in fp32 (fp16 autocast otherwise)",

@@ -101,7 +101,7 @@ def preflight(cfg: Config) -> Preflight:
     family = cfg.model.base if cfg.model.base != "auto" else source.family
     if family is not None:
         unet_block_settings(cfg.network, family)  # the per-block lists' lengths depend on the family
-    check_network_options(cfg.network, cfg.output.format)
+    check_network_options(cfg.network, cfg.output.format, cfg.training.scale_weight_norms)
     check_base_dtype(cfg.model, parallel.requested_zero_stage(), cfg.network.type)
     check_optimizer(cfg.optimizer, parallel.deepspeed_requested())
     if family == "sdxl" and cfg.model.clip_skip != 1:

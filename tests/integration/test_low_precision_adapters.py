@@ -42,8 +42,8 @@ def _adapted(unet: torch.nn.Module, kind: str, family: str) -> dict[str, torch.n
     return params
 
 
-CASES = [*(("fp8", k) for k in ("lora", "locon", "loha", "lokr", "dora")),
-         *(("nf4", k) for k in ("lora", "locon", "dora")), ("int8", "lora"), ("int8", "loha")]
+CASES = [*(("fp8", k) for k in ("lora", "locon", "loha", "lokr", "dora", "oft")),
+         *(("nf4", k) for k in ("lora", "locon", "dora", "oft")), ("int8", "lora"), ("int8", "loha"), ("int8", "boft")]
 
 
 @pytest.mark.parametrize(("base_dtype", "kind"), CASES)

@@ -168,16 +168,17 @@ def test_wandb_offline_run_holds_the_sample_images(monkeypatch: pytest.MonkeyPat
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
-def test_lycoris_sample_equals_the_lycoris_package_rendering(tiny_models: dict[str, Path], shapes_shards: Path,
-                                                            tmp_path: Path) -> None:
-    """LoHa: diffusers cannot load it, so the reference applies the file with lycoris-lora's own modules."""
+@pytest.mark.parametrize("kind", ["loha", "oft"])
+def test_lycoris_sample_equals_the_lycoris_package_rendering(kind: str, tiny_models: dict[str, Path],
+                                                            shapes_shards: Path, tmp_path: Path) -> None:
+    """LoHa, OFT: diffusers cannot load them, so the reference applies the file with lycoris-lora's own modules."""
     from types import SimpleNamespace
 
     from tests.integration.test_lycoris_compat import _lycoris_apply
 
     model = tiny_models["sd15"]
     raw = _raw(model, shapes_shards, tmp_path / "run", sample={"at_start": False})
-    raw["network"].update(type="loha")
+    raw["network"].update(type=kind)
     result = train(config_from_dict(raw))
     pipe = DiffusionPipeline.from_pretrained(str(model))
     _, applied = _lycoris_apply(SimpleNamespace(unet=pipe.unet, text_encoders=[pipe.text_encoder], family="sd1"),

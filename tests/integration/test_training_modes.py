@@ -72,18 +72,19 @@ def test_sd2_v_prediction_is_recognised_and_trained(tiny_models: dict[str, Path]
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
 
-@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "dora"])
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "dora", "oft", "boft"])
 def test_trainer_trains_and_exports_every_type(kind: str, tiny_models: dict[str, Path], shapes_shards: Path,
                                                tmp_path: Path) -> None:
     raw = tiny_train_config(tiny_models["sdxl"], shapes_shards, tmp_path / kind,
                             network={"type": kind, "conv_rank": 2, "conv_alpha": 1.0, "train_text_encoder": True,
-                                     "text_encoders": "te2"},
+                                     "text_encoders": "te2", **({"rank": 6} if kind == "boft" else {})},
                             training={"max_steps": 2})
     result = train(config_from_dict(raw))
     info = describe_adapter(result.adapter_path)
     assert info["type"] == kind
     assert set(info["modules"]) == {"unet", "te2"}  # only the second encoder was trained
-    assert json.loads(info["metadata"]["ss_network_args"])["algo"] == {"dora": "locon"}.get(kind, kind)
+    algo = {"dora": "locon", "oft": "diag-oft"}.get(kind, kind)
+    assert json.loads(info["metadata"]["ss_network_args"])["algo"] == algo
     assert info["metadata"]["ss_network_module"] == "lycoris.kohya"
 
 

@@ -162,6 +162,12 @@ def resolve(parsed: ParsedFile, names: FamilyNames) -> UiReport:
                               f"AUTOMATIC1111 raises 'Could not find a module type' and loads none of the file")
             continue
         kind, reads = chosen
+        if kind == "oft" and len(parsed.shapes.get(parts.get("oft_blocks", ""), ())) == 4:
+            for key in parts.values():
+                report.ignored[key] = ("AUTOMATIC1111's OFT module reads oft_blocks as [blocks, b, b]; BOFT's "
+                                       "[stages, blocks, b, b] fail in its calc_updown, and the module is skipped "
+                                       "with an error")
+            continue
         for part, key in parts.items():
             if part in reads or part in _COMMON_PARTS:
                 report.loaded[key] = label(target)

@@ -30,7 +30,8 @@ from dist_lora.errors import DistLoraError
 # Tensor names after the module part, in the spelling each layout uses -> the kohya/LyCORIS spelling.
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a",
                 "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff", "diff_b", "w_norm", "b_norm")
+                "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks",
+                "oft_diag", "rescale")
 _RENAMED_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
                   "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
                   "lora_linear_layer.down.weight": "lora_down.weight",
