@@ -16,7 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from dist_lora.adapters.orthogonal import cayley, constrained_blocks, rotate_channels, weight_change
+from dist_lora.adapters.orthogonal import constrained_blocks, rotate_channels, rotation_change, weight_change
 
 
 def out_channels(module: nn.Module) -> int:
@@ -92,11 +92,11 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
                 continue
             if self.training and self.module_dropout[name] and torch.rand(()) < self.module_dropout[name]:
                 continue
-            rotations = cayley(self.oft_blocks[name], self.constraint[name])
+            changes = rotation_change(self.oft_blocks[name], self.constraint[name])
             channels = result.movedim(1, -1) if result.dim() == 4 else result
             bias = getattr(base, "bias", None)
             unbiased = channels - bias.to(channels.dtype) if bias is not None else channels
-            change = rotate_channels(unbiased, rotations, self.multiplier[name])
+            change = rotate_channels(unbiased, changes, self.multiplier[name])
             result = result + (change.movedim(-1, 1) if result.dim() == 4 else change)
         return result
 

@@ -55,15 +55,19 @@ def boft_stages(dim: int, block_size: int) -> int:
     return (dim // block_size).bit_length()  # log2(blocks) + 1 for a power-of-two block count
 
 
-def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
-    """The rotation of each ``[b, b]`` block (any leading dimensions), computed in fp32."""
-    blocks = blocks.float()
-    q = blocks - blocks.transpose(-1, -2)
-    if constraint > 0:
-        norm = torch.linalg.vector_norm(q) + 1e-8
-        q = torch.where(norm > constraint, q * (constraint / norm), q)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return (eye + q) @ torch.linalg.inv(eye - q)
+def rotation_change(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """``R - I`` of each ``[b, b]`` block's rotation (any leading dimensions), in fp32 whatever autocast is on.
+
+    Computed as ``2 Q (I - Q)^-1`` (equal to ``(I + Q)(I - Q)^-1 - I``): training starts at ``R = I`` and stays
+    near it, and ``R`` itself held in bf16 would round a change of 1e-3 to multiples of 4e-3."""
+    with torch.autocast(blocks.device.type, enabled=False):
+        blocks = blocks.float()
+        q = blocks - blocks.transpose(-1, -2)
+        if constraint > 0:
+            norm = torch.linalg.vector_norm(q) + 1e-8
+            q = torch.where(norm > constraint, q * (constraint / norm), q)
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        return 2 * q @ torch.linalg.inv(eye - q)
 
 
 def constrained_blocks(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
@@ -75,39 +79,36 @@ def constrained_blocks(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     return blocks * torch.where(norm > constraint, constraint / norm, torch.ones_like(norm)).to(blocks.dtype)
 
 
-def _interpolated(rotation: torch.Tensor, multiplier: float) -> torch.Tensor:
-    if multiplier == 1.0:
-        return rotation
-    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
-    return multiplier * rotation + (1 - multiplier) * eye
+def _block_change(changes: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """``(R - I)^T`` of each block applied to its channels: ``grouped`` is ``[..., blocks, b]``."""
+    return torch.einsum("k n m, ... k n -> ... k m", changes, grouped)
 
 
-def rotate_channels(channels_last: torch.Tensor, rotations: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
-    """The change the rotations make to ``channels_last`` (channels on the last axis): OFT ``[k, b, b]``
-    or BOFT ``[m, k, b, b]`` rotations. Returned as a difference so that at the identity it is exactly 0."""
-    rotations = rotations.to(channels_last.dtype)
-    if rotations.dim() == 3:
-        blocks, size, _ = rotations.shape
-        eye = torch.eye(size, dtype=rotations.dtype, device=rotations.device)
-        grouped = channels_last.unflatten(-1, (blocks, size))
-        change = torch.einsum("k n m, ... k n -> ... k m", multiplier * (rotations - eye), grouped)
-        return change.flatten(-2)
-    out = channels_last
-    half = rotations.shape[-1] // 2
-    for stage, rotation in enumerate(rotations):
+def rotate_channels(channels_last: torch.Tensor, changes: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """The change the rotations make to ``channels_last`` (channels on the last axis), given ``R - I`` of
+    OFT ``[k, b, b]`` or BOFT ``[m, k, b, b]`` blocks (``rotation_change``). At multiplier ``s`` each rotation
+    is ``I + s (R - I)``. Only changes are carried, never ``x + change``, so that the result keeps the
+    precision of the (small) change in bf16 / fp16 too."""
+    changes = multiplier * changes.to(channels_last.dtype)
+    if changes.dim() == 3:
+        return _block_change(changes, channels_last.unflatten(-1, (changes.shape[0], -1))).flatten(-2)
+    change = torch.zeros_like(channels_last)
+    half = changes.shape[-1] // 2
+    for stage, stage_changes in enumerate(changes):
         stride = 2 ** stage * half
-        # The butterfly: channels (c, 2, stride) regrouped as (c, stride, 2), then blocks of b.
-        grouped = out.unflatten(-1, (-1, 2, stride)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, 2 * half))
-        grouped = torch.einsum("b i j, ... b j -> ... b i", _interpolated(rotation, multiplier), grouped)
-        out = grouped.flatten(-2).unflatten(-1, (-1, stride, 2)).transpose(-2, -1).flatten(-3)
-    return out - channels_last
+        # The butterfly: channels (c, 2, stride) regrouped as (c, stride, 2), then blocks of b; and back.
+        current = channels_last + change
+        grouped = current.unflatten(-1, (-1, 2, stride)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, 2 * half))
+        step = _block_change(stage_changes.transpose(-1, -2), grouped)
+        change = change + step.flatten(-2).unflatten(-1, (-1, stride, 2)).transpose(-2, -1).flatten(-3)
+    return change
 
 
 def weight_change(weight: torch.Tensor, blocks: torch.Tensor, constraint: float = 0.0,
                   multiplier: float = 1.0) -> torch.Tensor:
     """The change OFT/BOFT ``blocks`` make to a Linear ``[out, in]`` or Conv2d ``[out, in, k, k]`` weight (fp32)."""
     rows_last = weight.float().movedim(0, -1)
-    return rotate_channels(rows_last, cayley(blocks, constraint), multiplier).movedim(-1, 0)
+    return rotate_channels(rows_last, rotation_change(blocks, constraint), multiplier).movedim(-1, 0)
 
 
 def check_blocks(blocks: torch.Tensor, out_channels: int) -> str | None:

@@ -251,3 +251,25 @@ def test_init_from_an_oft_file_continues_under_the_recipes_bound(tiny_models: di
         got, want = _outputs(fresh, inputs), _outputs(ours, inputs)
         torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["oft", "boft"])
+def test_verify_reports_what_each_loader_takes(kind: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """ComfyUI and sd-scripts (lycoris.kohya) take every key; AUTOMATIC1111 v1.10 OFT but no BOFT (its module
+    reads [blocks, b, b]); diffusers' load_lora_weights, run on the file, refuses it."""
+    from dist_lora.adapters.loaders.verify import format_verification, verify_file
+
+    ours = _adapted("sd15", kind, 0.0, tiny_models)
+    path = _export(ours, kind, 0.0, tmp_path / f"{kind}.safetensors")
+    result = verify_file(path, base=str(tiny_models["sd15"]))
+    reports = {r.ui: r for r in result.reports}
+    keys = set(load_file(str(path)))
+    assert set(reports["comfyui"].loaded) == keys and set(reports["kohya"].loaded) == keys
+    assert reports["diffusers"].refused and not reports["diffusers"].loaded
+    if kind == "oft":
+        assert set(reports["a1111"].loaded) == keys
+    else:
+        assert set(reports["a1111"].ignored) == keys
+        assert all("BOFT blocks [stages, blocks, b, b]" in why for why in reports["a1111"].ignored.values())
+    text = format_verification(result)
+    assert "modules are OFT/BOFT" in text and "--fix OUT" not in text

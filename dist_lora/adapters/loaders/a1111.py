@@ -164,9 +164,10 @@ def resolve(parsed: ParsedFile, names: FamilyNames) -> UiReport:
         kind, reads = chosen
         if kind == "oft" and len(parsed.shapes.get(parts.get("oft_blocks", ""), ())) == 4:
             for key in parts.values():
-                report.ignored[key] = ("AUTOMATIC1111's OFT module reads oft_blocks as [blocks, b, b]; BOFT's "
-                                       "[stages, blocks, b, b] fail in its calc_updown, and the module is skipped "
-                                       "with an error")
+                # Worded without quotes: verify groups reasons with their quoted names masked.
+                report.ignored[key] = ("the OFT module of AUTOMATIC1111 reads oft_blocks as [blocks, b, b]; BOFT "
+                                       "blocks [stages, blocks, b, b] make its calc_updown fail, and the module is "
+                                       "skipped with an error")
             continue
         for part, key in parts.items():
             if part in reads or part in _COMMON_PARTS:

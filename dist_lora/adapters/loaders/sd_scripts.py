@@ -6,8 +6,8 @@ model's LoRA names, ``lora_unet_`` + the module path (diffusers names for SD 1.x
 kohya's own SDXL UNet) inside Transformer2DModel, ResnetBlock2D, Downsample2D and Upsample2D, and
 ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the CLIP attention and MLP projections. The state dict is then
 loaded with ``strict=False``: tensors of no module are dropped without a word. A module without alpha gets
-alpha = rank (scale 1). networks.lora holds LoRA tensors only; LoHa, LoKr, LoCon's CP core and DoRA need
-``--network_module lycoris.kohya``.
+alpha = rank (scale 1). networks.lora holds LoRA tensors only; LoHa, LoKr, OFT/BOFT, LoCon's CP core and DoRA
+need ``--network_module lycoris.kohya``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _TEXT_MODULES = re.compile(r"\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 _LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 _LYCORIS_PARTS = {"lora_mid.weight", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
                   "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-                  "diff", "diff_b", "w_norm", "b_norm"}
+                  "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "rescale"}
 
 
 def is_kohya_target(info: ModuleInfo) -> bool:
@@ -50,13 +50,14 @@ def resolve(parsed: ParsedFile, names: FamilyNames) -> UiReport:
             report.loaded[key] = label((info.component, info.path))
         elif part in _LYCORIS_PARTS:
             report.loaded[key] = label((info.component, info.path))
-            lycoris_modules += part in ("dora_scale", "hada_w1_a", "lokr_w1", "lokr_w1_a", "lora_mid.weight")
+            lycoris_modules += part in ("dora_scale", "hada_w1_a", "lokr_w1", "lokr_w1_a", "lora_mid.weight",
+                                        "oft_blocks")
         else:
             report.ignored[key] = f"no LoRA or LyCORIS module of sd-scripts holds a '{part}'"
     if lycoris_modules:
-        report.notes.append(f"{lycoris_modules} modules are LoHa, LoKr, DoRA or LoCon with a CP core: sd-scripts loads "
-                            f"them with --network_module lycoris.kohya (lycoris-lora); networks.lora would leave "
-                            f"them out")
+        report.notes.append(f"{lycoris_modules} modules are LoHa, LoKr, OFT, BOFT, DoRA or LoCon with a CP core: "
+                            f"sd-scripts loads them with --network_module lycoris.kohya (lycoris-lora); networks.lora "
+                            f"would leave them out")
     split = [m.spelled for m in parsed.modules.values() if m.target is not None and m.target[0] == 0
              and is_split_lokr_conv(m.parts, names.modules[m.target].shape)]
     if split:

@@ -105,6 +105,11 @@ def format_verification(result: Verification, verbose: bool = False) -> str:
             lines.append(f"      {report.refused}")
         lines.extend(_reasons(report.ignored, verbose))
         lines.extend(f"      note: {note}" for note in report.notes)
-    if not result.ok:
+    rotations = sum(1 for m in parsed.modules.values() if "oft_blocks" in m.parts)
+    if rotations:
+        lines.append(f"  {rotations} modules are OFT/BOFT: no layout gets them into diffusers (peft's OFT rotates a "
+                     f"layer's input, these files its output), nor BOFT into AUTOMATIC1111 v1.10; --fix cannot "
+                     f"change that (bake them into the model with `dist-lora merge`).")
+    elif not result.ok:
         lines.append("  `dist-lora verify FILE --fix OUT` writes the kohya layout every loader above reads.")
     return "\n".join(lines)
