@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save, save_file
 from torch import nn
 
-from dist_lora.adapters.tensors import read_adapters
+from dist_lora.adapters.tensors import read_adapters, share_rotation_bound
 from dist_lora.models.names import UNetLayout, kohya_module_key, unet_diffusers_to_ldm
 from dist_lora.utils.files import atomic_path
 
@@ -78,13 +78,14 @@ def _base_module_paths(model: nn.Module, types: tuple[type[nn.Module], ...]) -> 
 def kohya_tensors(unet: nn.Module, text_encoders: list[nn.Module], family: str) -> dict[str, torch.Tensor]:
     """All adapter tensors of the UNet and the text encoders under kohya/LyCORIS keys, in fp32."""
     inverse = {v: k for k, v in module_key_table(unet, list(text_encoders), family).items()}
+    adapters = {inverse[(component, path)]: adapter for component, model in enumerate([unet, *text_encoders])
+                for path, adapter in read_adapters(model).items()}
+    share_rotation_bound(adapters.values())
     out: dict[str, torch.Tensor] = {}
-    for component, model in enumerate([unet, *text_encoders]):
-        for path, adapter in read_adapters(model).items():
-            key = inverse[(component, path)]
-            for suffix, tensor in adapter.tensors.items():
-                out[f"{key}.{suffix}"] = tensor.float().contiguous()
-            out[f"{key}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    for key, adapter in adapters.items():
+        for suffix, tensor in adapter.tensors.items():
+            out[f"{key}.{suffix}"] = tensor.float().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
     return out
 
 

@@ -21,6 +21,8 @@ a power-of-two number of blocks, and always has ``log2(blocks) + 1`` stages (lyc
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 
@@ -60,7 +62,9 @@ def rotation_change(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tens
 
     Computed as ``2 Q (I - Q)^-1`` (equal to ``(I + Q)(I - Q)^-1 - I``): training starts at ``R = I`` and stays
     near it, and ``R`` itself held in bf16 would round a change of 1e-3 to multiples of 4e-3."""
-    with torch.autocast(blocks.device.type, enabled=False):
+    device = blocks.device.type
+    # The memory plan runs the model on the meta device, which has no autocast.
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
         blocks = blocks.float()
         q = blocks - blocks.transpose(-1, -2)
         if constraint > 0:

@@ -8,13 +8,14 @@ means exactly what was trained.
 
 OFT/BOFT have no scale; their alpha is a constraint on ``||Q||``, read differently by the loaders
 (LyCORIS, kohya and AUTOMATIC1111: ``alpha x out_dim``; ComfyUI: ``alpha``). So the blocks are written
-with the training constraint already applied, and alpha as a bound none of them reaches: every loader
-then rotates exactly as the trained layer did.
+with the training constraint already applied, and alpha (one for the file) as a bound none of them reaches:
+every loader then rotates exactly as the trained layer did.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,16 @@ def unreached_bound(norm: float) -> float:
     too): 1 where that suffices, else the norm rounded up with a margin."""
     bound = norm * 1.01 + 1e-6
     return 1.0 if bound <= 1.0 else math.ceil(bound * 100) / 100
+
+
+def share_rotation_bound(adapters: Iterable[ModuleAdapter]) -> None:
+    """Give every OFT/BOFT module of a file the largest of their unreached bounds: one alpha for the file, as
+    LyCORIS writes its constraint, and still reached by none of them."""
+    rotating = [a for a in adapters if a.kind in ("oft", "boft")]
+    if rotating:
+        bound = max(a.alpha for a in rotating)
+        for adapter in rotating:
+            adapter.alpha = bound
 
 
 def _read_orthogonal(layer: OrthogonalLayer) -> ModuleAdapter:

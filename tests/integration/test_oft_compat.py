@@ -116,6 +116,7 @@ def test_loaders_apply_the_file_as_trained(kind: str, constraint: float, arch: s
                    for layer in layers.values())
     path = _export(ours, kind, constraint, tmp_path / "a.safetensors")
     file = load_file(str(path))
+    assert len({file[k].item() for k in file if k.endswith(".alpha")}) == 1  # one bound for the file
     inputs = _inputs(ours)
     base_out = _outputs(load_components(str(tiny_models[arch])), inputs)
     our_out = _outputs(ours, inputs)

@@ -51,10 +51,12 @@ def test_fp8_plan_counts_the_bytes_the_converted_unet_holds(arch: str, tmp_path:
     assert 0.5 <= fp8_bytes / bf16_bytes < 0.501
 
 
-def test_meta_estimate_matches_a_real_forward(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", ["lora", "oft", "boft"])
+def test_meta_estimate_matches_a_real_forward(kind: str, tiny_models: dict[str, Path]) -> None:
     """Saved-for-backward bytes of a real bf16 forward on CPU, counted by storage, against the plan's
-    meta-device count (which accounts attention as fused kernels save it, so it may be a little lower)."""
-    network = NetworkConfig(rank=4, alpha=4.0)
+    meta-device count (which accounts attention as fused kernels save it, so it may be a little lower).
+    OFT/BOFT save their rotated outputs: the plan runs the same layers on the meta device."""
+    network = NetworkConfig(type=kind, rank=4, alpha=4.0)  # type: ignore[arg-type]
     planned = measure_model(tiny_models["sd15"], network, (128, 128), torch.bfloat16)
     unet = load_components(str(tiny_models["sd15"])).unet.to(torch.bfloat16).requires_grad_(False)
     attach_network(unet, [], "sd1", network)

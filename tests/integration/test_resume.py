@@ -264,3 +264,21 @@ def test_weight_average_resumes_exactly_and_is_what_gets_exported(tiny_models: d
     exported, trained = _adapter(tmp_path / "straight"), _adapter(tmp_path / "plain")
     assert exported.keys() == trained.keys()
     assert any(not torch.equal(exported[k], trained[k]) for k in exported if "lora_up" in k)
+
+
+def test_boft_with_module_dropout_resumes_bitwise(tiny_models: dict[str, Path], shapes_shards: Path,
+                                                  tmp_path: Path) -> None:
+    """OFT/BOFT blocks, their optimizer state and the generator their module dropout draws from are all in
+    the checkpoint: stopped at step 2 and resumed, the run ends where the straight one does."""
+    def raw(out: Path, **checkpoint: object) -> dict:
+        config = _raw(tiny_models["sd15"], shapes_shards, out, steps=4, every_steps=2, **checkpoint)
+        config["network"].update(type="boft", dropout=0.3)
+        return config
+
+    train(config_from_dict(raw(tmp_path / "straight")))
+    with pytest.raises(Preempted):
+        train(config_from_dict(raw(tmp_path / "split", stop_at_step=2)))
+    train(config_from_dict(raw(tmp_path / "split", resume="latest")))
+    straight = _adapter(tmp_path / "straight")
+    assert any(k.endswith(".oft_blocks") and t.abs().max() > 0 for k, t in straight.items())
+    _assert_bitwise(_adapter(tmp_path / "split"), straight)
