@@ -51,10 +51,6 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         self.kwargs: dict[str, object] = {}
 
-    @property
-    def is_butterfly(self) -> bool:
-        return self.oft_blocks[self._active_adapter].dim() == 4
-
     def set_blocks(self, adapter_name: str, blocks: torch.Tensor, constraint: float) -> None:
         """Replace the adapter's blocks (shapes may differ from the injection's) and its constraint."""
         device = self.oft_blocks[adapter_name].device

@@ -1,8 +1,8 @@
 """The CUDA tier (`pytest -m gpu`, skipped without a CUDA device): what CPU runs cannot show.
 
 fp16 and bf16 training against fp32 on the same device (CUDA's generators draw the same noise for all
-three), bitsandbytes' 8-bit kernels against torch's AdamW, single-GPU ZeRO-2 against a plain run, and the
-exported file loaded by diffusers against the trained model in memory."""
+three; OFT/BOFT in bf16 too), bitsandbytes' 8-bit kernels against torch's AdamW, single-GPU ZeRO-2 against
+a plain run, and the exported file loaded by diffusers against the trained model in memory."""
 
 from __future__ import annotations
 
@@ -64,6 +64,22 @@ def test_mixed_precision_trains_like_fp32(precision: str, tiny_models: dict[str,
     assert abs(losses[0] - want_losses[0]) <= 0.02 * want_losses[0], (losses, want_losses)
     assert _moved(want).abs().max() > 1e-4
     assert _cosine(_moved(adapter), _moved(want)) > 0.95
+
+
+@pytest.mark.parametrize("kind", ["oft", "boft"])
+def test_rotations_train_in_bf16_like_fp32(kind: str, tiny_models: dict[str, Path], same_shards: Path,
+                                           tmp_path: Path) -> None:
+    """OFT/BOFT under CUDA's bf16 autocast: R - I is computed in fp32 and only the (small) changes pass through
+    bf16, so the blocks move as in fp32."""
+    runs = {}
+    for precision in ("no", "bf16"):
+        raw = _raw(tiny_models["sd15"], same_shards, tmp_path / precision, mixed_precision=precision)
+        raw["network"].update(type=kind, rank=8 if kind == "boft" else 4)
+        run_training(raw, tmp_path)
+        adapter = load_file(str(tmp_path / precision / "adapter.safetensors"))
+        runs[precision] = torch.cat([adapter[k].flatten().float() for k in sorted(adapter) if "oft_blocks" in k])
+    assert runs["no"].abs().max() > 1e-4
+    assert _cosine(runs["bf16"], runs["no"]) > 0.95
 
 
 @pytest.mark.parametrize("name", ["AdamW8bit", "PagedAdamW8bit"])
