@@ -38,7 +38,7 @@ def module_delta(adapter: ModuleAdapter, shape: Sequence[int] | None = None) -> 
     """The module's weight change in fp32, scale included, shaped like its weight. ``shape`` (the
     module's weight shape) is needed only for flattened convolution factors; a mismatch is an error."""
     t = adapter.tensors
-    if adapter.kind in ("oft", "boft"):
+    if adapter.rotates:
         raise DistLoraError(f"an {adapter.kind.upper()} module rotates the base weight: its change depends on that "
                             f"weight and is not a product of the file's tensors")
     if adapter.kind == "lora":
@@ -69,14 +69,14 @@ def module_delta(adapter: ModuleAdapter, shape: Sequence[int] | None = None) -> 
 def needs_shape(key: str, adapter: ModuleAdapter) -> bool:
     """Whether the tensors leave the module's weight shape open: a UNet module's LoHa/LoKr factors may be a
     convolution's, flattened (text encoders have linear layers only)."""
-    if adapter.kind in ("lora", "oft", "boft"):
+    if adapter.kind == "lora" or adapter.rotates:
         return False
     return key.startswith("lora_unet_") and module_delta(adapter).dim() == 2
 
 
 def refuse_rotations(path: object, modules: dict[str, ModuleAdapter], action: str) -> None:
     """Refuse an OFT/BOFT file for a tool that works from the file's tensors alone (resize, merge into a LoRA)."""
-    rotating = sorted(k for k, a in modules.items() if a.kind in ("oft", "boft"))
+    rotating = sorted(k for k, a in modules.items() if a.rotates)
     if rotating:
         kind = modules[rotating[0]].kind.upper()
         raise DistLoraError(f"adapter file '{path}' is {kind} (module '{rotating[0]}' has oft_blocks): it rotates "

@@ -94,7 +94,7 @@ def check_plan(model: nn.Module, kind: str, plan: TargetPlan, lokr_factor: int =
         _check_lokr_factor(model, plan, lokr_factor)
 
 
-def _add_orthogonal(model: nn.Module, kind: str, plan: TargetPlan, constraint: float, dropout: float) -> None:
+def _add_orthogonal(model: nn.Module, kind: str, plan: TargetPlan, constraint: float, dropout: float) -> int:
     """Wrap each planned module in an OrthogonalLayer; ``constraint`` is per output channel (LyCORIS and
     kohya: the bound on ||Q|| is constraint x out_dim)."""
     shapes = _orthogonal_shapes(model, kind, plan)  # every module checked before any is changed
@@ -103,6 +103,7 @@ def _add_orthogonal(model: nn.Module, kind: str, plan: TargetPlan, constraint: f
         layer = OrthogonalLayer(base, ADAPTER_NAME, shape, constraint * out_channels(base), dropout)
         parent_path, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+    return len(shapes)
 
 
 def bound_rotations(model: nn.Module, constraint: float) -> None:
@@ -118,8 +119,7 @@ def add_network(model: nn.Module, kind: str, plan: TargetPlan, *, dora_axis: str
     magnitude per output row (peft's convention) or, with ``dora_axis = "input"``, per input column."""
     constraint = float(options.pop("oft_constraint", 0.0))  # type: ignore[arg-type]
     if kind in ORTHOGONAL_TYPES:
-        _add_orthogonal(model, kind, plan, constraint, float(options.get("dropout", 0.0)))  # type: ignore[arg-type]
-        return len(list(adapter_layers(model)))
+        return _add_orthogonal(model, kind, plan, constraint, float(options.get("dropout", 0.0)))  # type: ignore[arg-type]
     factor = int(options.get("lokr_factor", -1))  # type: ignore[call-overload]
     if kind == "lokr" and factor > 0:
         _check_lokr_factor(model, plan, factor)

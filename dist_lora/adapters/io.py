@@ -128,7 +128,7 @@ def apply_adapter_file(path: str | Path, unet: nn.Module, text_encoders: list[nn
     models = [unet, *text_encoders]
     for key, adapter in adapter_file.modules.items():
         component, module_path = table[key]
-        if adapter.kind in ("oft", "boft"):
+        if adapter.rotates:
             module = models[component].get_submodule(module_path)
             problem = check_blocks(adapter.tensors["oft_blocks"], out_channels(module))
             if problem:

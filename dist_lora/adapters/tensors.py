@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from dist_lora.adapters.dora_axis import is_input_axis
-from dist_lora.adapters.inject import ADAPTER_NAME, adapter_layers
+from dist_lora.adapters.inject import ADAPTER_NAME, ORTHOGONAL_TYPES, adapter_layers
 from dist_lora.adapters.oft_layer import OrthogonalLayer, out_channels
 from dist_lora.errors import DistLoraError
 
@@ -49,7 +49,7 @@ class ModuleAdapter:
             return int(t["lora_down.weight"].shape[0])
         if self.kind == "loha":
             return int(t["hada_w1_b"].shape[0])
-        if self.kind in ("oft", "boft"):
+        if self.rotates:
             return int(t["oft_blocks"].shape[-1])  # the block size (LyCORIS' dim)
         for key in ("lokr_w2_b", "lokr_w1_b"):
             if key in t:
@@ -57,9 +57,14 @@ class ModuleAdapter:
         return 0  # LoKr with two full factors has no rank
 
     @property
+    def rotates(self) -> bool:
+        """OFT/BOFT: a rotation of the base weight, whose change depends on that weight."""
+        return self.kind in ORTHOGONAL_TYPES
+
+    @property
     def scale(self) -> float:
         """The factor every loader multiplies the product of the tensors by."""
-        if self.kind in ("oft", "boft"):
+        if self.rotates:
             return 1.0
         return 1.0 if self.kind == "lokr" and self.rank == 0 else self.alpha / self.rank
 
@@ -106,7 +111,7 @@ def unreached_bound(norm: float) -> float:
 def share_rotation_bound(adapters: Iterable[ModuleAdapter]) -> None:
     """Give every OFT/BOFT module of a file the largest of their unreached bounds: one alpha for the file, as
     LyCORIS writes its constraint, and still reached by none of them."""
-    rotating = [a for a in adapters if a.kind in ("oft", "boft")]
+    rotating = [a for a in adapters if a.rotates]
     if rotating:
         bound = max(a.alpha for a in rotating)
         for adapter in rotating:
